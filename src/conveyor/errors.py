@@ -1,0 +1,38 @@
+"""Exceptions raised by conveyor; each message names the problem and, where there is one, the fix."""
+
+from __future__ import annotations
+
+__all__ = ["ConveyorError", "LaunchError", "PipelineError", "PeerLostError"]
+
+
+class ConveyorError(Exception):
+    """Base class of conveyor's own errors."""
+
+
+class LaunchError(ConveyorError):
+    """A rank of a launched job raised, died or timed out; ``rank`` names it."""
+
+    def __init__(self, message: str, rank: int | None = None, details: str = "") -> None:
+        super().__init__(message + (f"\n{details}" if details else ""))
+        self.rank = rank
+        self.details = details
+
+
+class PipelineError(ConveyorError):
+    """An action of the pipeline failed on this rank: names rank, stage, micro-batch and action."""
+
+    def __init__(self, message: str, *, rank: int, stage: int | None = None,
+                 microbatch: int | None = None, action: str | None = None) -> None:
+        where = [f"rank {rank}"]
+        if stage is not None:
+            where.append(f"stage {stage}")
+        if microbatch is not None:
+            where.append(f"micro-batch {microbatch}")
+        if action is not None:
+            where.append(f"action {action}")
+        super().__init__(f"{', '.join(where)}: {message}")
+        self.rank, self.stage, self.microbatch, self.action = rank, stage, microbatch, action
+
+
+class PeerLostError(PipelineError):
+    """A peer rank stopped answering or closed its connection: a consequence, not a cause."""

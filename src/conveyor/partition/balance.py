@@ -1,0 +1,75 @@
+"""Cost models and the contiguous min-max partitioner.
+
+Cutting ``n`` layers with costs ``c`` into ``k`` contiguous, non-empty stages so that the most
+expensive stage is as cheap as possible is solved exactly by dynamic programming (as in
+PipeDream's partitioner): ``best[j][i]`` is the smallest achievable maximum when the first ``i``
+layers form ``j`` stages.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch.nn as nn
+
+__all__ = ["partition_min_max", "parameter_costs", "stage_sizes_to_bounds"]
+
+
+def parameter_costs(layers: Sequence[nn.Module]) -> list[float]:
+    """Number of parameter elements of each layer (a tied parameter counts once per layer).
+
+    Works on the meta device (only shapes are read).
+    """
+    return [float(sum(p.numel() for p in layer.parameters())) for layer in layers]
+
+
+def partition_min_max(costs: Sequence[float], n_parts: int) -> list[int]:
+    """Sizes of ``n_parts`` contiguous, non-empty parts of ``costs`` minimising the largest sum.
+
+    Among optimal partitions, ties go to the one whose parts have the most even layer counts,
+    so that zero-cost layers (activations) are spread instead of piling up in one stage.
+    """
+    n = len(costs)
+    if n_parts < 1:
+        raise ValueError(f"the number of stages must be at least 1, got {n_parts}")
+    if n_parts > n:
+        raise ValueError(
+            f"cannot cut {n} layers into {n_parts} stages: every stage needs at least one layer; "
+            f"use at most {n} stages"
+        )
+    prefix = [0.0]
+    for cost in costs:
+        prefix.append(prefix[-1] + cost)
+    inf = (float("inf"), float("inf"))
+    # best[j][i] = (max stage cost, max layer-count imbalance) for i layers in j stages
+    best = [[inf] * (n + 1) for _ in range(n_parts + 1)]
+    cut = [[0] * (n + 1) for _ in range(n_parts + 1)]
+    best[0][0] = (0.0, 0.0)
+    even = n / n_parts
+    for parts in range(1, n_parts + 1):
+        for end in range(parts, n - (n_parts - parts) + 1):
+            for start in range(parts - 1, end):
+                previous = best[parts - 1][start]
+                if previous == inf:
+                    continue
+                candidate = (max(previous[0], prefix[end] - prefix[start]),
+                             max(previous[1], abs((end - start) - even)))
+                if candidate < best[parts][end]:
+                    best[parts][end] = candidate
+                    cut[parts][end] = start
+    sizes: list[int] = []
+    end = n
+    for parts in range(n_parts, 0, -1):
+        start = cut[parts][end]
+        sizes.append(end - start)
+        end = start
+    return sizes[::-1]
+
+
+def stage_sizes_to_bounds(sizes: Sequence[int]) -> list[tuple[int, int]]:
+    """``[3, 2]`` -> ``[(0, 3), (3, 5)]``: the layer range of each stage."""
+    bounds, start = [], 0
+    for size in sizes:
+        bounds.append((start, start + size))
+        start += size
+    return bounds

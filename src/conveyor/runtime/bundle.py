@@ -1,0 +1,72 @@
+"""Values that cross a stage boundary, flattened into tensors plus a picklable structure.
+
+A boundary value may be a tensor or any nesting of tuples, lists and dicts of tensors, with
+``None``, numbers and strings travelling as constants. Tensors may be of any dtype (integer
+ids, bool masks) and need not require grad.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+__all__ = ["Leaf", "flatten", "unflatten", "describe"]
+
+_CONSTANTS = (type(None), bool, int, float, str)
+
+
+@dataclass(frozen=True, slots=True)
+class Leaf:
+    """Placeholder for the ``index``-th tensor of a flattened value."""
+
+    index: int
+
+
+def flatten(value: Any, where: str = "boundary value") -> tuple[Any, list[torch.Tensor]]:
+    """Split ``value`` into (structure with :class:`Leaf` placeholders, list of tensors)."""
+    tensors: list[torch.Tensor] = []
+
+    def visit(item: Any, path: str) -> Any:
+        if isinstance(item, torch.Tensor):
+            tensors.append(item)
+            return Leaf(len(tensors) - 1)
+        if isinstance(item, _CONSTANTS):
+            return item
+        if isinstance(item, tuple):
+            items = [visit(x, f"{path}[{i}]") for i, x in enumerate(item)]
+            return type(item)(*items) if hasattr(item, "_fields") else tuple(items)
+        if isinstance(item, list):
+            return [visit(x, f"{path}[{i}]") for i, x in enumerate(item)]
+        if isinstance(item, dict):
+            return {key: visit(x, f"{path}[{key!r}]") for key, x in item.items()}
+        raise TypeError(
+            f"{where} contains a {type(item).__name__} at {path}: only tensors (in tuples, lists and "
+            "dicts) and constants (None, numbers, strings) can cross a stage boundary; return tensors"
+        )
+
+    return visit(value, "output"), tensors
+
+
+def unflatten(structure: Any, tensors: list[torch.Tensor]) -> Any:
+    """Inverse of :func:`flatten`."""
+    if isinstance(structure, Leaf):
+        return tensors[structure.index]
+    if isinstance(structure, tuple):
+        items = [unflatten(x, tensors) for x in structure]
+        return type(structure)(*items) if hasattr(structure, "_fields") else tuple(items)
+    if isinstance(structure, list):
+        return [unflatten(x, tensors) for x in structure]
+    if isinstance(structure, dict):
+        return {key: unflatten(x, tensors) for key, x in structure.items()}
+    return structure
+
+
+def describe(value: Any) -> str:
+    """A short description of the tensors in a value: ``[float32(4, 16), int64(4,)]``."""
+    try:
+        _, tensors = flatten(value)
+    except TypeError:
+        return type(value).__name__
+    return "[" + ", ".join(f"{str(t.dtype).removeprefix('torch.')}{tuple(t.shape)}" for t in tensors) + "]"

@@ -1,0 +1,289 @@
+"""PipelineRunner: executes this rank's share of a schedule, step after step."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from ..errors import PipelineError
+from ..partition.pipe import Pipe, materialize
+from ..schedule import Schedule, make_schedule
+from ..schedule.actions import BACKWARD, FORWARD, INPUT_GRAD, WEIGHT_GRAD, Action
+from ..schedule.links import ACTIVATION, GRADIENT, Message, incoming
+from .bundle import describe, flatten
+from .comm import Transport
+from .microbatch import loss_weights, merge, split_batch, split_value
+from .stage import LossFn, StageExecutor
+
+__all__ = ["PipelineRunner", "TraceEvent"]
+
+
+@dataclass(frozen=True, slots=True)
+class TraceEvent:
+    """One action as this rank ran it: start and end in seconds since the step began."""
+
+    rank: int
+    action: str
+    start: float
+    end: float
+
+
+@dataclass
+class _StepData:
+    """Per-step inputs for the stages on this rank."""
+
+    microbatches: list[tuple[tuple, dict]] = field(default_factory=list)
+    targets: list[Any] = field(default_factory=list)
+    weights: list[float] = field(default_factory=list)
+    losses: dict[int, torch.Tensor] = field(default_factory=dict)
+    outputs: dict[int, Any] = field(default_factory=dict)
+    training: bool = True
+
+
+def _default_device(group: dist.ProcessGroup | None) -> torch.device:
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+class PipelineRunner:
+    """Runs a :class:`Pipe` on the ranks of ``group`` (default: the whole job) on a schedule.
+
+    Every rank constructs the runner and makes the same calls. ``schedule`` is a name from
+    ``conveyor.schedule.SCHEDULES`` or a :class:`Schedule`; ``schedule_options`` go to its
+    generator. ``loss_weighting="tokens"`` weights micro-batch losses by the number of target
+    entries that differ from ``ignore_index`` (for token-averaged losses), ``"rows"`` (default)
+    by rows. ``broadcast_loss=True`` returns the loss on every rank. ``timeout`` (seconds) bounds
+    every wait for a peer.
+    """
+
+    def __init__(self, pipe: Pipe, *, schedule: str | Schedule, n_microbatches: int,
+                 loss_fn: LossFn | None = None, group: dist.ProcessGroup | None = None,
+                 device: torch.device | str | None = None, recompute: bool = False,
+                 replicas: list[int] | None = None, loss_weighting: str = "rows", ignore_index: int = -100,
+                 broadcast_loss: bool = False, timeout: float = 300.0,
+                 init_fn: Callable[[nn.Module], None] | None = None, **schedule_options: Any) -> None:
+        if not dist.is_initialized():
+            raise RuntimeError("PipelineRunner needs a process group: run inside conveyor.launch(...), "
+                               "conveyor.run(...) under torchrun, or call torch.distributed.init_process_group")
+        if replicas is not None:
+            raise ValueError("replicas=... (replicated stages) is not supported by this version; "
+                             "leave it unset")
+        if n_microbatches < 1:
+            raise ValueError(f"n_microbatches must be at least 1, got {n_microbatches}")
+        if loss_weighting not in ("rows", "tokens"):
+            raise ValueError(f"loss_weighting={loss_weighting!r} is not one of 'rows', 'tokens'")
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.n_ranks = dist.get_world_size(group)
+        self.schedule = make_schedule(schedule, self.n_ranks, pipe.n_stages, n_microbatches, **schedule_options)
+        self.n_microbatches = n_microbatches
+        self.loss_fn = loss_fn
+        self.loss_weighting = loss_weighting
+        self.ignore_index = ignore_index
+        self.broadcast_loss = broadcast_loss
+        self.device = torch.device(device) if device is not None else _default_device(group)
+        self.recompute = recompute
+        self.pipe = pipe
+        last = pipe.n_stages - 1
+        self.stages: dict[int, StageExecutor] = {}
+        for index in self.schedule.stages_of(self.rank):
+            module = materialize(pipe.stage_module(index), self.device, init_fn)
+            self.stages[index] = StageExecutor(index, module, is_first=index == 0, is_last=index == last,
+                                               loss_fn=loss_fn, recompute=recompute, device=self.device)
+        self._forward_program = self.schedule.forward_only()
+        self._incoming = {True: incoming(self.schedule, self.rank),
+                          False: incoming(self._forward_program, self.rank)}
+        self.transport = Transport(group, self.device, timeout)
+        self.trace: list[TraceEvent] = []
+        self._last_stage_rank = self.schedule.placement[last]
+
+    # --- parameters and state ------------------------------------------------------------------
+    @property
+    def modules(self) -> list[nn.Module]:
+        """The stage modules held by this rank, in stage order."""
+        return [self.stages[index].module for index in sorted(self.stages)]
+
+    def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """This rank's parameters under the unsplit model's names."""
+        for module in self.modules:
+            yield from module.named_parameters()
+
+    def parameters(self) -> Iterator[nn.Parameter]:
+        for _, parameter in self.named_parameters():
+            yield parameter
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """This rank's parameters and buffers under the unsplit model's names."""
+        state: dict[str, torch.Tensor] = {}
+        for module in self.modules:
+            state.update(module.state_dict())
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, torch.Tensor], strict: bool = True) -> None:
+        """Load the entries of ``state_dict`` that belong to this rank's stages (others ignored)."""
+        for module in self.modules:
+            own = module.state_dict().keys()
+            missing = [name for name in own if name not in state_dict]
+            if strict and missing:
+                raise KeyError(f"rank {self.rank}: state_dict lacks {missing[:5]}"
+                               f"{' ...' if len(missing) > 5 else ''}")
+            module.load_state_dict({k: v for k, v in state_dict.items() if k in own}, strict=strict)
+
+    def train(self, mode: bool = True) -> "PipelineRunner":
+        for module in self.modules:
+            module.train(mode)
+        return self
+
+    def eval(self) -> "PipelineRunner":
+        return self.train(False)
+
+    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
+        """Clip gradients by their norm over every stage of the pipeline; returns that norm."""
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        if norm_type == float("inf"):
+            local = max((g.detach().abs().max() for g in grads), default=torch.tensor(0.0))
+            total = local.to(self.device, torch.float64).reshape(1)
+            dist.all_reduce(total, op=dist.ReduceOp.MAX, group=self.group)
+            norm = total[0]
+        else:
+            local = sum((g.detach().double().abs().pow(norm_type).sum() for g in grads), torch.tensor(0.0,
+                        dtype=torch.float64))
+            total = torch.as_tensor(local, dtype=torch.float64, device=self.device).reshape(1)
+            dist.all_reduce(total, group=self.group)
+            norm = total[0] ** (1.0 / norm_type)
+        scale = max_norm / (float(norm) + 1e-6)
+        if scale < 1.0:
+            for grad in grads:
+                grad.mul_(scale)
+        return norm
+
+    @property
+    def peak_stashed(self) -> dict[int, int]:
+        """Per stage on this rank: the most micro-batches whose activations were held at once
+        during the last step (with recompute: whose inputs were held)."""
+        return {index: stage.peak_stashed for index, stage in self.stages.items()}
+
+    # --- running ----------------------------------------------------------------------------------
+    def step(self, *inputs: Any, target: Any = None, **kwargs: Any) -> torch.Tensor | None:
+        """Forward and backward of the whole batch; gradients accumulate in :meth:`parameters`.
+
+        Returns the batch's mean loss on the rank of the last stage (every rank with
+        ``broadcast_loss=True``), None elsewhere.
+        """
+        if self.loss_fn is None:
+            raise ValueError("step() trains and needs a loss: pass loss_fn=... to PipelineRunner "
+                             "(or call forward() for inference)")
+        if target is None:
+            raise ValueError("loss_fn needs a target: call step(inputs..., target=labels)")
+        data = self._prepare(inputs, kwargs, target, training=True)
+        self._execute(self.schedule, data)
+        loss = None
+        if self.rank == self._last_stage_rank:
+            loss = sum((data.losses[i].double() * w for i, w in enumerate(data.weights)), torch.tensor(0.0,
+                       dtype=torch.float64, device=self.device)).to(data.losses[0].dtype)
+        if self.broadcast_loss:
+            value = loss if loss is not None else torch.zeros((), device=self.device)
+            value = value.to(torch.float32).reshape(1).clone()
+            dist.broadcast(value, dist.get_global_rank(self.group, self._last_stage_rank)
+                           if self.group is not None else self._last_stage_rank, group=self.group)
+            loss = value[0]
+        return loss
+
+    @torch.no_grad()
+    def forward(self, *inputs: Any, **kwargs: Any) -> Any:
+        """Forward-only pipeline (no autograd graph). Returns the merged output of the last stage
+        on its rank, None elsewhere."""
+        data = self._prepare(inputs, kwargs, None, training=False)
+        self._execute(self._forward_program, data)
+        if self.rank != self._last_stage_rank:
+            return None
+        return merge([data.outputs[i] for i in range(self.n_microbatches)])
+
+    def _prepare(self, inputs: tuple, kwargs: dict, target: Any, *, training: bool) -> _StepData:
+        data = _StepData(training=training)
+        if 0 in self.stages:
+            to_device = [x.to(self.device) if isinstance(x, torch.Tensor) else x for x in inputs]
+            kwargs = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+            data.microbatches = split_batch(tuple(to_device), kwargs, self.n_microbatches)
+        if training and self.rank == self._last_stage_rank:
+            target = target.to(self.device) if isinstance(target, torch.Tensor) else target
+            size = _first_dim(target)
+            if size < self.n_microbatches:
+                raise ValueError(f"the target has {size} rows, fewer than {self.n_microbatches} micro-batches")
+            data.targets = split_value(target, size, self.n_microbatches)
+            data.weights = loss_weights(data.targets, self.loss_weighting, self.ignore_index)
+        return data
+
+    def _execute(self, program: Schedule, data: _StepData) -> None:
+        for stage in self.stages.values():
+            stage.reset_stats()
+        self.transport.expect(self._incoming[data.training])
+        trace: list[TraceEvent] = []
+        origin = time.perf_counter()
+        try:
+            for action in program.ranks[self.rank]:
+                start = time.perf_counter()
+                self._run(action, data, program)
+                trace.append(TraceEvent(self.rank, str(action), start - origin, time.perf_counter() - origin))
+            self.transport.finish()
+        finally:
+            self.trace = trace
+
+    def _run(self, action: Action, data: _StepData, program: Schedule) -> None:
+        stage = self.stages[action.stage]
+        microbatch = action.microbatch
+        received: Any = None
+        try:
+            if action.kind == FORWARD:
+                if stage.is_first:
+                    args, kwargs = data.microbatches[microbatch]
+                else:
+                    received = self._receive(Message(ACTIVATION, action.stage - 1, microbatch))
+                    args, kwargs = (received,), {}
+                target = data.targets[microbatch] if stage.is_last and data.training else None
+                weight = data.weights[microbatch] if stage.is_last and data.training else 1.0
+                result = stage.forward(microbatch, args, kwargs, target=target, weight=weight,
+                                       training=data.training)
+                if stage.is_last:
+                    (data.losses if data.training else data.outputs)[microbatch] = result
+                else:
+                    self._send(Message(ACTIVATION, action.stage, microbatch), result, program)
+            elif action.kind in (BACKWARD, INPUT_GRAD):
+                grads = None if stage.is_last else self._receive(Message(GRADIENT, action.stage + 1, microbatch))
+                run = stage.backward if action.kind == BACKWARD else stage.backward_input
+                input_grads = run(microbatch, grads)
+                if not stage.is_first:
+                    self._send(Message(GRADIENT, action.stage, microbatch), input_grads, program)
+            elif action.kind == WEIGHT_GRAD:
+                stage.backward_weight(microbatch)
+        except PipelineError:
+            raise
+        except Exception as error:
+            hint = ""
+            if action.kind == FORWARD and received is not None:
+                hint = f" (its input from stage {action.stage - 1} was {describe(received)})"
+            raise PipelineError(f"{type(error).__name__}: {error}{hint}", rank=self.rank, stage=action.stage,
+                                microbatch=microbatch, action=str(action)) from error
+
+    def _receive(self, message: Message) -> Any:
+        return self.transport.receive(message)
+
+    def _send(self, message: Message, value: Any, program: Schedule) -> None:
+        destination = program.placement[message.target_stage]
+        if destination == self.rank:
+            self.transport.deliver_local(message, value)
+        else:
+            self.transport.send(destination, value, f"stage {message.stage} {message.kind}")
+
+
+def _first_dim(value: Any) -> int:
+    tensors = flatten(value, "target")[1]
+    if not tensors or tensors[0].dim() == 0:
+        raise ValueError("the target needs a batch dimension (dim 0) to split into micro-batches")
+    return tensors[0].shape[0]

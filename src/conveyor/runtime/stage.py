@@ -1,0 +1,187 @@
+"""One stage on one rank: forward, backward (whole or split into I and W), activation stash,
+re-materialisation with replayed randomness."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.nn as nn
+
+from .bundle import flatten, unflatten
+
+__all__ = ["StageExecutor"]
+
+LossFn = Callable[[Any, Any], torch.Tensor]
+
+
+@dataclass
+class _Stashed:
+    """What the backward of one micro-batch needs."""
+
+    args: tuple                       # the stage's call arguments (detached leaves)
+    kwargs: dict
+    input_leaves: list[torch.Tensor]  # inputs whose gradient goes upstream
+    outputs: list[torch.Tensor] = field(default_factory=list)  # outputs (or the loss) to backprop
+    output_grads: list[torch.Tensor | None] | None = None      # kept between I and W
+    target: Any = None
+    weight: float = 1.0
+    rng_state: tuple | None = None
+
+
+@contextmanager
+def _replayed_rng(state: tuple, device: torch.device) -> Iterator[None]:
+    """Run the body with the random state ``state`` without disturbing the global stream."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.set_rng_state(state[0])
+        if state[1] is not None:
+            torch.cuda.set_rng_state(state[1], device)
+        yield
+
+
+def _as_leaves(value: Any) -> tuple[Any, list[torch.Tensor]]:
+    """Detach every tensor of ``value`` into a fresh leaf that keeps its requires-grad flag."""
+    structure, tensors = flatten(value, "stage input")
+    leaves = [t.detach().requires_grad_(t.requires_grad) if t.is_floating_point() or t.is_complex()
+              else t.detach() for t in tensors]
+    return unflatten(structure, leaves), [leaf for leaf in leaves if leaf.requires_grad]
+
+
+class StageExecutor:
+    """Runs the actions of one stage module and keeps what its backward needs."""
+
+    def __init__(self, index: int, module: nn.Module, *, is_first: bool, is_last: bool,
+                 loss_fn: LossFn | None, recompute: bool, device: torch.device) -> None:
+        self.index = index
+        self.module = module
+        self.is_first = is_first
+        self.is_last = is_last
+        self.loss_fn = loss_fn
+        self.recompute = recompute
+        self.device = device
+        self._stash: dict[int, _Stashed] = {}
+        self.peak_stashed = 0
+
+    # --- helpers -----------------------------------------------------------------------------
+    def _rng_state(self) -> tuple:
+        cuda = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
+        return torch.get_rng_state(), cuda
+
+    def _call(self, args: tuple, kwargs: dict) -> Any:
+        return self.module(*args, **kwargs)
+
+    def _loss(self, output: Any, target: Any, weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+        assert self.loss_fn is not None
+        loss = self.loss_fn(output, target)
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+            raise ValueError(f"loss_fn returned {shape}, not a scalar tensor: reduce it to one number "
+                             "(e.g. reduction='mean')")
+        loss = loss.reshape(())
+        return loss, loss * weight
+
+    def _outputs_to_backprop(self, output: Any) -> list[torch.Tensor]:
+        _, tensors = flatten(output, f"stage {self.index} output")
+        return [t for t in tensors if t.requires_grad]
+
+    def _check_differentiable(self, outputs: list[torch.Tensor], stashed: _Stashed) -> None:
+        trainable = any(p.requires_grad for p in self.module.parameters()) or stashed.input_leaves
+        if trainable and not outputs:
+            what = "loss" if self.is_last else "output"
+            raise RuntimeError(f"the stage's {what} does not require grad, so no gradient can flow back: "
+                               "do not detach it or compute it under torch.no_grad()")
+
+    def _store(self, microbatch: int, stashed: _Stashed) -> None:
+        self._stash[microbatch] = stashed
+        self.peak_stashed = max(self.peak_stashed, len(self._stash))
+
+    @property
+    def stashed(self) -> int:
+        return len(self._stash)
+
+    def reset_stats(self) -> None:
+        self.peak_stashed = len(self._stash)
+
+    # --- actions -----------------------------------------------------------------------------
+    def forward(self, microbatch: int, args: tuple, kwargs: dict, *, target: Any = None,
+                weight: float = 1.0, training: bool = True) -> Any:
+        """Run the forward of ``microbatch``. Returns the output to send downstream, or (last
+        stage, training) the unweighted loss, detached."""
+        if not training:
+            with torch.no_grad():
+                return self._call(args, kwargs)
+        args, input_leaves = _as_leaves(args)
+        kwargs, kwarg_leaves = _as_leaves(kwargs)
+        stashed = _Stashed(args, kwargs, input_leaves + kwarg_leaves, target=target, weight=weight)
+        if self.recompute:
+            stashed.rng_state = self._rng_state()
+            with torch.no_grad():
+                output = self._call(args, kwargs)
+                result = self._loss(output, target, weight)[0] if self.is_last else output
+            self._store(microbatch, stashed)
+            return result
+        output = self._call(args, kwargs)
+        if self.is_last:
+            loss, weighted = self._loss(output, target, weight)
+            stashed.outputs = [weighted] if weighted.requires_grad else []
+            result = loss.detach()
+        else:
+            stashed.outputs = self._outputs_to_backprop(output)
+            result = output
+        self._check_differentiable(stashed.outputs, stashed)
+        self._store(microbatch, stashed)
+        return result
+
+    def _rematerialise(self, stashed: _Stashed) -> None:
+        if not self.recompute or stashed.outputs:
+            return
+        assert stashed.rng_state is not None
+        with _replayed_rng(stashed.rng_state, self.device):
+            output = self._call(stashed.args, stashed.kwargs)
+            if self.is_last:
+                stashed.outputs = [self._loss(output, stashed.target, stashed.weight)[1]]
+            else:
+                stashed.outputs = self._outputs_to_backprop(output)
+        stashed.outputs = [t for t in stashed.outputs if t.requires_grad]
+        self._check_differentiable(stashed.outputs, stashed)
+
+    def _pairs(self, stashed: _Stashed, output_grads: list | None) -> tuple[list, list]:
+        if self.is_last:
+            return stashed.outputs, [None] * len(stashed.outputs)
+        grads = list(output_grads or [])
+        if len(grads) != len(stashed.outputs):
+            raise RuntimeError(f"received {len(grads)} output gradients for {len(stashed.outputs)} outputs "
+                               "that require grad")
+        pairs = [(o, g) for o, g in zip(stashed.outputs, grads) if g is not None]
+        return [o for o, _ in pairs], [g for _, g in pairs]
+
+    def backward(self, microbatch: int, output_grads: list | None) -> list[torch.Tensor | None]:
+        """Full backward of ``microbatch``: accumulates parameter gradients and returns the
+        gradients of the stage's inputs (one per input that requires grad; None if unused)."""
+        stashed = self._stash.pop(microbatch)
+        self._rematerialise(stashed)
+        outputs, grads = self._pairs(stashed, output_grads)
+        if outputs:
+            torch.autograd.backward(outputs, None if self.is_last else grads)
+        return [leaf.grad for leaf in stashed.input_leaves]
+
+    def backward_input(self, microbatch: int, output_grads: list | None) -> list[torch.Tensor | None]:
+        """First half of a split backward: only the gradients of the stage's inputs."""
+        stashed = self._stash[microbatch]
+        self._rematerialise(stashed)
+        stashed.outputs, stashed.output_grads = self._pairs(stashed, output_grads)
+        if not stashed.outputs or not stashed.input_leaves:
+            return [None] * len(stashed.input_leaves)
+        grads = None if self.is_last else stashed.output_grads
+        return list(torch.autograd.grad(stashed.outputs, stashed.input_leaves, grads,
+                                        retain_graph=True, allow_unused=True))
+
+    def backward_weight(self, microbatch: int) -> None:
+        """Second half of a split backward: accumulate the parameter gradients, free the graph."""
+        stashed = self._stash.pop(microbatch)
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        if stashed.outputs and params:
+            grads = None if self.is_last else stashed.output_grads
+            torch.autograd.backward(stashed.outputs, grads, inputs=params)

@@ -1,0 +1,64 @@
+"""Schedules as data: per-rank action programs, with no tensors and no torch.distributed.
+
+``SCHEDULES`` maps each public schedule name to its generator,
+``generator(n_ranks, n_stages, n_microbatches, **options) -> Schedule``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from .actions import Action, Schedule
+from .gpipe import gpipe
+from .interleaved import interleaved_1f1b
+from .one_f_one_b import one_f_one_b
+from .simulate import SimulationResult, simulate
+from .validate import ScheduleError, validate
+from .zero_bubble import zb_h1, zb_v
+
+__all__ = [
+    "SCHEDULES",
+    "Action",
+    "Schedule",
+    "ScheduleError",
+    "SimulationResult",
+    "make_schedule",
+    "simulate",
+    "validate",
+]
+
+Generator = Callable[..., Schedule]
+
+SCHEDULES: dict[str, Generator] = {
+    "gpipe": gpipe,
+    "1f1b": one_f_one_b,
+    "interleaved-1f1b": interleaved_1f1b,
+    "zb-h1": zb_h1,
+    "zb-v": zb_v,
+}
+
+
+def make_schedule(
+    schedule: str | Schedule, n_ranks: int, n_stages: int, n_microbatches: int, **options: Any
+) -> Schedule:
+    """Build (or check) the program for ``schedule`` and validate it."""
+    if isinstance(schedule, Schedule):
+        if options:
+            raise TypeError(f"options {sorted(options)} apply to named schedules, not to a Schedule object")
+        program = schedule
+        if (program.n_stages, program.n_microbatches, program.n_ranks) != (n_stages, n_microbatches, n_ranks):
+            raise ValueError(
+                f"the given Schedule covers {program.n_stages} stages x {program.n_microbatches} micro-batches "
+                f"on {program.n_ranks} ranks, but the runner has {n_stages} stages x {n_microbatches} "
+                f"micro-batches on {n_ranks} ranks"
+            )
+    else:
+        try:
+            generator = SCHEDULES[schedule]
+        except KeyError:
+            raise ValueError(
+                f"unknown schedule {schedule!r}; choose one of {sorted(SCHEDULES)} or pass a conveyor.Schedule"
+            ) from None
+        program = generator(n_ranks, n_stages, n_microbatches, **options)
+    return validate(program)

@@ -1,0 +1,192 @@
+"""The action IR: a schedule is a per-rank list of small, printable actions.
+
+An :class:`Action` names one unit of work for one (stage, micro-batch):
+
+====  ==================================================================
+kind  meaning
+====  ==================================================================
+F     forward of the stage on the micro-batch
+B     full backward (input gradients and weight gradients together)
+I     input-gradient half of a split backward (zero-bubble)
+W     weight-gradient half of a split backward (zero-bubble)
+====  ==================================================================
+
+A :class:`Schedule` holds one action list per rank plus the placement of stages on ranks.
+Communication is *not* written in the program: it follows from it (see ``links.py``), so the
+sending and the receiving rank always derive the same message order.
+
+The text form is one line per rank, actions separated by spaces, ``<stage><kind><microbatch>``::
+
+    0F0 0F1 0B0 0B1
+    1F0 1B0 1F1 1B1
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+__all__ = ["Action", "Schedule", "FORWARD", "BACKWARD", "INPUT_GRAD", "WEIGHT_GRAD"]
+
+FORWARD = "F"
+BACKWARD = "B"
+INPUT_GRAD = "I"
+WEIGHT_GRAD = "W"
+KINDS = (FORWARD, BACKWARD, INPUT_GRAD, WEIGHT_GRAD)
+
+_ACTION_TEXT = re.compile(r"^(\d+)([A-Z])(\d+)$")
+
+
+@dataclass(frozen=True, slots=True)
+class Action:
+    """One unit of work: ``kind`` (F, B, I or W) for ``stage`` on ``microbatch``."""
+
+    kind: str
+    stage: int
+    microbatch: int
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown action kind {self.kind!r}; expected one of {KINDS}")
+        if self.stage < 0 or self.microbatch < 0:
+            raise ValueError(f"action {self} has a negative stage or micro-batch")
+
+    def __str__(self) -> str:
+        return f"{self.stage}{self.kind}{self.microbatch}"
+
+    @property
+    def sends_gradient(self) -> bool:
+        """Whether this action produces the gradient of the stage's inputs."""
+        return self.kind in (BACKWARD, INPUT_GRAD)
+
+    @classmethod
+    def parse(cls, text: str) -> "Action":
+        """Parse ``"1F3"`` into ``Action("F", 1, 3)``."""
+        match = _ACTION_TEXT.match(text.strip())
+        if match is None:
+            raise ValueError(
+                f"cannot parse action {text!r}: write <stage><kind><microbatch>, e.g. '0F1' or '2W0'"
+            )
+        stage, kind, microbatch = match.groups()
+        return cls(kind, int(stage), int(microbatch))
+
+
+def _default_placement(n_stages: int, n_ranks: int) -> tuple[int, ...]:
+    return tuple(stage % n_ranks for stage in range(n_stages))
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """A per-rank action program.
+
+    ``ranks[r]`` is the ordered list of actions rank ``r`` executes in one step; ``placement[s]``
+    is the rank that holds stage ``s`` (default: stage ``s`` on rank ``s % n_ranks``).
+    ``name`` is informative only: the runtime never looks at it.
+    """
+
+    ranks: tuple[tuple[Action, ...], ...]
+    n_stages: int
+    n_microbatches: int
+    placement: tuple[int, ...] = field(default=())
+    name: str = "custom"
+
+    def __post_init__(self) -> None:
+        ranks = tuple(tuple(rank) for rank in self.ranks)
+        object.__setattr__(self, "ranks", ranks)
+        placement = tuple(self.placement) or _default_placement(self.n_stages, len(ranks))
+        object.__setattr__(self, "placement", placement)
+        if len(placement) != self.n_stages:
+            raise ValueError(
+                f"placement has {len(placement)} entries for {self.n_stages} stages; give one rank per stage"
+            )
+        for stage, rank in enumerate(placement):
+            if not 0 <= rank < len(ranks):
+                raise ValueError(f"stage {stage} is placed on rank {rank}, but the schedule has {len(ranks)} ranks")
+        for rank, actions in enumerate(ranks):
+            for action in actions:
+                if action.stage >= self.n_stages or action.microbatch >= self.n_microbatches:
+                    raise ValueError(
+                        f"rank {rank} action {action} is outside {self.n_stages} stages x "
+                        f"{self.n_microbatches} micro-batches"
+                    )
+                if placement[action.stage] != rank:
+                    raise ValueError(
+                        f"action {action} is on rank {rank} but stage {action.stage} is placed on "
+                        f"rank {placement[action.stage]}"
+                    )
+
+    @property
+    def n_ranks(self) -> int:
+        return len(self.ranks)
+
+    def stages_of(self, rank: int) -> list[int]:
+        """The stages placed on ``rank``, in increasing order."""
+        return [stage for stage, owner in enumerate(self.placement) if owner == rank]
+
+    @property
+    def is_training(self) -> bool:
+        return any(action.kind != FORWARD for actions in self.ranks for action in actions)
+
+    def forward_only(self) -> "Schedule":
+        """The same program with every backward action removed (for inference)."""
+        return Schedule(
+            tuple(tuple(a for a in actions if a.kind == FORWARD) for actions in self.ranks),
+            self.n_stages,
+            self.n_microbatches,
+            self.placement,
+            f"{self.name} (forward only)",
+        )
+
+    # --- text form -------------------------------------------------------------------------
+    def to_text(self) -> str:
+        """One line per rank: ``0F0 0F1 0B0 ...``; a ``# placement:`` header when not default."""
+        lines = [" ".join(str(a) for a in actions) for actions in self.ranks]
+        if self.placement != _default_placement(self.n_stages, self.n_ranks):
+            lines.insert(0, "# placement: " + " ".join(str(r) for r in self.placement))
+        return "\n".join(lines) + "\n"
+
+    @classmethod
+    def from_text(cls, text: str, name: str = "custom") -> "Schedule":
+        """Parse the text form; stage and micro-batch counts are read off the actions."""
+        placement: tuple[int, ...] = ()
+        ranks: list[list[Action]] = []
+        for line in text.splitlines():
+            line = line.strip()
+            if line.startswith("# placement:"):
+                placement = tuple(int(r) for r in line.split(":", 1)[1].split())
+                continue
+            if not line or line.startswith("#"):
+                continue
+            ranks.append([Action.parse(token) for token in line.split()])
+        if not ranks:
+            raise ValueError("schedule text has no action lines")
+        every = [a for rank in ranks for a in rank]
+        n_stages = max(len(placement), 1 + max(a.stage for a in every))
+        n_microbatches = 1 + max(a.microbatch for a in every)
+        return cls(tuple(tuple(r) for r in ranks), n_stages, n_microbatches, placement, name)
+
+    def grid(self) -> str:
+        """A compact, aligned grid of the program (ranks as rows), for printing."""
+        width = max((len(str(a)) for actions in self.ranks for a in actions), default=3)
+        rows = []
+        for rank, actions in enumerate(self.ranks):
+            cells = " ".join(str(a).rjust(width) for a in actions)
+            rows.append(f"rank {rank}: {cells}")
+        return "\n".join(rows)
+
+    def __str__(self) -> str:
+        return f"{self.name}: {self.n_stages} stages, {self.n_microbatches} micro-batches\n{self.grid()}"
+
+
+def by_rank(n_ranks: int, actions: Iterable[tuple[int, Action]]) -> tuple[tuple[Action, ...], ...]:
+    """Group ``(rank, action)`` pairs into per-rank tuples, keeping their order."""
+    ranks: list[list[Action]] = [[] for _ in range(n_ranks)]
+    for rank, action in actions:
+        ranks[rank].append(action)
+    return tuple(tuple(r) for r in ranks)
+
+
+def stage_actions(kinds: Sequence[str], stage: int, microbatches: Iterable[int]) -> list[Action]:
+    """``[Action(k, stage, i) for i in microbatches for k in kinds]``: a small helper for generators."""
+    return [Action(kind, stage, microbatch) for microbatch in microbatches for kind in kinds]

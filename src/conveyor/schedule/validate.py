@@ -1,0 +1,99 @@
+"""Checks that a program is complete and cannot deadlock, before any process runs it."""
+
+from __future__ import annotations
+
+from .actions import BACKWARD, FORWARD, INPUT_GRAD, WEIGHT_GRAD, Action, Schedule
+from .links import outgoing, required_message
+
+__all__ = ["ScheduleError", "validate", "execution_order"]
+
+
+class ScheduleError(ValueError):
+    """A program that is incomplete or would deadlock."""
+
+
+def _check_complete(schedule: Schedule) -> None:
+    training = schedule.is_training
+    seen: dict[Action, int] = {}
+    for rank, actions in enumerate(schedule.ranks):
+        for action in actions:
+            if action in seen:
+                raise ScheduleError(f"action {action} appears twice (ranks {seen[action]} and {rank})")
+            seen[action] = rank
+    for stage in range(schedule.n_stages):
+        for microbatch in range(schedule.n_microbatches):
+            def has(kind: str) -> bool:
+                return Action(kind, stage, microbatch) in seen
+
+            if not has(FORWARD):
+                raise ScheduleError(f"no forward {Action(FORWARD, stage, microbatch)} in the program")
+            if not training:
+                continue
+            split = has(INPUT_GRAD) or has(WEIGHT_GRAD)
+            if has(BACKWARD) and split:
+                raise ScheduleError(f"stage {stage} micro-batch {microbatch} has both B and I/W")
+            if not has(BACKWARD) and not (has(INPUT_GRAD) and has(WEIGHT_GRAD)):
+                raise ScheduleError(
+                    f"stage {stage} micro-batch {microbatch} has no backward: add "
+                    f"{Action(BACKWARD, stage, microbatch)} or both {Action(INPUT_GRAD, stage, microbatch)} "
+                    f"and {Action(WEIGHT_GRAD, stage, microbatch)}"
+                )
+
+
+def _local_prerequisite(action: Action) -> Action | None:
+    """The action of the same stage that must already have run on this rank."""
+    if action.kind in (BACKWARD, INPUT_GRAD):
+        return Action(FORWARD, action.stage, action.microbatch)
+    if action.kind == WEIGHT_GRAD:
+        return Action(INPUT_GRAD, action.stage, action.microbatch)
+    return None
+
+
+def execution_order(schedule: Schedule) -> list[tuple[int, Action]]:
+    """Run the program with unbounded buffers; return the ``(rank, action)`` order of a legal run.
+
+    Raises :class:`ScheduleError` naming every blocked rank if the program deadlocks or an action
+    runs before the action of its own stage that it needs.
+    """
+    _check_complete(schedule)
+    cursor = [0] * schedule.n_ranks
+    done: set[Action] = set()
+    delivered: set = set()
+    order: list[tuple[int, Action]] = []
+    progress = True
+    while progress:
+        progress = False
+        for rank, actions in enumerate(schedule.ranks):
+            while cursor[rank] < len(actions):
+                action = actions[cursor[rank]]
+                prerequisite = _local_prerequisite(action)
+                if prerequisite is not None and prerequisite not in done:
+                    raise ScheduleError(
+                        f"rank {rank} runs {action} before {prerequisite}: a stage's backward must "
+                        "follow its forward (and W must follow I) on the same rank"
+                    )
+                needed = required_message(action, schedule.n_stages)
+                if needed is not None and needed not in delivered:
+                    break
+                done.add(action)
+                order.append((rank, action))
+                message = outgoing(action, schedule.n_stages, schedule.is_training)
+                if message is not None:
+                    delivered.add(message)
+                cursor[rank] += 1
+                progress = True
+    blocked = [
+        f"rank {rank} waits at {actions[cursor[rank]]} for "
+        f"{required_message(actions[cursor[rank]], schedule.n_stages)}"
+        for rank, actions in enumerate(schedule.ranks)
+        if cursor[rank] < len(actions)
+    ]
+    if blocked:
+        raise ScheduleError("the program deadlocks: " + "; ".join(blocked))
+    return order
+
+
+def validate(schedule: Schedule) -> Schedule:
+    """Raise :class:`ScheduleError` unless ``schedule`` is complete and deadlock-free."""
+    execution_order(schedule)
+    return schedule
