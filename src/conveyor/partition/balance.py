@@ -8,7 +8,7 @@ layers form ``j`` stages.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch.nn as nn
 

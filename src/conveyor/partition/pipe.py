@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -19,7 +20,7 @@ class SequentialStage(nn.Module):
     output as its single argument, exactly as the unsplit ``nn.Sequential`` would pass it.
     """
 
-    def __init__(self, layers: "OrderedDict[str, nn.Module]") -> None:
+    def __init__(self, layers: OrderedDict[str, nn.Module]) -> None:
         super().__init__()
         if not layers:
             raise ValueError("a stage needs at least one layer")

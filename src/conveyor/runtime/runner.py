@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -135,12 +136,12 @@ class PipelineRunner:
                                f"{' ...' if len(missing) > 5 else ''}")
             module.load_state_dict({k: v for k, v in state_dict.items() if k in own}, strict=strict)
 
-    def train(self, mode: bool = True) -> "PipelineRunner":
+    def train(self, mode: bool = True) -> PipelineRunner:
         for module in self.modules:
             module.train(mode)
         return self
 
-    def eval(self) -> "PipelineRunner":
+    def eval(self) -> PipelineRunner:
         return self.train(False)
 
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:

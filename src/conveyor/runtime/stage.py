@@ -3,9 +3,10 @@ re-materialisation with replayed randomness."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -23,8 +24,8 @@ class _Stashed:
 
     args: tuple                       # the stage's call arguments (detached leaves)
     kwargs: dict
-    input_leaves: list[torch.Tensor]  # inputs whose gradient goes upstream
-    outputs: list[torch.Tensor] = field(default_factory=list)  # outputs (or the loss) to backprop
+    input_leaves: list[torch.Tensor]  # every tensor of the stage input; their grads go upstream
+    outputs: list[torch.Tensor] = field(default_factory=list)  # every output tensor (or the loss)
     output_grads: list[torch.Tensor | None] | None = None      # kept between I and W
     target: Any = None
     weight: float = 1.0
@@ -46,7 +47,7 @@ def _as_leaves(value: Any) -> tuple[Any, list[torch.Tensor]]:
     structure, tensors = flatten(value, "stage input")
     leaves = [t.detach().requires_grad_(t.requires_grad) if t.is_floating_point() or t.is_complex()
               else t.detach() for t in tensors]
-    return unflatten(structure, leaves), [leaf for leaf in leaves if leaf.requires_grad]
+    return unflatten(structure, leaves), leaves
 
 
 class StageExecutor:
@@ -82,13 +83,13 @@ class StageExecutor:
         loss = loss.reshape(())
         return loss, loss * weight
 
-    def _outputs_to_backprop(self, output: Any) -> list[torch.Tensor]:
-        _, tensors = flatten(output, f"stage {self.index} output")
-        return [t for t in tensors if t.requires_grad]
+    def _output_tensors(self, output: Any) -> list[torch.Tensor]:
+        return flatten(output, f"stage {self.index} output")[1]
 
     def _check_differentiable(self, outputs: list[torch.Tensor], stashed: _Stashed) -> None:
-        trainable = any(p.requires_grad for p in self.module.parameters()) or stashed.input_leaves
-        if trainable and not outputs:
+        trainable = (any(p.requires_grad for p in self.module.parameters())
+                     or any(leaf.requires_grad for leaf in stashed.input_leaves))
+        if trainable and not any(t.requires_grad for t in outputs):
             what = "loss" if self.is_last else "output"
             raise RuntimeError(f"the stage's {what} does not require grad, so no gradient can flow back: "
                                "do not detach it or compute it under torch.no_grad()")
@@ -117,20 +118,15 @@ class StageExecutor:
         stashed = _Stashed(args, kwargs, input_leaves + kwarg_leaves, target=target, weight=weight)
         if self.recompute:
             stashed.rng_state = self._rng_state()
-            with torch.no_grad():
-                output = self._call(args, kwargs)
-                result = self._loss(output, target, weight)[0] if self.is_last else output
-            self._store(microbatch, stashed)
-            return result
         output = self._call(args, kwargs)
         if self.is_last:
             loss, weighted = self._loss(output, target, weight)
-            stashed.outputs = [weighted] if weighted.requires_grad else []
-            result = loss.detach()
+            outputs, result = [weighted], loss.detach()
         else:
-            stashed.outputs = self._outputs_to_backprop(output)
-            result = output
-        self._check_differentiable(stashed.outputs, stashed)
+            outputs, result = self._output_tensors(output), output
+        self._check_differentiable(outputs, stashed)
+        if not self.recompute:  # with recompute the graph dies here and is rebuilt in the backward
+            stashed.outputs = outputs
         self._store(microbatch, stashed)
         return result
 
@@ -143,19 +139,21 @@ class StageExecutor:
             if self.is_last:
                 stashed.outputs = [self._loss(output, stashed.target, stashed.weight)[1]]
             else:
-                stashed.outputs = self._outputs_to_backprop(output)
-        stashed.outputs = [t for t in stashed.outputs if t.requires_grad]
-        self._check_differentiable(stashed.outputs, stashed)
+                stashed.outputs = self._output_tensors(output)
 
     def _pairs(self, stashed: _Stashed, output_grads: list | None) -> tuple[list, list]:
+        """The outputs to differentiate and their incoming gradients (pairs without one dropped)."""
         if self.is_last:
             return stashed.outputs, [None] * len(stashed.outputs)
         grads = list(output_grads or [])
         if len(grads) != len(stashed.outputs):
-            raise RuntimeError(f"received {len(grads)} output gradients for {len(stashed.outputs)} outputs "
-                               "that require grad")
-        pairs = [(o, g) for o, g in zip(stashed.outputs, grads) if g is not None]
+            raise RuntimeError(f"received {len(grads)} output gradients for {len(stashed.outputs)} outputs")
+        pairs = [(o, g) for o, g in zip(stashed.outputs, grads) if g is not None and o.requires_grad]
         return [o for o, _ in pairs], [g for _, g in pairs]
+
+    @staticmethod
+    def _input_grads(stashed: _Stashed) -> list[torch.Tensor | None]:
+        return [leaf.grad if leaf.requires_grad else None for leaf in stashed.input_leaves]
 
     def backward(self, microbatch: int, output_grads: list | None) -> list[torch.Tensor | None]:
         """Full backward of ``microbatch``: accumulates parameter gradients and returns the
@@ -165,18 +163,19 @@ class StageExecutor:
         outputs, grads = self._pairs(stashed, output_grads)
         if outputs:
             torch.autograd.backward(outputs, None if self.is_last else grads)
-        return [leaf.grad for leaf in stashed.input_leaves]
+        return self._input_grads(stashed)
 
     def backward_input(self, microbatch: int, output_grads: list | None) -> list[torch.Tensor | None]:
         """First half of a split backward: only the gradients of the stage's inputs."""
         stashed = self._stash[microbatch]
         self._rematerialise(stashed)
         stashed.outputs, stashed.output_grads = self._pairs(stashed, output_grads)
-        if not stashed.outputs or not stashed.input_leaves:
+        wanted = [leaf for leaf in stashed.input_leaves if leaf.requires_grad]
+        if not stashed.outputs or not wanted:
             return [None] * len(stashed.input_leaves)
         grads = None if self.is_last else stashed.output_grads
-        return list(torch.autograd.grad(stashed.outputs, stashed.input_leaves, grads,
-                                        retain_graph=True, allow_unused=True))
+        found = iter(torch.autograd.grad(stashed.outputs, wanted, grads, retain_graph=True, allow_unused=True))
+        return [next(found) if leaf.requires_grad else None for leaf in stashed.input_leaves]
 
     def backward_weight(self, microbatch: int) -> None:
         """Second half of a split backward: accumulate the parameter gradients, free the graph."""

@@ -24,8 +24,8 @@ The text form is one line per rank, actions separated by spaces, ``<stage><kind>
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
 
 __all__ = ["Action", "Schedule", "FORWARD", "BACKWARD", "INPUT_GRAD", "WEIGHT_GRAD"]
 
@@ -61,7 +61,7 @@ class Action:
         return self.kind in (BACKWARD, INPUT_GRAD)
 
     @classmethod
-    def parse(cls, text: str) -> "Action":
+    def parse(cls, text: str) -> Action:
         """Parse ``"1F3"`` into ``Action("F", 1, 3)``."""
         match = _ACTION_TEXT.match(text.strip())
         if match is None:
@@ -128,7 +128,7 @@ class Schedule:
     def is_training(self) -> bool:
         return any(action.kind != FORWARD for actions in self.ranks for action in actions)
 
-    def forward_only(self) -> "Schedule":
+    def forward_only(self) -> Schedule:
         """The same program with every backward action removed (for inference)."""
         return Schedule(
             tuple(tuple(a for a in actions if a.kind == FORWARD) for actions in self.ranks),
@@ -147,7 +147,7 @@ class Schedule:
         return "\n".join(lines) + "\n"
 
     @classmethod
-    def from_text(cls, text: str, name: str = "custom") -> "Schedule":
+    def from_text(cls, text: str, name: str = "custom") -> Schedule:
         """Parse the text form; stage and micro-batch counts are read off the actions."""
         placement: tuple[int, ...] = ()
         ranks: list[list[Action]] = []

@@ -22,7 +22,7 @@ def _check_complete(schedule: Schedule) -> None:
             seen[action] = rank
     for stage in range(schedule.n_stages):
         for microbatch in range(schedule.n_microbatches):
-            def has(kind: str) -> bool:
+            def has(kind: str, stage: int = stage, microbatch: int = microbatch) -> bool:
                 return Action(kind, stage, microbatch) in seen
 
             if not has(FORWARD):

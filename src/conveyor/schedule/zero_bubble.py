@@ -15,12 +15,12 @@ micro-batches are between ``F`` and ``I`` on stage ``s``, as in 1F1B; counting u
 every stage holds up to ``p`` (1F1B's peak, on stage 0). Per-stage ``p - s`` until ``W`` cannot
 go with this bubble: the last stage would have to run F I W back to back.
 
-ZB-V, 3 ranks, 6 stages, 6 micro-batches, F = I = W = 1; upper case is rank ``r``'s stage ``r``
+ZB-V, 3 ranks, 6 stages, 5 micro-batches, F = I = W = 1; upper case is rank ``r``'s stage ``r``
 (down the V), lower case its stage ``2p - 1 - r`` (back up)::
 
-    rank 0: F0 F1 F2 F3 F4 f0 i0 w0 f1 i1 w1 f2 i2 w2 F5 I0 W0 f3 i3 w3 I1 W1 f4 i4 w4 I2 W2 f5 i5 w5 I3 W3 I4 W4 I5 W5 .. ..
-    rank 1: .. F0 F1 F2 f0 F3 f1 i0 w0 f2 i1 w1 F4 I0 W0 f3 i2 w2 F5 I1 W1 f4 i3 w3 I2 W2 f5 i4 w4 I3 i5 I4 W3 I5 W4 w5 W5 ..
-    rank 2: .. .. F0 f0 F1 f1 F2 f2 i0 w0 F3 I0 W0 f3 i1 w1 F4 I1 W1 f4 i2 w2 F5 I2 W2 f5 i3 w3 I3 i4 I4 i5 I5 W3 w4 w5 W4 W5
+    rank 0: F0 F1 F2 F3 F4 f0 i0 w0 f1 i1 w1 f2 i2 w2 I0 W0 f3 i3 w3 I1 W1 f4 i4 w4 I2 W2 I3 W3 I4 W4 .. ..
+    rank 1: .. F0 F1 F2 f0 F3 f1 i0 w0 f2 i1 w1 F4 I0 W0 f3 i2 w2 I1 W1 f4 i3 w3 I2 i4 I3 W2 I4 W3 w4 W4 ..
+    rank 2: .. .. F0 f0 F1 f1 F2 f2 i0 w0 F3 I0 W0 f3 i1 w1 F4 I1 W1 f4 i2 w2 I2 i3 I3 i4 I4 W2 w3 w4 W3 W4
 
 The V puts the first and the last stage on rank 0, so the turn-around at the bottom of the V
 costs no message; each rank idles ``p - 1`` for ``m >= 2p - 1``.

@@ -1,0 +1,147 @@
+"""Functions run on every rank by conveyor.launch in the tests; each returns what rank 0's
+pipeline (or every rank) saw, for the test process to compare with the unsplit model."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+import conveyor
+from models import batch, masked_model, mlp, mse
+
+STEPS = 5
+
+
+def pipeline_groups(world_size: int, n_stages: int) -> dist.ProcessGroup:
+    """Split the job into world_size / n_stages pipelines; return this rank's group."""
+    mine = None
+    for first in range(0, world_size, n_stages):
+        group = dist.new_group(list(range(first, first + n_stages)))
+        if first <= dist.get_rank() < first + n_stages:
+            mine = group
+    assert mine is not None
+    return mine
+
+
+def train_matrix(rank: int, world_size: int, schedules: list[str], stage_counts: list[int],
+                 microbatch_counts: list[int]) -> dict:
+    """For every configuration: gradients of step 1 and weights after STEPS Adam steps."""
+    results: dict = {}
+    for n_stages in stage_counts:
+        group = pipeline_groups(world_size, n_stages)
+        for schedule in schedules:
+            for n_microbatches in microbatch_counts:
+                pipe = conveyor.pipeline(mlp(), n_stages=n_stages)
+                runner = conveyor.PipelineRunner(pipe, schedule=schedule, n_microbatches=n_microbatches,
+                                                 loss_fn=mse, group=group)
+                optimizer = torch.optim.Adam(runner.parameters(), lr=0.01)
+                grads, losses = {}, []
+                for step in range(STEPS):
+                    optimizer.zero_grad()
+                    x, y = batch(step)
+                    losses.append(runner.step(x, target=y))
+                    if step == 0:
+                        grads = {name: p.grad.clone() for name, p in runner.named_parameters()}
+                    optimizer.step()
+                if rank < n_stages:
+                    results[(schedule, n_stages, n_microbatches)] = {
+                        "grads": grads, "weights": runner.state_dict(), "losses": losses,
+                        "peak": runner.peak_stashed,
+                    }
+    return results
+
+
+def forward_only(rank: int, world_size: int) -> torch.Tensor | None:
+    runner = conveyor.PipelineRunner(conveyor.pipeline(mlp(), n_stages=world_size), schedule="1f1b",
+                                     n_microbatches=4)
+    runner.eval()
+    return runner.forward(batch(0, rows=10)[0])
+
+
+def tuple_boundary(rank: int, world_size: int) -> dict:
+    """A boundary carrying (hidden, int64 ids, bool mask); sequence length changes every step."""
+    runner = conveyor.PipelineRunner(conveyor.pipeline(masked_model()), schedule="1f1b", n_microbatches=2,
+                                     loss_fn=mse)
+    generator = torch.Generator().manual_seed(0)
+    out = {}
+    for length in (5, 3, 7):
+        for p in runner.parameters():
+            p.grad = None
+        ids = torch.randint(0, 10, (4, length), generator=generator)
+        target = torch.randn(4, 6, dtype=torch.float64, generator=generator)
+        loss = runner.step(ids, target=target)
+        out[length] = {"loss": loss, "grads": {n: p.grad.clone() for n, p in runner.named_parameters()}}
+    return out
+
+
+def uneven_and_recompute(rank: int, world_size: int) -> dict:
+    """Batch 10 into 4 micro-batches; dropout with and without recompute."""
+    out = {}
+    pipe = conveyor.pipeline(mlp(), n_stages=world_size)
+    runner = conveyor.PipelineRunner(pipe, schedule="gpipe", n_microbatches=4, loss_fn=mse)
+    x, y = batch(3, rows=10)
+    out["uneven_loss"] = runner.step(x, target=y)
+    out["uneven_grads"] = {n: p.grad.clone() for n, p in runner.named_parameters()}
+    for recompute in (False, True):
+        for schedule in ("gpipe", "1f1b"):
+            pipe = conveyor.pipeline(mlp(dropout=0.5), n_stages=world_size)
+            runner = conveyor.PipelineRunner(pipe, schedule=schedule, n_microbatches=4, loss_fn=mse,
+                                             recompute=recompute)
+            torch.manual_seed(100 + rank)
+            x, y = batch(4)
+            runner.step(x, target=y)
+            out[("dropout", schedule, recompute)] = {n: p.grad.clone() for n, p in runner.named_parameters()}
+            out[("peak", schedule, recompute)] = runner.peak_stashed
+    return out
+
+
+def _explode(module: object, args: object, output: object) -> None:
+    raise RuntimeError("boom in the user's layer")
+
+
+def fail_in_forward(rank: int, world_size: int) -> None:
+    pipe = conveyor.pipeline(mlp(), n_stages=world_size)
+    runner = conveyor.PipelineRunner(pipe, schedule="1f1b", n_microbatches=4, loss_fn=mse)
+    if rank == 1:
+        runner.stages[1].module.register_forward_hook(_explode)
+    x, y = batch(0)
+    runner.step(x, target=y)
+
+
+def shape_mismatch(rank: int, world_size: int) -> None:
+    import torch.nn as nn
+
+    torch.manual_seed(0)
+    stages = [nn.Linear(6, 4, dtype=torch.float64), nn.Linear(5, 6, dtype=torch.float64)]
+    runner = conveyor.PipelineRunner(conveyor.pipeline(stages), schedule="gpipe", n_microbatches=2, loss_fn=mse)
+    x, y = batch(0, rows=4)
+    runner.step(x, target=y)
+
+
+def dtype_mismatch(rank: int, world_size: int) -> None:
+    import torch.nn as nn
+
+    torch.manual_seed(0)
+    stages = [nn.Linear(6, 6, dtype=torch.float64), nn.Linear(6, 6, dtype=torch.float32)]
+    runner = conveyor.PipelineRunner(conveyor.pipeline(stages), schedule="gpipe", n_microbatches=2, loss_fn=mse)
+    x, y = batch(0, rows=4)
+    runner.step(x, target=y)
+
+
+def hang_after_failure(rank: int, world_size: int) -> None:
+    """Rank 2 raises in the middle of a step; the others block waiting for it."""
+    pipe = conveyor.pipeline(mlp(), n_stages=world_size)
+    runner = conveyor.PipelineRunner(pipe, schedule="1f1b", n_microbatches=8, loss_fn=mse)
+    x, y = batch(0)
+    runner.step(x, target=y)
+    if rank == 2:
+        raise ValueError("rank 2 gives up")
+    runner.step(x, target=y)
+
+
+def torchrun_grads(rank: int, world_size: int) -> dict:
+    pipe = conveyor.pipeline(mlp(), n_stages=world_size)
+    runner = conveyor.PipelineRunner(pipe, schedule="1f1b", n_microbatches=4, loss_fn=mse)
+    x, y = batch(0)
+    runner.step(x, target=y)
+    return {n: p.grad.clone() for n, p in runner.named_parameters()}
