@@ -9,9 +9,9 @@ import sys
 from pathlib import Path
 
 import torch
-import workers
 
 import conveyor
+import workers
 
 HERE = Path(__file__).parent
 

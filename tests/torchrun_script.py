@@ -10,9 +10,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-import workers  # noqa: E402
-
 import conveyor  # noqa: E402
+import workers  # noqa: E402
 
 if __name__ == "__main__":
     torch.set_num_threads(1)

@@ -7,7 +7,6 @@ ids, bool masks) and need not require grad.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -17,11 +16,25 @@ __all__ = ["Leaf", "flatten", "unflatten", "describe"]
 _CONSTANTS = (type(None), bool, int, float, str)
 
 
-@dataclass(frozen=True, slots=True)
 class Leaf:
-    """Placeholder for the ``index``-th tensor of a flattened value."""
+    """Placeholder for the ``index``-th tensor of a flattened value (cheap to pickle)."""
 
-    index: int
+    __slots__ = ("index",)
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+
+    def __reduce__(self) -> tuple:
+        return Leaf, (self.index,)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Leaf) and other.index == self.index
+
+    def __hash__(self) -> int:
+        return hash(self.index)
+
+    def __repr__(self) -> str:
+        return f"Leaf({self.index})"
 
 
 def flatten(value: Any, where: str = "boundary value") -> tuple[Any, list[torch.Tensor]]:

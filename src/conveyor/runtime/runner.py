@@ -26,7 +26,8 @@ __all__ = ["PipelineRunner", "TraceEvent"]
 
 @dataclass(frozen=True, slots=True)
 class TraceEvent:
-    """One action as this rank ran it: start and end in seconds since the step began."""
+    """One action as this rank ran it: start and end on ``time.perf_counter()``'s clock, which is
+    system-wide (monotonic) on Linux, so events of different ranks on one host line up."""
 
     rank: int
     action: str
@@ -59,15 +60,16 @@ class PipelineRunner:
     ``conveyor.schedule.SCHEDULES`` or a :class:`Schedule`; ``schedule_options`` go to its
     generator. ``loss_weighting="tokens"`` weights micro-batch losses by the number of target
     entries that differ from ``ignore_index`` (for token-averaged losses), ``"rows"`` (default)
-    by rows. ``broadcast_loss=True`` returns the loss on every rank. ``timeout`` (seconds) bounds
-    every wait for a peer.
+    by rows. ``broadcast_loss=True`` returns the loss on every rank. Every wait for a peer is
+    bounded by the process group's timeout (``launch(pg_timeout=...)``, or ``timeout=`` of
+    ``init_process_group``).
     """
 
     def __init__(self, pipe: Pipe, *, schedule: str | Schedule, n_microbatches: int,
                  loss_fn: LossFn | None = None, group: dist.ProcessGroup | None = None,
                  device: torch.device | str | None = None, recompute: bool = False,
                  replicas: list[int] | None = None, loss_weighting: str = "rows", ignore_index: int = -100,
-                 broadcast_loss: bool = False, timeout: float = 300.0,
+                 broadcast_loss: bool = False,
                  init_fn: Callable[[nn.Module], None] | None = None, **schedule_options: Any) -> None:
         if not dist.is_initialized():
             raise RuntimeError("PipelineRunner needs a process group: run inside conveyor.launch(...), "
@@ -100,7 +102,7 @@ class PipelineRunner:
         self._forward_program = self.schedule.forward_only()
         self._incoming = {True: incoming(self.schedule, self.rank),
                           False: incoming(self._forward_program, self.rank)}
-        self.transport = Transport(group, self.device, timeout)
+        self.transport = Transport(group, self.device)
         self.trace: list[TraceEvent] = []
         self._last_stage_rank = self.schedule.placement[last]
 
@@ -226,12 +228,11 @@ class PipelineRunner:
             stage.reset_stats()
         self.transport.expect(self._incoming[data.training])
         trace: list[TraceEvent] = []
-        origin = time.perf_counter()
         try:
             for action in program.ranks[self.rank]:
                 start = time.perf_counter()
                 self._run(action, data, program)
-                trace.append(TraceEvent(self.rank, str(action), start - origin, time.perf_counter() - origin))
+                trace.append(TraceEvent(self.rank, str(action), start, time.perf_counter()))
             self.transport.finish()
         finally:
             self.trace = trace
