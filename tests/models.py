@@ -68,3 +68,102 @@ def reference_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.
     loss = mse(model(x), y)
     loss.backward()
     return loss.detach()
+
+
+class TiedLM(nn.Module):
+    """Embedding whose weight is reused by the output projection (like GPT-2's wte/lm_head)."""
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.embed = nn.Embedding(11, WIDTH, dtype=DTYPE)
+        self.mid = nn.Linear(WIDTH, WIDTH, dtype=DTYPE)
+        self.norm = nn.LayerNorm(WIDTH, dtype=DTYPE)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.mid(self.embed(ids))))
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.norm(hidden) @ self.embed.weight.T
+
+
+class _TiedHead(nn.Module):
+    def __init__(self, model: TiedLM) -> None:
+        super().__init__()
+        self.embed, self.norm = model.embed, model.norm
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.norm(hidden) @ self.embed.weight.T
+
+
+class _Named(nn.Module):
+    """Holds children under given names; calls them in order."""
+
+    def __init__(self, **children: nn.Module) -> None:
+        super().__init__()
+        for name, child in children.items():
+            self.add_module(name, child)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for child in self.children():
+            x = child(x)
+        return x
+
+
+class _Tanh(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(x)
+
+
+def tied_pipe(model: TiedLM):  # noqa: ANN201 - returns conveyor.Pipe
+    """Three stages: embed | mid | head reusing embed.weight; the tie recorded on the pipe."""
+    from conveyor.partition.pipe import Pipe
+
+    pipe = Pipe([_Named(embed=model.embed), _Named(mid=model.mid, act=_Tanh()), _TiedHead(model)])
+    pipe.ties = {"embed.weight": [0, 2]}
+    return pipe
+
+
+def token_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten())
+
+
+class SkipEnter(nn.Module):
+    """First stage of the skip model: returns (hidden, the input kept for a later stage)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(WIDTH, WIDTH, dtype=DTYPE)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.tanh(self.linear(x)), x
+
+
+class SkipCarry(nn.Module):
+    """A middle stage: transforms the hidden state, carries the skip value through untouched."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(WIDTH, WIDTH, dtype=DTYPE)
+
+    def forward(self, value: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden, skip = value
+        return torch.tanh(self.linear(hidden)), skip
+
+
+class SkipExit(nn.Module):
+    """Last stage: adds the value that skipped the stages in between."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(WIDTH, WIDTH, dtype=DTYPE)
+
+    def forward(self, value: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        hidden, skip = value
+        return self.linear(hidden) + 2.0 * skip
+
+
+def skip_model(n_stages: int, seed: int = 0) -> list[nn.Module]:
+    """A residual from stage 0 used by the last stage, crossing every boundary in between."""
+    torch.manual_seed(seed)
+    return [SkipEnter(), *[SkipCarry() for _ in range(n_stages - 2)], SkipExit()]

@@ -145,3 +145,50 @@ def torchrun_grads(rank: int, world_size: int) -> dict:
     x, y = batch(0)
     runner.step(x, target=y)
     return {n: p.grad.clone() for n, p in runner.named_parameters()}
+
+
+def tied_training(rank: int, world_size: int, steps: int) -> dict:
+    from models import TiedLM, tied_pipe, token_loss
+
+    runner = conveyor.PipelineRunner(tied_pipe(TiedLM()), schedule="1f1b", n_microbatches=2, loss_fn=token_loss)
+    optimizer = torch.optim.Adam(runner.parameters(), lr=0.05)
+    generator = torch.Generator().manual_seed(0)
+    grads = {}
+    for step in range(steps):
+        ids = torch.randint(0, 11, (4, 5), generator=generator)
+        target = torch.randint(0, 11, (4, 5), generator=generator)
+        optimizer.zero_grad()
+        runner.step(ids, target=target)
+        if step == 0:
+            grads = {n: p.grad.clone() for n, p in runner.named_parameters()}
+        optimizer.step()
+    return {"grads": grads, "weights": {n: p.detach().clone() for n, p in runner.named_parameters()},
+            "norm": runner.clip_grad_norm_(1e9)}
+
+
+def schedule_matrix(rank: int, world_size: int, configs: list[tuple]) -> dict:
+    """configs: (model name, schedule, ranks, stages, micro-batches, recompute); only the ranks a
+    configuration needs run it, on a group of the first `ranks` ranks."""
+    from models import skip_model
+
+    groups = {n: dist.new_group(list(range(n))) for n in sorted({c[2] for c in configs})}
+    results: dict = {}
+    for config in configs:
+        model_name, schedule, n_ranks, n_stages, n_microbatches, recompute = config
+        if rank >= n_ranks:
+            continue
+        model = mlp(layers=2 * n_stages) if model_name == "mlp" else skip_model(n_stages)
+        pipe = conveyor.pipeline(model, n_stages=n_stages) if model_name == "mlp" else conveyor.pipeline(model)
+        runner = conveyor.PipelineRunner(pipe, schedule=schedule, n_microbatches=n_microbatches, loss_fn=mse,
+                                         group=groups[n_ranks], recompute=recompute)
+        optimizer = torch.optim.Adam(runner.parameters(), lr=0.01)
+        grads = {}
+        for step in range(STEPS):
+            optimizer.zero_grad()
+            x, y = batch(step)
+            runner.step(x, target=y)
+            if step == 0:
+                grads = {name: p.grad.clone() for name, p in runner.named_parameters()}
+            optimizer.step()
+        results[config] = {"grads": grads, "weights": runner.state_dict()}
+    return results

@@ -20,6 +20,7 @@ from .bundle import describe, flatten
 from .comm import Transport
 from .microbatch import loss_weights, merge, split_batch, split_value
 from .stage import LossFn, StageExecutor
+from .ties import TiedGradients
 
 __all__ = ["PipelineRunner", "TraceEvent"]
 
@@ -103,6 +104,9 @@ class PipelineRunner:
         self._incoming = {True: incoming(self.schedule, self.rank),
                           False: incoming(self._forward_program, self.rank)}
         self.transport = Transport(group, self.device)
+        self.ties: dict[str, list[int]] = dict(getattr(pipe, "ties", {}) or {})
+        self._tied = TiedGradients(self.ties, self.schedule.placement, self.rank, dict(self.named_parameters()),
+                                   group)
         self.trace: list[TraceEvent] = []
         self._last_stage_rank = self.schedule.placement[last]
 
@@ -113,9 +117,14 @@ class PipelineRunner:
         return [self.stages[index].module for index in sorted(self.stages)]
 
     def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
-        """This rank's parameters under the unsplit model's names."""
+        """This rank's parameters under the unsplit model's names (a parameter shared by two of
+        its stages appears once)."""
+        seen: set[int] = set()
         for module in self.modules:
-            yield from module.named_parameters()
+            for name, parameter in module.named_parameters():
+                if id(parameter) not in seen:
+                    seen.add(id(parameter))
+                    yield name, parameter
 
     def parameters(self) -> Iterator[nn.Parameter]:
         for _, parameter in self.named_parameters():
@@ -147,8 +156,11 @@ class PipelineRunner:
         return self.train(False)
 
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
-        """Clip gradients by their norm over every stage of the pipeline; returns that norm."""
-        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        """Clip gradients by their norm over every stage of the pipeline (a tied parameter counted
+        once); returns that norm."""
+        counted = [p for name, p in self.named_parameters()
+                   if name not in self.ties or self.schedule.placement[min(self.ties[name])] == self.rank]
+        grads = [p.grad for p in counted if p.grad is not None]
         if norm_type == float("inf"):
             local = max((g.detach().abs().max() for g in grads), default=torch.tensor(0.0))
             total = local.to(self.device, torch.float64).reshape(1)
@@ -185,7 +197,9 @@ class PipelineRunner:
         if target is None:
             raise ValueError("loss_fn needs a target: call step(inputs..., target=labels)")
         data = self._prepare(inputs, kwargs, target, training=True)
+        self._tied.before_step()
         self._execute(self.schedule, data)
+        self._tied.after_step()
         loss = None
         if self.rank == self._last_stage_rank:
             loss = sum((data.losses[i].double() * w for i, w in enumerate(data.weights)), torch.tensor(0.0,

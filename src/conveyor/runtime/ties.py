@@ -1,0 +1,70 @@
+"""Tied parameters held by several stages (GPT-2's ``wte`` and ``lm_head``): after each step the
+stages holding a tie exchange their gradient contributions and all add them in stage order, so
+every copy receives the same, bit-identical gradient and the copies never drift apart."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+__all__ = ["TiedGradients"]
+
+
+class TiedGradients:
+    """The ties of one rank: for each tied name, this rank's parameter and the other holders.
+
+    Gradients travel point-to-point on the pipeline's group after every program message of
+    the step, so both ends match them in order without tags.
+    """
+
+    def __init__(self, ties: Mapping[str, Sequence[int]], placement: Sequence[int], rank: int,
+                 parameters: Mapping[str, nn.Parameter], group: dist.ProcessGroup | None) -> None:
+        self.group = group
+        self.rank = rank
+        self._ties: list[tuple[str, nn.Parameter, list[int]]] = []
+        for name, stages in sorted(ties.items()):
+            holders = sorted({placement[stage] for stage in stages})
+            if rank in holders and len(holders) > 1:
+                self._ties.append((name, parameters[name], holders))
+        self._previous: dict[str, torch.Tensor | None] = {}
+
+    @property
+    def names(self) -> list[str]:
+        return [name for name, _, _ in self._ties]
+
+    def before_step(self) -> None:
+        """Set aside accumulated gradients so the step's own contribution can be isolated."""
+        self._previous = {}
+        for name, parameter, _ in self._ties:
+            self._previous[name] = parameter.grad
+            parameter.grad = None
+
+    def after_step(self) -> None:
+        """Exchange this step's contributions and give every copy their sum (in rank order)."""
+        pending = []
+        received: dict[tuple[str, int], torch.Tensor] = {}
+        for name, parameter, holders in self._ties:
+            mine = parameter.grad if parameter.grad is not None else torch.zeros_like(parameter)
+            parameter.grad = mine
+            for peer in holders:
+                if peer == self.rank:
+                    continue
+                buffer = torch.empty_like(mine)
+                received[(name, peer)] = buffer
+                pending.append(dist.isend(mine.contiguous(), self._global(peer), group=self.group))
+                pending.append(dist.irecv(buffer, self._global(peer), group=self.group))
+        for work in pending:
+            work.wait()
+        for name, parameter, holders in self._ties:
+            total = None
+            for holder in holders:
+                part = parameter.grad if holder == self.rank else received[(name, holder)]
+                total = part.clone() if total is None else total + part
+            previous = self._previous.get(name)
+            parameter.grad = total if previous is None else previous + total
+
+    def _global(self, group_rank: int) -> int:
+        return group_rank if self.group is None else dist.get_global_rank(self.group, group_rank)
