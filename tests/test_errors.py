@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 
 import conveyor
+
 import workers
 from models import batch, mlp, mse
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import conveyor
+
 import workers
 from models import batch, masked_model, mlp, mse
 

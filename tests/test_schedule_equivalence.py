@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-import workers
-from models import batch, mlp, mse, skip_model
 
 import conveyor
+
+import workers
+from models import batch, mlp, mse, skip_model
 
 ATOL = 1e-10
 CONFIGS = [

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-import workers
-from models import TiedLM, token_loss
 
 import conveyor
+
+import workers
+from models import TiedLM, token_loss
 
 STEPS = 3
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 import conveyor
+
 import workers
 
 HERE = Path(__file__).parent

@@ -11,6 +11,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 
 import conveyor  # noqa: E402
+
 import workers  # noqa: E402
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import torch
 import torch.distributed as dist
 
 import conveyor
+
 from models import batch, masked_model, mlp, mse
 
 STEPS = 5
