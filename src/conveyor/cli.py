@@ -16,6 +16,27 @@ def _demo(args: argparse.Namespace) -> None:
                         steps=args.steps, batch_size=args.batch_size))
 
 
+def _timeline(args: argparse.Namespace) -> None:
+    from .schedule import simulate
+    from .timeline import chrome_trace, measured_bubble, render, sleep_costs, sleep_pipeline_trace
+
+    stage_seconds = (args.forward_ms / 1e3, args.input_grad_ms / 1e3, args.weight_grad_ms / 1e3)
+    n_stages = args.stages or args.ranks
+    predicted = simulate(args.schedule, n_stages, args.microbatches, sleep_costs(n_stages, stage_seconds),
+                         n_ranks=args.ranks)
+    events = predicted.events
+    line = f"{args.schedule}: {args.ranks} ranks, {n_stages} stages, {args.microbatches} micro-batches; " \
+           f"simulated bubble {predicted.bubble:.3f}, makespan {predicted.makespan * 1e3:.1f} ms"
+    if args.run:
+        events = sleep_pipeline_trace(args.schedule, args.ranks, n_stages, args.microbatches, stage_seconds)
+        span = max(e.end for e in events) - min(e.start - e.waited for e in events)
+        line += f"; measured bubble {measured_bubble(events, args.ranks):.3f}, step {span * 1e3:.1f} ms"
+    print(line)
+    if args.output:
+        writer = chrome_trace if args.output.endswith(".json") else render
+        print(f"wrote {writer(events, args.output)}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="conveyor", description="Pipeline-parallel training for PyTorch.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
@@ -26,14 +47,26 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--microbatches", type=int, default=8, help="micro-batches per step (default 8)")
     demo.add_argument("--steps", type=int, default=250, help="optimizer steps (default 250)")
     demo.add_argument("--batch-size", type=int, default=32, help="sequences per step (default 32)")
-    demo.set_defaults(run=_demo)
+    demo.set_defaults(handler=_demo)
+    timeline = commands.add_parser(
+        "timeline", help="simulate (or run with --run, on sleeping stages) a schedule and draw its timeline")
+    timeline.add_argument("--schedule", default="1f1b", help="schedule name (default 1f1b)")
+    timeline.add_argument("--ranks", type=int, default=4, help="processes (default 4)")
+    timeline.add_argument("--stages", type=int, default=None, help="stages (default: one per rank)")
+    timeline.add_argument("--microbatches", type=int, default=8, help="micro-batches (default 8)")
+    timeline.add_argument("--forward-ms", type=float, default=10.0, help="forward time of a stage (default 10)")
+    timeline.add_argument("--input-grad-ms", type=float, default=10.0, help="input-gradient time (default 10)")
+    timeline.add_argument("--weight-grad-ms", type=float, default=10.0, help="weight-gradient time (default 10)")
+    timeline.add_argument("--run", action="store_true", help="run it on local processes and draw what happened")
+    timeline.add_argument("-o", "--output", help="write a picture (.png/.svg/.pdf) or Chrome trace (.json)")
+    timeline.set_defaults(handler=_timeline)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.run(args)
+        args.handler(args)
     except KeyboardInterrupt:
         return 130
     except Exception as error:  # noqa: BLE001 - one readable line unless --debug

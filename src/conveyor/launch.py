@@ -8,6 +8,7 @@ rank raises or dies it tears every other rank down and raises :class:`LaunchErro
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import multiprocessing as mp
 import multiprocessing.connection as mp_connection
@@ -17,7 +18,7 @@ import signal
 import sys
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -108,6 +109,22 @@ def _context() -> mp.context.BaseContext:
     return context
 
 
+@contextlib.contextmanager
+def _main_importable() -> Iterator[None]:
+    """Children re-import the parent's ``__main__`` from its file; when there is no such file
+    (``python -``, a notebook), hide the name so they skip that step."""
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    if main is None or path is None or os.path.exists(path):
+        yield
+        return
+    del main.__file__
+    try:
+        yield
+    finally:
+        main.__file__ = path
+
+
 def _stop(processes: Sequence[mp.process.BaseProcess]) -> None:
     for process in processes:
         if process.is_alive():
@@ -154,8 +171,9 @@ def launch(fn: Callable[..., Any], nprocs: int, *, args: Sequence[Any] = (), bac
         for rank in range(nprocs)
     ]
     try:
-        for process in processes:
-            process.start()
+        with _main_importable():
+            for process in processes:
+                process.start()
         for _, child_end in pipes:
             child_end.close()
         return _collect(processes, [reader for reader, _ in pipes], timeout)

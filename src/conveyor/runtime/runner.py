@@ -27,13 +27,16 @@ __all__ = ["PipelineRunner", "TraceEvent"]
 
 @dataclass(frozen=True, slots=True)
 class TraceEvent:
-    """One action as this rank ran it: start and end on ``time.perf_counter()``'s clock, which is
-    system-wide (monotonic) on Linux, so events of different ranks on one host line up."""
+    """One action as this rank ran it, from the moment its input was available (after any wait
+    for a peer) to its end, on ``time.perf_counter()``'s clock, which is system-wide (monotonic)
+    on Linux, so events of different ranks on one host line up. ``waited`` is the time spent
+    waiting for the input before ``start``."""
 
     rank: int
     action: str
     start: float
     end: float
+    waited: float = 0.0
 
 
 @dataclass
@@ -108,6 +111,7 @@ class PipelineRunner:
         self._tied = TiedGradients(self.ties, self.schedule.placement, self.rank, dict(self.named_parameters()),
                                    group)
         self.trace: list[TraceEvent] = []
+        self._ready = 0.0
         self._last_stage_rank = self.schedule.placement[last]
 
     # --- parameters and state ------------------------------------------------------------------
@@ -244,9 +248,9 @@ class PipelineRunner:
         trace: list[TraceEvent] = []
         try:
             for action in program.ranks[self.rank]:
-                start = time.perf_counter()
+                began = self._ready = time.perf_counter()
                 self._run(action, data, program)
-                trace.append(TraceEvent(self.rank, str(action), start, time.perf_counter()))
+                trace.append(TraceEvent(self.rank, str(action), self._ready, time.perf_counter(), self._ready - began))
             self.transport.finish()
         finally:
             self.trace = trace
@@ -288,7 +292,9 @@ class PipelineRunner:
                                 microbatch=microbatch, action=str(action)) from error
 
     def _receive(self, message: Message) -> Any:
-        return self.transport.receive(message)
+        value = self.transport.receive(message)
+        self._ready = time.perf_counter()
+        return value
 
     def _send(self, message: Message, value: Any, program: Schedule) -> None:
         destination = program.placement[message.target_stage]
