@@ -77,3 +77,13 @@ def test_weights_after_five_adam_steps_equal_the_unsplit_model(pipelined: dict, 
     assert ours.keys() == reference["weights"].keys()
     for name, weight in reference["weights"].items():
         assert torch.allclose(ours[name], weight, atol=ATOL, rtol=0), name
+
+
+def test_a_hand_written_program_loaded_from_text_trains_like_the_unsplit_model() -> None:
+    grads = {name: grad for result in conveyor.launch(workers.custom_schedule, 2, timeout=60)
+             for name, grad in result.items()}
+    model = mlp()
+    x, y = batch(0)
+    mse(model(x), y).backward()
+    for name, parameter in model.named_parameters():
+        assert torch.allclose(grads[name], parameter.grad, atol=ATOL, rtol=0), name

@@ -193,3 +193,35 @@ def schedule_matrix(rank: int, world_size: int, configs: list[tuple]) -> dict:
             optimizer.step()
         results[config] = {"grads": grads, "weights": runner.state_dict()}
     return results
+
+
+def meta_model(rank: int, world_size: int, reference_state: dict) -> dict:
+    """A model built on the meta device: each rank allocates only its stages, then loads weights."""
+    with torch.device("meta"):
+        model = mlp()
+    pipe = conveyor.pipeline(model, n_stages=world_size)
+    runner = conveyor.PipelineRunner(pipe, schedule="1f1b", n_microbatches=2, loss_fn=mse)
+    others_on_meta = all(p.is_meta for stage in range(world_size) if stage != rank
+                         for p in pipe.stage_module(stage).parameters())
+    initialised_finite = all(torch.isfinite(p).all().item() for p in runner.parameters())
+    runner.load_state_dict(reference_state)
+    x, y = batch(0)
+    runner.step(x, target=y)
+    return {"others_on_meta": others_on_meta, "mine_on_meta": any(p.is_meta for p in runner.parameters()),
+            "finite": initialised_finite, "grads": {n: p.grad.clone() for n, p in runner.named_parameters()}}
+
+
+HAND_WRITTEN = """
+# a 2-rank program written by hand: rank 0 runs both forwards first, rank 1 alternates
+0F0 0F1 0B1 0B0
+1F0 1B0 1F1 1B1
+"""
+
+
+def custom_schedule(rank: int, world_size: int) -> dict:
+    program = conveyor.Schedule.from_text(HAND_WRITTEN)
+    runner = conveyor.PipelineRunner(conveyor.pipeline(mlp(), n_stages=2), schedule=program, n_microbatches=2,
+                                     loss_fn=mse)
+    x, y = batch(0)
+    runner.step(x, target=y)
+    return {n: p.grad.clone() for n, p in runner.named_parameters()}
