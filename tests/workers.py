@@ -225,3 +225,43 @@ def custom_schedule(rank: int, world_size: int) -> dict:
     x, y = batch(0)
     runner.step(x, target=y)
     return {n: p.grad.clone() for n, p in runner.named_parameters()}
+
+
+def _poison(module: object, args: object, output: torch.Tensor) -> torch.Tensor:
+    return output * float("nan")
+
+
+def nan_in_stage(rank: int, world_size: int, detect: bool) -> None:
+    runner = conveyor.PipelineRunner(conveyor.pipeline(mlp(), n_stages=2), schedule="1f1b", n_microbatches=4,
+                                     loss_fn=mse, detect_anomaly=detect)
+    x, y = batch(0)
+    runner.step(x, target=y)  # a clean step first
+    if rank == 1:
+        runner.stages[1].module.register_forward_hook(_poison)
+    runner.step(x, target=y)
+
+
+def kill_mid_step(rank: int, world_size: int, pid_dir: str) -> None:
+    import os
+    import signal
+    from pathlib import Path
+
+    Path(pid_dir, f"{rank}.pid").write_text(str(os.getpid()))
+    runner = conveyor.PipelineRunner(conveyor.pipeline(mlp(), n_stages=world_size), schedule="1f1b",
+                                     n_microbatches=8, loss_fn=mse)
+    if rank == 2:
+        runner.stages[2].module.register_forward_hook(
+            lambda module, args, output: os.kill(os.getpid(), signal.SIGKILL) if runner.trace is not None else None)
+    x, y = batch(0)
+    runner.step(x, target=y)
+
+
+def stop_answering(rank: int, world_size: int) -> None:
+    import time
+
+    runner = conveyor.PipelineRunner(conveyor.pipeline(mlp(), n_stages=world_size), schedule="gpipe",
+                                     n_microbatches=2, loss_fn=mse)
+    if rank == 1:
+        time.sleep(120)
+    x, y = batch(0)
+    runner.step(x, target=y)

@@ -8,11 +8,13 @@ layers form ``j`` stages.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
+import torch.distributed as dist
 import torch.nn as nn
 
-__all__ = ["partition_min_max", "parameter_costs", "stage_sizes_to_bounds"]
+__all__ = ["decide_on_rank_zero", "partition_min_max", "parameter_costs", "stage_sizes_to_bounds"]
 
 
 def parameter_costs(layers: Sequence[nn.Module]) -> list[float]:
@@ -73,3 +75,27 @@ def stage_sizes_to_bounds(sizes: Sequence[int]) -> list[tuple[int, int]]:
         bounds.append((start, start + size))
         start += size
     return bounds
+
+
+def decide_on_rank_zero(decide: Callable[[], Any]) -> Any:
+    """Run ``decide()`` on rank 0 of the default process group and give every rank its result.
+
+    Profiled costs are noisy: if every rank measured its own, ranks could cut the model
+    differently and hold stages that do not fit together. Without a process group (or with one
+    rank) ``decide()`` simply runs here. An exception on rank 0 is raised on every rank.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return decide()
+    box: list[Any] = [None]
+    if dist.get_rank() == 0:
+        try:
+            box[0] = ("ok", decide())
+        except Exception as error:  # shared so that the other ranks do not wait forever
+            box[0] = ("error", f"{type(error).__name__}: {error}")
+            dist.broadcast_object_list(box, src=0)
+            raise
+    dist.broadcast_object_list(box, src=0)
+    status, value = box[0]
+    if status == "error":
+        raise RuntimeError(f"rank 0 could not decide the split: {value}")
+    return value

@@ -59,15 +59,13 @@ def profile_times(units: Sequence[nn.Module], example_args: tuple, example_kwarg
                     _sync(devices)
                     start = time.perf_counter()
                     output = unit(*args, **kwargs)
-                    _sync(devices)
-                    middle = time.perf_counter()
                     tensors = [t for t in pytree.tree_leaves(output)
                                if isinstance(t, torch.Tensor) and t.requires_grad]
                     if tensors:
                         torch.autograd.backward(tensors, [torch.ones_like(t) for t in tensors])
                     _sync(devices)
                     if run > 0:
-                        samples[index].append(time.perf_counter() - start - (middle - start) + (middle - start))
+                        samples[index].append(time.perf_counter() - start)
                     value = _leaves(output)
     finally:
         for parameter, grad in zip(parameters, grads):

@@ -64,7 +64,9 @@ class PipelineRunner:
     ``conveyor.schedule.SCHEDULES`` or a :class:`Schedule`; ``schedule_options`` go to its
     generator. ``loss_weighting="tokens"`` weights micro-batch losses by the number of target
     entries that differ from ``ignore_index`` (for token-averaged losses), ``"rows"`` (default)
-    by rows. ``broadcast_loss=True`` returns the loss on every rank. Every wait for a peer is
+    by rows. ``broadcast_loss=True`` returns the loss on every rank. ``detect_anomaly=True`` stops
+    the step at the first NaN or infinity in a loss, a boundary gradient or a parameter gradient,
+    naming the stage and micro-batch. Every wait for a peer is
     bounded by the process group's timeout (``launch(pg_timeout=...)``, or ``timeout=`` of
     ``init_process_group``).
     """
@@ -73,7 +75,7 @@ class PipelineRunner:
                  loss_fn: LossFn | None = None, group: dist.ProcessGroup | None = None,
                  device: torch.device | str | None = None, recompute: bool = False,
                  replicas: list[int] | None = None, loss_weighting: str = "rows", ignore_index: int = -100,
-                 broadcast_loss: bool = False,
+                 broadcast_loss: bool = False, detect_anomaly: bool = False,
                  init_fn: Callable[[nn.Module], None] | None = None, **schedule_options: Any) -> None:
         if not dist.is_initialized():
             raise RuntimeError("PipelineRunner needs a process group: run inside conveyor.launch(...), "
@@ -94,6 +96,7 @@ class PipelineRunner:
         self.loss_weighting = loss_weighting
         self.ignore_index = ignore_index
         self.broadcast_loss = broadcast_loss
+        self.detect_anomaly = detect_anomaly
         self.device = torch.device(device) if device is not None else _default_device(group)
         self.recompute = recompute
         self.pipe = pipe
@@ -271,6 +274,8 @@ class PipelineRunner:
                 result = stage.forward(microbatch, args, kwargs, target=target, weight=weight,
                                        training=data.training)
                 if stage.is_last:
+                    if self.detect_anomaly and data.training:
+                        _require_finite("the loss", [result])
                     (data.losses if data.training else data.outputs)[microbatch] = result
                 else:
                     self._send(Message(ACTIVATION, action.stage, microbatch), result, program)
@@ -278,10 +283,16 @@ class PipelineRunner:
                 grads = None if stage.is_last else self._receive(Message(GRADIENT, action.stage + 1, microbatch))
                 run = stage.backward if action.kind == BACKWARD else stage.backward_input
                 input_grads = run(microbatch, grads)
+                if self.detect_anomaly:
+                    _require_finite("the gradient sent to the previous stage", input_grads)
+                    if action.kind == BACKWARD:
+                        _require_finite("a parameter gradient", [p.grad for p in stage.module.parameters()])
                 if not stage.is_first:
                     self._send(Message(GRADIENT, action.stage, microbatch), input_grads, program)
             elif action.kind == WEIGHT_GRAD:
                 stage.backward_weight(microbatch)
+                if self.detect_anomaly:
+                    _require_finite("a parameter gradient", [p.grad for p in stage.module.parameters()])
         except PipelineError:
             raise
         except Exception as error:
@@ -302,6 +313,13 @@ class PipelineRunner:
             self.transport.deliver_local(message, value)
         else:
             self.transport.send(destination, value, f"stage {message.stage} {message.kind}")
+
+
+def _require_finite(what: str, tensors: list[torch.Tensor | None]) -> None:
+    for tensor in tensors:
+        if tensor is not None and not bool(torch.isfinite(tensor).all()):
+            kind = "NaN" if bool(torch.isnan(tensor).any()) else "infinity"
+            raise FloatingPointError(f"{what} contains {kind} (detect_anomaly=True)")
 
 
 def _first_dim(value: Any) -> int:
