@@ -3,15 +3,18 @@
 See README.md for a tour; the public names are listed in ``__all__``.
 """
 
+from . import timeline
+from .checkpoint import CheckpointError, load_full, save_full
 from .errors import ConveyorError, LaunchError, PeerLostError, PipelineError
 from .launch import launch, run
-from .partition import Pipe, materialize, pipeline
+from .partition import Pipe, TraceError, materialize, pipe_split, pipeline
 from .runtime import PipelineRunner
-from .schedule import Action, Schedule, ScheduleError
+from .schedule import Action, Schedule, ScheduleError, simulate
 
 __all__ = [
-    "Action", "ConveyorError", "LaunchError", "PeerLostError", "Pipe", "PipelineError", "PipelineRunner",
-    "Schedule", "ScheduleError", "launch", "materialize", "pipeline", "run",
+    "Action", "CheckpointError", "ConveyorError", "LaunchError", "PeerLostError", "Pipe", "PipelineError",
+    "PipelineRunner", "Schedule", "ScheduleError", "TraceError", "launch", "load_full", "materialize",
+    "pipe_split", "pipeline", "run", "save_full", "simulate", "timeline",
 ]
 
 __version__ = "0.1.0"

@@ -78,7 +78,14 @@ class Captured:
                 elif spec.kind == InputKind.BUFFER:
                     self.states[node] = ("buffer", canonical[id(self.model.get_buffer(spec.target))])
                 elif spec.kind in (InputKind.CONSTANT_TENSOR, InputKind.CUSTOM_OBJ):
-                    self.constants[node] = self.program.constants[spec.target]
+                    constant = self.program.constants[spec.target]
+                    if isinstance(constant, torch.Tensor) and constant.is_meta:
+                        raise ValueError(
+                            f"{spec.target!r} is a plain tensor attribute (neither parameter nor buffer) made on "
+                            "the meta device, so it has no value to run with; register it as a buffer "
+                            "(self.register_buffer) so that it is materialised and loaded, or create it on a "
+                            "real device")
+                    self.constants[node] = constant
                 else:
                     raise NotImplementedError(f"graph input {node.name} of kind {spec.kind.name} is not supported")
             elif node.op in ("call_function", "call_module", "call_method"):
@@ -96,6 +103,7 @@ class Captured:
                     else:
                         raise NotImplementedError(f"graph output of kind {spec.kind.name} is not supported")
         self.position = {node: index for index, node in enumerate(self.compute)}
+        self.module_names = {name for name, _ in self.model.named_modules() if name}
         for tensor in list(self.model.parameters()) + list(self.model.buffers()):
             self.devices.add(tensor.device)
         for node in self.user_inputs:
@@ -106,7 +114,7 @@ class Captured:
     def modules_of(self, node: fx.Node) -> list[str]:
         """The module paths a node was traced inside, outermost first (the root is '')."""
         stack = node.meta.get("nn_module_stack") or {}
-        return [path for path, _ in stack.values() if path]
+        return [path for path, _ in stack.values() if path in self.module_names]
 
 
 @dataclass
@@ -219,6 +227,8 @@ class _StageGraph:
         """The stage's node for ``node`` of the captured graph (parameters fetched on first use)."""
         if node in self.env:
             return self.env[node]
+        if node.graph is self.graph:  # made here (the device, the training flag)
+            return node
         captured = self.captured
         if node in captured.states:
             name = captured.states[node][1]
@@ -280,12 +290,14 @@ class _StageGraph:
         for node in captured.compute:
             if plan.stage_of[node] != self.index:
                 continue
-            new = graph.node_copy(node, self.value)
-            new.args = self._rewrite(new.args)
-            new.kwargs = self._rewrite(new.kwargs)
+            args = self._rewrite(node.args)  # nodes it adds (device, training) come before the copy
+            kwargs = self._rewrite(node.kwargs)
             flag = _TRAIN_FLAG_ARG.get(node.target)  # type: ignore[arg-type]
-            if flag is not None and len(new.args) > flag:
-                new.args = (*new.args[:flag], self.training(), *new.args[flag + 1:])
+            if flag is not None and len(args) > flag:
+                args = (*args[:flag], self.training(), *args[flag + 1:])
+            new = graph.create_node(node.op, node.target, fx.map_arg(args, self.value),
+                                    fx.map_arg(kwargs, self.value), name=node.name)
+            new.meta = dict(node.meta)
             self.env[node] = new
         for value, buffer in captured.mutations:
             if plan.stage_of.get(value) == self.index:

@@ -1,16 +1,19 @@
-"""Point-to-point transport: tensor bundles with a header, receives posted ahead by threads.
+"""Point-to-point transport: each boundary value travels as one message, in program order.
 
-Every message starts with a fixed-size header (the value's structure, the shape, dtype and
-requires-grad flag of each tensor). Small values ride inside the header; larger ones follow as
-one flat byte buffer holding all the tensors (a lone contiguous tensor is sent as it is). Because the receiver reads
-shapes from the header, shapes may change from one step to the next.
+A message is a byte buffer: a prefix (metadata length, an inline flag, the data size), the
+pickled metadata (the value's structure and each tensor's shape, dtype and requires-grad flag),
+then the tensors packed at 16-byte offsets. Its size, the *capacity*, is agreed without asking:
+both ends derive it from the previous message with the same key (peer, kind, producing stage),
+rounded up to 4 KiB. When a value outgrows the capacity the message carries only the metadata
+and the data follows as a second transfer; the next capacity grows to fit. So in steady state
+every value is one transfer, and shapes may still change from step to step.
 
 For each inbound link the receiver knows, from the program (``schedule.links``), the order in
-which messages will arrive, and receives them strictly in that order: the header of the next
-message is posted before it is needed, and no point-to-point tags are used. Values that arrive
-before their stage asks for them wait in a mailbox. Everything runs on the calling thread:
-gloo cannot poll a pending receive, and a receiving thread would fight the compute thread for
-the GIL (measured: several hundred microseconds a message).
+which messages arrive and receives them strictly in that order: the next message is posted
+before it is needed, and no point-to-point tags are used. Values that arrive before their stage
+asks for them wait in a mailbox. Everything runs on the calling thread: gloo cannot poll a
+pending receive, and a receiving thread fights the compute thread for the GIL (we measured
+several hundred microseconds a message that way).
 """
 
 from __future__ import annotations
@@ -26,75 +29,73 @@ from ..errors import PeerLostError
 from ..schedule.links import Message
 from .bundle import flatten, unflatten
 
-__all__ = ["Transport", "HEADER_BYTES"]
+__all__ = ["Transport", "MIN_CAPACITY"]
 
-HEADER_BYTES = 4096
+MIN_CAPACITY = 4096
 _ALIGN = 16
-_PREFIX = 16  # int64 metadata length, int64 1 if the data is inline
+_PREFIX = struct.Struct("<qqq")  # metadata length, 1 if the data is inline, data bytes
+
+Key = tuple[int, str, int]  # (peer rank in the group, message kind, producing stage)
 
 
 def _pad(n: int) -> int:
     return (n + _ALIGN - 1) // _ALIGN * _ALIGN
 
 
+def _capacity(needed: int) -> int:
+    return max(MIN_CAPACITY, (needed + MIN_CAPACITY - 1) // MIN_CAPACITY * MIN_CAPACITY)
+
+
 def _nbytes(shape: tuple, dtype: torch.dtype) -> int:
     return int(torch.Size(shape).numel()) * dtype.itemsize
 
 
-def _encode(value: Any, where: str) -> tuple[torch.Tensor, torch.Tensor | None, list[torch.Tensor]]:
-    """(header, separate data buffer or None, tensors to keep alive) for ``value``.
+def _pack(tensors: list[torch.Tensor], into: torch.Tensor) -> None:
+    offset = 0
+    for tensor in tensors:
+        size = tensor.numel() * tensor.element_size()
+        if size:
+            into[offset:offset + size].copy_(tensor.reshape(-1).view(torch.uint8))
+        offset += _pad(size)
 
-    Small CPU values travel inside the fixed-size header (one transfer); larger ones in a second,
-    flat buffer (a lone contiguous tensor is sent as it is, without a copy).
-    """
+
+def _encode(value: Any, where: str, capacity: int) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+    """(message of ``capacity`` bytes, separate data buffer or None, bytes the value needs)."""
     structure, originals = flatten(value, where)
     specs = [(tuple(t.shape), t.dtype, t.requires_grad) for t in originals]
     tensors = [t.detach().contiguous() for t in originals]
-    sizes = [t.numel() * t.element_size() for t in tensors]
     meta = pickle.dumps((structure, specs), protocol=pickle.HIGHEST_PROTOCOL)
-    start = _pad(_PREFIX + len(meta))
-    if start > HEADER_BYTES:
-        raise ValueError(f"{where} has too many tensors ({len(tensors)}) to describe in one header; "
+    start = _pad(_PREFIX.size + len(meta))
+    data_bytes = sum(_pad(t.numel() * t.element_size()) for t in tensors)
+    needed = start + data_bytes
+    if start > capacity:
+        raise ValueError(f"{where} has too many tensors ({len(tensors)}) to describe in {capacity} bytes; "
                          "merge them into fewer tensors")
-    packed = sum(_pad(size) for size in sizes)
-    inline = start + packed <= HEADER_BYTES and all(t.device.type == "cpu" for t in tensors)
-    header = bytearray(HEADER_BYTES)
-    struct.pack_into("<qq", header, 0, len(meta), int(inline))
-    header[_PREFIX:_PREFIX + len(meta)] = meta
+    on_cpu = all(t.device.type == "cpu" for t in tensors)
+    inline = on_cpu and needed <= capacity
+    message = torch.empty(capacity, dtype=torch.uint8)
+    head = bytearray(_PREFIX.pack(len(meta), int(inline), data_bytes)) + meta
+    message[:len(head)].copy_(torch.frombuffer(head, dtype=torch.uint8))
     if inline:
-        offset = start
-        for tensor, size in zip(tensors, sizes):
-            if size:
-                header[offset:offset + size] = tensor.view(-1).view(torch.uint8).numpy().tobytes()
-            offset += _pad(size)
-        return torch.frombuffer(header, dtype=torch.uint8), None, []
-    header_tensor = torch.frombuffer(header, dtype=torch.uint8)
-    if not packed:
-        return header_tensor, None, []
-    if len(tensors) == 1:
-        return header_tensor, tensors[0].reshape(-1).view(torch.uint8), tensors
-    data = torch.empty(packed, dtype=torch.uint8, device=tensors[0].device)
-    offset = 0
-    for tensor, size in zip(tensors, sizes):
-        if size:
-            data[offset:offset + size].copy_(tensor.reshape(-1).view(torch.uint8))
-        offset += _pad(size)
-    return header_tensor, data, tensors
+        _pack(tensors, message[start:])
+        return message, None, needed
+    if not data_bytes:
+        return message, None, needed
+    data = torch.empty(data_bytes, dtype=torch.uint8, device=tensors[0].device)
+    _pack(tensors, data)
+    return message, data, needed
 
 
-def _decode_header(header: torch.Tensor) -> tuple[Any, list, torch.Tensor | None, int]:
-    """(structure, specs, inline data or None, bytes of the separate data buffer)."""
-    raw = header.numpy()
-    length, inline = struct.unpack_from("<qq", raw, 0)
-    structure, specs = pickle.loads(raw[_PREFIX:_PREFIX + length])
-    if inline:
-        return structure, specs, header[_pad(_PREFIX + length):], 0
-    sizes = [_nbytes(shape, dtype) for shape, dtype, _ in specs]
-    total = sizes[0] if len(specs) == 1 else sum(_pad(s) for s in sizes)
-    return structure, specs, None, total
+def _decode_prefix(message: torch.Tensor) -> tuple[Any, list, bool, int, int]:
+    """(structure, specs, inline?, data bytes, bytes the value needed) of a received message."""
+    raw = message.numpy()
+    length, inline, data_bytes = _PREFIX.unpack_from(raw, 0)
+    structure, specs = pickle.loads(raw[_PREFIX.size:_PREFIX.size + length])
+    start = _pad(_PREFIX.size + length)
+    return structure, specs, bool(inline), data_bytes, start + data_bytes
 
 
-def _decode_data(structure: Any, specs: list, data: torch.Tensor | None, device: torch.device) -> Any:
+def _unpack(structure: Any, specs: list, data: torch.Tensor | None, device: torch.device) -> Any:
     tensors, offset = [], 0
     for shape, dtype, requires_grad in specs:
         size = _nbytes(shape, dtype)
@@ -114,8 +115,8 @@ def _decode_data(structure: Any, specs: list, data: torch.Tensor | None, device:
 class _Inbound:
     """The messages expected from one source rank in this step, received strictly in order.
 
-    The header of the next message is always posted before it is needed; a separate data
-    buffer is posted the moment its header has been read, before the next header.
+    The next message is always posted before it is needed; a separate data buffer is posted
+    the moment its message has been read.
     """
 
     def __init__(self, transport: Transport, source: int, messages: list[Message]) -> None:
@@ -124,14 +125,18 @@ class _Inbound:
         self.peer = transport.global_rank(source)
         self.messages = messages
         self.index = 0
-        self.header = torch.empty(HEADER_BYTES, dtype=torch.uint8)
+        self.buffer = torch.empty(0, dtype=torch.uint8)
         self.work: Any = None
-        self._post_header()
+        self._post_next()
 
-    def _post_header(self) -> None:
+    def _key(self, message: Message) -> Key:
+        return self.source, message.kind, message.stage
+
+    def _post_next(self) -> None:
         if self.index < len(self.messages):
-            self.header = torch.empty(HEADER_BYTES, dtype=torch.uint8)
-            self.work = dist.irecv(self.header, self.peer, group=self.transport.group)
+            capacity = self.transport.capacities.get(self._key(self.messages[self.index]), MIN_CAPACITY)
+            self.buffer = torch.empty(capacity, dtype=torch.uint8)
+            self.work = dist.irecv(self.buffer, self.peer, group=self.transport.group)
 
     def _wait(self, work: Any) -> None:
         message = self.messages[self.index]
@@ -146,18 +151,20 @@ class _Inbound:
         """Block until the next message on this link has arrived; return it."""
         if self.index >= len(self.messages):
             raise RuntimeError(f"no more messages are expected from rank {self.source} in this step")
-        self._wait(self.work)
-        structure, specs, data, total = _decode_header(self.header)
-        data_work = None
-        if total:
-            data = torch.empty(total, dtype=torch.uint8, device=self.transport.device)
-            data_work = dist.irecv(data, self.peer, group=self.transport.group)
         message = self.messages[self.index]
-        if data_work is not None:
+        self._wait(self.work)
+        structure, specs, inline, data_bytes, needed = _decode_prefix(self.buffer)
+        self.transport.capacities[self._key(message)] = _capacity(needed)
+        data: torch.Tensor | None = None
+        if inline:
+            data = self.buffer[needed - data_bytes:needed]
+        elif data_bytes:
+            data = torch.empty(data_bytes, dtype=torch.uint8, device=self.transport.device)
+            data_work = dist.irecv(data, self.peer, group=self.transport.group)
             self._wait(data_work)
         self.index += 1
-        self._post_header()
-        return message, _decode_data(structure, specs, data, self.transport.device)
+        self._post_next()
+        return message, _unpack(structure, specs, data, self.transport.device)
 
 
 class Transport:
@@ -167,11 +174,14 @@ class Transport:
         self.group = group
         self.rank = dist.get_rank(group)
         self.device = device
+        self.capacities: dict[Key, int] = {}  # inbound, learned from the previous message
+        self._send_capacities: dict[Key, int] = {}
         self._arrived: dict[Message, Any] = {}
         self._inbound: dict[int, _Inbound] = {}
         self._source_of: dict[Message, int] = {}
         self._pending_sends: list[tuple[list[Any], list[Any]]] = []
         self.bytes_sent = 0
+        self.transfers = 0
 
     def global_rank(self, group_rank: int) -> int:
         return group_rank if self.group is None else dist.get_global_rank(self.group, group_rank)
@@ -200,15 +210,20 @@ class Transport:
         self._arrived[message] = value
 
     # --- sending ---------------------------------------------------------------------------
-    def send(self, destination: int, value: Any, where: str) -> None:
-        """Post the sends of ``value`` to ``destination`` (a rank of the group) without waiting."""
-        header, data, keep = _encode(value, where)
+    def send(self, destination: int, message: Message, value: Any) -> None:
+        """Post the transfers of ``value`` to ``destination`` (a rank of the group) without waiting."""
+        key = (destination, message.kind, message.stage)
+        capacity = self._send_capacities.get(key, MIN_CAPACITY)
+        buffer, data, needed = _encode(value, f"stage {message.stage} {message.kind}", capacity)
+        self._send_capacities[key] = _capacity(needed)
         peer = self.global_rank(destination)
-        works = [dist.isend(header, peer, group=self.group)]
+        works = [dist.isend(buffer, peer, group=self.group)]
+        self.bytes_sent += buffer.numel()
         if data is not None:
             works.append(dist.isend(data, peer, group=self.group))
             self.bytes_sent += data.numel()
-        self._pending_sends.append((works, [header, data, *keep]))
+        self.transfers += len(works)
+        self._pending_sends.append((works, [buffer, data]))
 
     def finish(self) -> None:
         """Wait for this step's sends to complete."""

@@ -312,7 +312,7 @@ class PipelineRunner:
         if destination == self.rank:
             self.transport.deliver_local(message, value)
         else:
-            self.transport.send(destination, value, f"stage {message.stage} {message.kind}")
+            self.transport.send(destination, message, value)
 
 
 def _require_finite(what: str, tensors: list[torch.Tensor | None]) -> None:

@@ -1,0 +1,184 @@
+"""Benchmark 2, schedule efficiency: sleeping stages (F = 10 ms, B = 20 ms; no core used), 4 ranks,
+8 micro-batches; measured step time / the simulator's ideal makespan, per schedule, both libraries.
+
+* gpipe, 1f1b: 4 stages, one per rank.
+* interleaved-1f1b: 8 stages on 4 ranks (stage s on rank s % 4) at F = 5 ms, B = 10 ms each.
+* zb-h1: 4 stages with separate input-grad and weight-grad nodes (I = W = 10 ms). The first
+  stage's input needs no gradient, so its I does nothing in both libraries; the ideal is
+  simulated with I = 0 there.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from conveyor.schedule import ScheduleError, simulate
+
+from . import charts, traces
+from .harness import Plan, alternate, paired_ratios, pooled, round_medians, summarise
+from .ours import conveyor_step
+from .report import Section, Table, ms, ratio, summary_cells
+from .sleep_stages import Record, measure_sleep
+from .torch_pipelining import TORCH_SCHEDULES, torch_step
+from .workloads import sleep_workload, sum_loss
+
+__all__ = ["CASES", "worker", "run"]
+
+N_RANKS = 4
+N_MICROBATCHES = 8
+
+# schedule: (stages, forward seconds, backward seconds, split backward)
+CASES: dict[str, tuple[int, float, float, bool]] = {
+    "gpipe": (4, 0.010, 0.020, False),
+    "1f1b": (4, 0.010, 0.020, False),
+    "interleaved-1f1b": (8, 0.005, 0.010, False),
+    "zb-h1": (4, 0.010, 0.020, True),
+}
+TARGETS = {"gpipe": 1.05, "1f1b": 1.05, "interleaved-1f1b": 1.07, "zb-h1": 1.07}
+
+def _gather(records: list[Record]) -> list[Record]:
+    gathered: list[list[Record] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, list(records))
+    return [record for part in gathered if part for record in part]
+
+
+def _recording(step: Callable[[], None], records: list[Record]) -> Callable[[], None]:
+    """``step`` that first empties ``records`` and then records its own span as ``(-1, "step", ...)``."""
+
+    def run() -> None:
+        records.clear()
+        start = time.perf_counter()
+        step()
+        records.append((-1, "step", start, time.perf_counter()))
+
+    return run
+
+
+def worker(rank: int, world: int, names: list[str], plan: Plan) -> dict[str, Any] | None:
+    """Each schedule: conveyor and torch alternated; step times and both libraries' last-step sleeps."""
+    torch.set_num_threads(1)
+    torch_group = dist.new_group(list(range(world)))
+    results: dict[str, Any] = {}
+    for name in names:
+        n_stages, forward_s, backward_s, split = CASES[name]
+        mine: list[Record] = []
+        theirs: list[Record] = []
+        a = sleep_workload(n_stages, forward_s, backward_s, split=split, records=mine)
+        b = sleep_workload(n_stages, forward_s, backward_s, split=split, records=theirs)
+        ours, _ = conveyor_step(a.stages, name, N_MICROBATCHES, sum_loss, a.inputs, a.target)
+        reference, _ = torch_step(b.stages, name, N_MICROBATCHES, sum_loss, b.inputs, b.target, group=torch_group)
+        measured = alternate({"conveyor": _recording(ours, mine), "torch": _recording(reference, theirs)}, plan)
+        results[name] = {"times": measured.times, "foreign": measured.foreign, "redone": measured.redone,
+                         "conveyor": _gather(mine),
+                         "torch": _gather(theirs)}
+    return results if rank == 0 else None
+
+
+def _costs(name: str, scale: dict[float, float] | None = None) -> dict[str, Any]:
+    n_stages, forward_s, backward_s, split = CASES[name]
+    cal = scale or {}
+    f = cal.get(forward_s, forward_s)
+    if split:
+        half = cal.get(backward_s / 2, backward_s / 2)
+        return {"F": f, "I": [0.0] + [half] * (n_stages - 1), "W": half}
+    return {"F": f, "B": cal.get(backward_s, backward_s)}
+
+
+def _ideal(name: str, program: Any = None, scale: dict[float, float] | None = None) -> float:
+    n_stages = CASES[name][0]
+    target = program if program is not None else name
+    return simulate(target, n_stages, N_MICROBATCHES, _costs(name, scale), n_ranks=N_RANKS).makespan
+
+
+def run(plan: Plan, figures: Path, names: list[str] | None = None) -> Section:
+    """Run the benchmark and build its report section."""
+    import conveyor
+
+    names = names or list(CASES)
+    started = time.perf_counter()
+    sleeps = {s: measure_sleep(s) for s in (0.005, 0.010, 0.020)}
+    results = conveyor.launch(worker, N_RANKS, args=(names, plan), threads_per_rank=1, timeout=1200)[0]
+    section = Section("efficiency", "2. Schedule efficiency (sleeping stages, 4 ranks, 8 micro-batches)")
+    section.text.append(
+        "Stages sleep in forward and backward (custom autograd.Functions; no core used, so 4 processes fit "
+        "on 2 cores). Costs: F = 10 ms, B = 20 ms per stage (interleaved: 8 stages on 4 ranks at 5 / 10 ms; "
+        "zb-h1: F = I = W = 10 ms as separate autograd nodes, I = 0 on stage 0 whose input needs no gradient, "
+        "in both libraries). *Ideal* is `conveyor.schedule.simulate`'s makespan of conveyor's program with "
+        "those costs and free communication. torch runs its own schedule class; *torch's program ideal* "
+        "simulates the order torch actually ran (read off its last step). "
+        f"`time.sleep` overshoots here: 5 ms takes {ms(sleeps[0.005])} ms, 10 ms {ms(sleeps[0.010])} ms, "
+        f"20 ms {ms(sleeps[0.020])} ms; the *calibrated* ideal uses those durations.")
+    table = Table(["schedule", "torch class", "ideal ms", "calibrated", "torch's program ideal",
+                   "ours median", "min", "max", "ours / ideal", "target",
+                   "torch median", "min", "max", "torch / ideal", "ours / torch (paired)"])
+    details = Table(["schedule", "library", "sleeps per step", "exposed hop latency, median ms (n)",
+                     "first sleep after step start, ms", "step end after last sleep, ms"])
+    chart_rows: list[tuple[str, float, float]] = []
+    for name in names:
+        n_stages = CASES[name][0]
+        data = results[name]
+        times = data["times"]
+        section.foreign += data["foreign"]
+        section.redone += data["redone"]
+        ideal = _ideal(name)
+        timelines = {library: traces.rows([r for r in data[library] if r[0] >= 0], N_RANKS)
+                     for library in ("conveyor", "torch")}
+        spans = {library: [r for r in data[library] if r[0] < 0] for library in ("conveyor", "torch")}
+        program = traces.traced_program(timelines["torch"], n_stages, N_MICROBATCHES)
+        try:
+            torch_ideal = ms(_ideal(name, program)) if program is not None else "n/a"
+        except ScheduleError as error:
+            torch_ideal = f"not simulable: {error}"
+        ours, theirs = pooled(times["conveyor"]), pooled(times["torch"])
+        ours_ratio = summarise([t / ideal for t in round_medians(times["conveyor"])])
+        theirs_ratio = summarise([t / ideal for t in round_medians(times["torch"])])
+        paired = paired_ratios(times["conveyor"], times["torch"])
+        table.rows.append([name, TORCH_SCHEDULES[name], ms(ideal), ms(_ideal(name, scale=sleeps)), torch_ideal,
+                           *summary_cells(ours), ratio(ours_ratio.median), f"<= {TARGETS[name]:.2f}",
+                           *summary_cells(theirs), ratio(theirs_ratio.median), ratio(paired.median)])
+        chart_rows.append((name, ours_ratio.median, theirs_ratio.median))
+        section.headline.append([f"{name}: step / ideal (target <= {TARGETS[name]:.2f})", ratio(ours_ratio.median),
+                                 ratio(theirs_ratio.median), f"{ratio(paired.median)}x the time"])
+        for library, timeline in timelines.items():
+            hops = traces.exposed_latency(timeline, n_stages)
+            head = min(r[2] for r in timeline) - min(r[2] for r in spans[library])
+            tail = max(r[3] for r in spans[library]) - max(r[3] for r in timeline)
+            counts = collections.Counter(text.strip("0123456789") for _, text, _, _ in timeline)
+            details.rows.append([name, library, " ".join(f"{k} {n}" for k, n in sorted(counts.items())),
+                                 f"{ms(traces.median_or_nan(hops))} ({len(hops)})", ms(head), ms(tail)])
+            if plan.timelines and name in ("1f1b", "zb-h1"):
+                figure = charts.timeline(timeline, figures / f"timeline_{name}_{library}.png",
+                                         f"{library}, {name}: sleeps of the last measured step")
+                if figure is not None:
+                    section.figures.append(figure)
+    section.tables += [table, details]
+    section.short = "2. schedule efficiency"
+    section.notes.append(
+        "*ours / ideal* and *torch / ideal*: median over rounds of (round median / ideal). Second table, from "
+        "the last measured step's sleeps (the same instrumentation in both libraries): *exposed hop latency* "
+        "is, for each cross-rank dependency whose consumer sat idle waiting, the time from the producer's "
+        "sleep ending to the consumer's sleep starting: message latency plus the runtime's work around it. "
+        "*Sleeps per step* counts the sleeping autograd nodes that ran: a library that re-ran a node (e.g. "
+        "the weight branch during I, or the input branch during W) would show more than 8 per stage and kind. "
+        "Timelines show only the sleeps; blank space is runtime work or waiting.")
+    section.notes.append(
+        "zb-h1: conveyor runs I as `torch.autograd.grad` of the stage outputs w.r.t. the stage inputs with "
+        "`retain_graph=True`, then W as `backward` w.r.t. the parameters; torch's ZB1P (one stage per rank) "
+        "captures the gradients flowing into the nodes where the weight branch joins the input path during I and "
+        "replays from there in W. With the two branches as separate nodes, each library ran every I and W "
+        "node exactly once (the sleep counts), stage 0 ran no I (its input needs no gradient) and torch's "
+        "ZB1P traced order simulates to the same ideal as conveyor's ZB-H1, so the gap to the ideal is "
+        "runtime overhead and message latency, compared in the second table.")
+    bar = charts.ratio_bars(chart_rows, figures / "efficiency.png", "measured / ideal step time",
+                            targets=[TARGETS[n] for n in names], base=1.0)
+    if bar is not None:
+        section.figures.insert(0, bar)
+    section.seconds = time.perf_counter() - started
+    return section
