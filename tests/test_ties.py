@@ -54,3 +54,9 @@ def test_weights_after_steps_equal_the_unsplit_model(pipelined: list[dict], refe
 
 def test_global_gradient_norm_counts_a_tied_weight_once(pipelined: list[dict], reference: dict) -> None:
     assert all(torch.allclose(r["norm"], reference["norm"], rtol=1e-9) for r in pipelined)
+
+
+def test_tied_copies_of_a_meta_model_start_equal_after_materialising() -> None:
+    copies = conveyor.launch(workers.tied_meta_copies, 3, timeout=60)
+    assert copies[0].numel() > 0 and torch.isfinite(copies[0]).all()
+    assert torch.equal(copies[0], copies[2])

@@ -265,3 +265,14 @@ def stop_answering(rank: int, world_size: int) -> None:
         time.sleep(120)
     x, y = batch(0)
     runner.step(x, target=y)
+
+
+def tied_meta_copies(rank: int, world_size: int) -> torch.Tensor:
+    """Each rank initialises its stages with its own random stream; ties must still start equal."""
+    from models import TiedLM, tied_pipe, token_loss
+
+    with torch.device("meta"):
+        model = TiedLM()
+    torch.manual_seed(1000 + rank)
+    runner = conveyor.PipelineRunner(tied_pipe(model), schedule="1f1b", n_microbatches=2, loss_fn=token_loss)
+    return dict(runner.named_parameters()).get("embed.weight", torch.empty(0)).detach().clone()

@@ -113,6 +113,7 @@ class PipelineRunner:
         self.ties: dict[str, list[int]] = dict(getattr(pipe, "ties", {}) or {})
         self._tied = TiedGradients(self.ties, self.schedule.placement, self.rank, dict(self.named_parameters()),
                                    group)
+        self._tied.align_values()
         self.trace: list[TraceEvent] = []
         self._ready = 0.0
         self._last_stage_rank = self.schedule.placement[last]

@@ -35,6 +35,23 @@ class TiedGradients:
     def names(self) -> list[str]:
         return [name for name, _, _ in self._ties]
 
+    def align_values(self) -> None:
+        """Give every copy of a tied parameter the values of its lowest-ranked holder (copies
+        initialised separately, e.g. after materialising a meta-device model, start equal)."""
+        pending = []
+        for _, parameter, holders in self._ties:
+            source = holders[0]
+            if self.rank == source:
+                pending += [dist.isend(parameter.detach().contiguous(), self._global(peer), group=self.group)
+                            for peer in holders[1:]]
+            else:
+                buffer = torch.empty_like(parameter.detach())
+                dist.irecv(buffer, self._global(source), group=self.group).wait()
+                with torch.no_grad():
+                    parameter.copy_(buffer)
+        for work in pending:
+            work.wait()
+
     def before_step(self) -> None:
         """Set aside accumulated gradients so the step's own contribution can be isolated."""
         self._previous = {}
