@@ -52,6 +52,7 @@ def _sleep_worker(rank: int, world_size: int, schedule: str, n_stages: int, n_mi
     runner = PipelineRunner(pipeline(stages), schedule=schedule, n_microbatches=n_microbatches, loss_fn=sleep_loss)
     x = torch.zeros(n_microbatches, 4)
     for _ in range(steps):
+        dist.barrier()  # every rank starts the step together, so the span is the step's
         runner.step(x, target=x)
     return gather(runner)
 
