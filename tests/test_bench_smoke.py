@@ -17,6 +17,8 @@ SECTIONS = [
     "## 2. Schedule efficiency",
     "## 3. Real compute on 2 cores: mlp",
     "## 4. Real compute on 2 cores: transformer",
+    "## 5. Activation memory",
+    "## 6. Scaling with micro-batches and stages",
 ]
 
 
@@ -30,4 +32,5 @@ def test_quick_benchmark_writes_every_section(tmp_path: Path) -> None:
         assert heading in report, f"{heading!r} missing from the report:\n{report[:2000]}"
     for field in ("**torch**", "**cores**", "**date**", "median", "ours / torch (paired)", "ours / ideal"):
         assert field in report
-    assert (tmp_path / "figures" / "efficiency.png").exists()
+    for figure in ("efficiency.png", "memory.png", "scaling.png"):
+        assert (tmp_path / "figures" / figure).exists(), figure

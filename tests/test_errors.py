@@ -100,14 +100,14 @@ def test_non_tensor_boundary_value_is_refused(one_rank_group: None) -> None:
 
 def test_shape_mismatch_between_stages_names_rank_stage_microbatch_and_input() -> None:
     with pytest.raises(conveyor.LaunchError, match=r"rank 1 failed") as caught:
-        conveyor.launch(workers.shape_mismatch, 2, timeout=60)
+        conveyor.launch(workers.mismatched_stages, 2, args=(4, 5, "float64"), timeout=60)
     assert "rank 1, stage 1, micro-batch 0, action 1F0" in str(caught.value)
     assert "its input from stage 0 was [float64(2, 4)]" in str(caught.value)
 
 
 def test_dtype_mismatch_between_stages_names_the_input_dtype() -> None:
     with pytest.raises(conveyor.LaunchError, match=r"rank 1 failed") as caught:
-        conveyor.launch(workers.dtype_mismatch, 2, timeout=60)
+        conveyor.launch(workers.mismatched_stages, 2, args=(6, 6, "float32"), timeout=60)
     assert "stage 1, micro-batch 0, action 1F0" in str(caught.value)
     assert "float64(2, 6)" in str(caught.value)
 

@@ -109,21 +109,13 @@ def fail_in_forward(rank: int, world_size: int) -> None:
     runner.step(x, target=y)
 
 
-def shape_mismatch(rank: int, world_size: int) -> None:
+def mismatched_stages(rank: int, world_size: int, hidden: int, second_in: int, second_dtype: str) -> None:
+    """Stage 0 emits `hidden` float64 features; stage 1 expects `second_in` features of `second_dtype`."""
     import torch.nn as nn
 
     torch.manual_seed(0)
-    stages = [nn.Linear(6, 4, dtype=torch.float64), nn.Linear(5, 6, dtype=torch.float64)]
-    runner = conveyor.PipelineRunner(conveyor.pipeline(stages), schedule="gpipe", n_microbatches=2, loss_fn=mse)
-    x, y = batch(0, rows=4)
-    runner.step(x, target=y)
-
-
-def dtype_mismatch(rank: int, world_size: int) -> None:
-    import torch.nn as nn
-
-    torch.manual_seed(0)
-    stages = [nn.Linear(6, 6, dtype=torch.float64), nn.Linear(6, 6, dtype=torch.float32)]
+    stages = [nn.Linear(6, hidden, dtype=torch.float64),
+              nn.Linear(second_in, 6, dtype=getattr(torch, second_dtype))]
     runner = conveyor.PipelineRunner(conveyor.pipeline(stages), schedule="gpipe", n_microbatches=2, loss_fn=mse)
     x, y = batch(0, rows=4)
     runner.step(x, target=y)
