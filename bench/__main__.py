@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from . import compute, efficiency, overhead
+from . import compute, efficiency, memory, overhead, scaling
 from .harness import FULL, QUICK, Plan, busy_cpu_seconds
 from .report import Section, write_report
 
@@ -19,6 +19,8 @@ BENCHMARKS: dict[str, Runner] = {
     "efficiency": efficiency.run,
     "mlp": lambda plan, figures: compute.run(plan, figures, "mlp", 3),
     "transformer": lambda plan, figures: compute.run(plan, figures, "transformer", 4),
+    "memory": memory.run,
+    "scaling": scaling.run,
 }
 
 PACKAGE = Path(__file__).resolve().parent

@@ -143,3 +143,23 @@ def test_token_weighting_matches_a_token_averaged_full_batch_loss(one_rank_group
     loss = runner.step(ids, target=targets)
     assert torch.allclose(loss, expected, atol=1e-12)
     assert torch.allclose(next(runner.parameters()).grad, next(model.parameters()).grad, atol=1e-12)
+
+
+def test_recompute_frees_each_forward_graph_without_the_garbage_collector(one_rank_group: None) -> None:
+    import gc
+    import weakref
+
+    gc.disable()
+    try:
+        pipe = conveyor.pipeline([torch.nn.Linear(6, 6, dtype=torch.float64), torch.nn.Tanh()])
+        runner = conveyor.PipelineRunner(pipe, schedule="interleaved-1f1b", n_microbatches=1, loss_fn=mse,
+                                         recompute=True)
+        x, _ = batch(0)
+        output = runner.stages[0].forward(0, (x,), {})
+        assert output.grad_fn is not None
+        watcher = weakref.ref(output)
+        del output
+        freed = watcher() is None
+    finally:
+        gc.enable()
+    assert freed

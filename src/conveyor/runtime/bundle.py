@@ -38,28 +38,33 @@ class Leaf:
 
 
 def flatten(value: Any, where: str = "boundary value") -> tuple[Any, list[torch.Tensor]]:
-    """Split ``value`` into (structure with :class:`Leaf` placeholders, list of tensors)."""
+    """Split ``value`` into (structure with :class:`Leaf` placeholders, list of tensors).
+
+    A plain recursive function, not a closure: a closure referring to itself would form a
+    reference cycle holding the tensors (and their autograd graphs) until the garbage collector
+    ran, which defeated re-materialisation.
+    """
     tensors: list[torch.Tensor] = []
+    return _visit(value, tensors, where, "output"), tensors
 
-    def visit(item: Any, path: str) -> Any:
-        if isinstance(item, torch.Tensor):
-            tensors.append(item)
-            return Leaf(len(tensors) - 1)
-        if isinstance(item, _CONSTANTS):
-            return item
-        if isinstance(item, tuple):
-            items = [visit(x, f"{path}[{i}]") for i, x in enumerate(item)]
-            return type(item)(*items) if hasattr(item, "_fields") else tuple(items)
-        if isinstance(item, list):
-            return [visit(x, f"{path}[{i}]") for i, x in enumerate(item)]
-        if isinstance(item, dict):
-            return {key: visit(x, f"{path}[{key!r}]") for key, x in item.items()}
-        raise TypeError(
-            f"{where} contains a {type(item).__name__} at {path}: only tensors (in tuples, lists and "
-            "dicts) and constants (None, numbers, strings) can cross a stage boundary; return tensors"
-        )
 
-    return visit(value, "output"), tensors
+def _visit(item: Any, tensors: list[torch.Tensor], where: str, path: str) -> Any:
+    if isinstance(item, torch.Tensor):
+        tensors.append(item)
+        return Leaf(len(tensors) - 1)
+    if isinstance(item, _CONSTANTS):
+        return item
+    if isinstance(item, tuple):
+        items = [_visit(x, tensors, where, f"{path}[{i}]") for i, x in enumerate(item)]
+        return type(item)(*items) if hasattr(item, "_fields") else tuple(items)
+    if isinstance(item, list):
+        return [_visit(x, tensors, where, f"{path}[{i}]") for i, x in enumerate(item)]
+    if isinstance(item, dict):
+        return {key: _visit(x, tensors, where, f"{path}[{key!r}]") for key, x in item.items()}
+    raise TypeError(
+        f"{where} contains a {type(item).__name__} at {path}: only tensors (in tuples, lists and "
+        "dicts) and constants (None, numbers, strings) can cross a stage boundary; return tensors"
+    )
 
 
 def unflatten(structure: Any, tensors: list[torch.Tensor]) -> Any:
