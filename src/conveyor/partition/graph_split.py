@@ -87,7 +87,8 @@ class Captured:
                             "real device")
                     self.constants[node] = constant
                 else:
-                    raise NotImplementedError(f"graph input {node.name} of kind {spec.kind.name} is not supported")
+                    raise ValueError(f"the captured forward has an input of kind {spec.kind.name} ({node.name}), which "
+                                     "cannot be split across stages; pass a list of stage modules instead")
             elif node.op in ("call_function", "call_module", "call_method"):
                 if node.target == self.marker:
                     self.markers.append(len(self.compute))
@@ -101,7 +102,9 @@ class Captured:
                     elif spec.kind == OutputKind.BUFFER_MUTATION:
                         self.mutations.append((value, canonical[id(self.model.get_buffer(spec.target))]))
                     else:
-                        raise NotImplementedError(f"graph output of kind {spec.kind.name} is not supported")
+                        raise ValueError(f"the captured forward has an output of kind {spec.kind.name} (e.g. it "
+                                         "changes an input in place), which cannot be split across stages; "
+                                         "avoid in-place changes to inputs or pass a list of stage modules")
         self.position = {node: index for index, node in enumerate(self.compute)}
         self.module_names = {name for name, _ in self.model.named_modules() if name}
         for tensor in list(self.model.parameters()) + list(self.model.buffers()):
