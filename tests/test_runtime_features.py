@@ -33,6 +33,17 @@ def test_forward_only_output_equals_the_unsplit_model() -> None:
     assert not outputs[3].requires_grad
 
 
+@pytest.mark.parametrize("schedule", ["interleaved-1f1b", "zb-v"])
+def test_forward_only_with_several_stages_per_rank_equals_the_unsplit_model(schedule: str) -> None:
+    outputs = conveyor.launch(workers.forward_only, 2, args=(schedule, 4), timeout=120)
+    last_rank = 1 if schedule == "interleaved-1f1b" else 0  # zb-v's last stage comes back to rank 0
+    model = mlp().eval()
+    with torch.no_grad():
+        expected = model(batch(0, rows=10)[0])
+    assert outputs[1 - last_rank] is None
+    assert torch.allclose(outputs[last_rank], expected, atol=1e-12, rtol=0)
+
+
 def test_tuple_boundary_with_integer_ids_and_bool_mask_and_changing_length() -> None:
     per_rank = conveyor.launch(workers.tuple_boundary, 3, timeout=120)
     generator = torch.Generator().manual_seed(0)

@@ -52,8 +52,8 @@ def train_matrix(rank: int, world_size: int, schedules: list[str], stage_counts:
     return results
 
 
-def forward_only(rank: int, world_size: int) -> torch.Tensor | None:
-    runner = conveyor.PipelineRunner(conveyor.pipeline(mlp(), n_stages=world_size), schedule="1f1b",
+def forward_only(rank: int, world_size: int, schedule: str = "1f1b", n_stages: int = 0) -> torch.Tensor | None:
+    runner = conveyor.PipelineRunner(conveyor.pipeline(mlp(), n_stages=n_stages or world_size), schedule=schedule,
                                      n_microbatches=4)
     runner.eval()
     return runner.forward(batch(0, rows=10)[0])
