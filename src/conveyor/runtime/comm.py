@@ -122,7 +122,6 @@ class _Inbound:
     def __init__(self, transport: Transport, source: int, messages: list[Message]) -> None:
         self.transport = transport
         self.source = source
-        self.peer = transport.global_rank(source)
         self.messages = messages
         self.index = 0
         self.buffer = torch.empty(0, dtype=torch.uint8)
@@ -136,7 +135,7 @@ class _Inbound:
         if self.index < len(self.messages):
             capacity = self.transport.capacities.get(self._key(self.messages[self.index]), MIN_CAPACITY)
             self.buffer = torch.empty(capacity, dtype=torch.uint8)
-            self.work = dist.irecv(self.buffer, self.peer, group=self.transport.group)
+            self.work = self.transport.pg.recv([self.buffer], self.source, 0)
 
     def _wait(self, work: Any) -> None:
         message = self.messages[self.index]
@@ -160,7 +159,7 @@ class _Inbound:
             data = self.buffer[needed - data_bytes:needed]
         elif data_bytes:
             data = torch.empty(data_bytes, dtype=torch.uint8, device=self.transport.device)
-            data_work = dist.irecv(data, self.peer, group=self.transport.group)
+            data_work = self.transport.pg.recv([data], self.source, 0)
             self._wait(data_work)
         self.index += 1
         self._post_next()
@@ -172,6 +171,7 @@ class Transport:
 
     def __init__(self, group: dist.ProcessGroup | None, device: torch.device) -> None:
         self.group = group
+        self.pg: dist.ProcessGroup = group if group is not None else dist.group.WORLD
         self.rank = dist.get_rank(group)
         self.device = device
         self.capacities: dict[Key, int] = {}  # inbound, learned from the previous message
@@ -182,9 +182,6 @@ class Transport:
         self._pending_sends: list[tuple[list[Any], list[Any]]] = []
         self.bytes_sent = 0
         self.transfers = 0
-
-    def global_rank(self, group_rank: int) -> int:
-        return group_rank if self.group is None else dist.get_global_rank(self.group, group_rank)
 
     # --- receiving ---------------------------------------------------------------------------
     def expect(self, incoming: dict[int, list[Message]]) -> None:
@@ -216,11 +213,10 @@ class Transport:
         capacity = self._send_capacities.get(key, MIN_CAPACITY)
         buffer, data, needed = _encode(value, f"stage {message.stage} {message.kind}", capacity)
         self._send_capacities[key] = _capacity(needed)
-        peer = self.global_rank(destination)
-        works = [dist.isend(buffer, peer, group=self.group)]
+        works = [self.pg.send([buffer], destination, 0)]
         self.bytes_sent += buffer.numel()
         if data is not None:
-            works.append(dist.isend(data, peer, group=self.group))
+            works.append(self.pg.send([data], destination, 0))
             self.bytes_sent += data.numel()
         self.transfers += len(works)
         self._pending_sends.append((works, [buffer, data]))
