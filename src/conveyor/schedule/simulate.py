@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 
 from .actions import BACKWARD, FORWARD, INPUT_GRAD, KINDS, WEIGHT_GRAD, Action, Schedule
 from .links import Message, outgoing, required_message
-from .validate import ScheduleError
+from .validate import execution_order
 
 __all__ = ["DEFAULT_COSTS", "Event", "SimulationResult", "simulate"]
 
@@ -115,34 +115,21 @@ def simulate(
     table = _cost_table(costs, program.n_stages)
     training = program.is_training
 
-    cursor = [0] * program.n_ranks
     free = [0.0] * program.n_ranks
     arrival: dict[Message, float] = {}
     timing: dict[Action, tuple[float, float]] = {}
     events: list[Event] = []
-    progress = True
-    while progress:
-        progress = False
-        for rank, actions in enumerate(program.ranks):
-            while cursor[rank] < len(actions):
-                action = actions[cursor[rank]]
-                needed = required_message(action, program.n_stages)
-                if needed is not None and needed not in arrival:
-                    break
-                start = max(free[rank], arrival[needed] if needed is not None else 0.0)
-                end = start + table[action.kind][action.stage]
-                free[rank] = end
-                timing[action] = (start, end)
-                events.append(Event(rank, action, start, end))
-                message = outgoing(action, program.n_stages, training)
-                if message is not None:
-                    same_rank = program.placement[message.target_stage] == rank
-                    arrival[message] = end + (0.0 if same_rank else comm)
-                cursor[rank] += 1
-                progress = True
-    blocked = [f"rank {r} at {a[cursor[r]]}" for r, a in enumerate(program.ranks) if cursor[r] < len(a)]
-    if blocked:
-        raise ScheduleError("the program deadlocks: " + "; ".join(blocked))
+    for rank, action in execution_order(program):  # a legal order: every message is sent before it is needed
+        needed = required_message(action, program.n_stages)
+        start = max(free[rank], arrival[needed] if needed is not None else 0.0)
+        end = start + table[action.kind][action.stage]
+        free[rank] = end
+        timing[action] = (start, end)
+        events.append(Event(rank, action, start, end))
+        message = outgoing(action, program.n_stages, training)
+        if message is not None:
+            same_rank = program.placement[message.target_stage] == rank
+            arrival[message] = end + (0.0 if same_rank else comm)
 
     events.sort(key=lambda e: (e.start, e.rank))
     makespan = max((e.end for e in events), default=0.0)
