@@ -134,7 +134,7 @@ class _Inbound:
     def _post_next(self) -> None:
         if self.index < len(self.messages):
             capacity = self.transport.capacities.get(self._key(self.messages[self.index]), MIN_CAPACITY)
-            self.buffer = torch.empty(capacity, dtype=torch.uint8)
+            self.buffer = torch.empty(capacity, dtype=torch.uint8, pin_memory=self.transport.pin_memory)
             self.work = self.transport.pg.recv([self.buffer], self.source, 0)
 
     def _wait(self, work: Any) -> None:
@@ -158,7 +158,8 @@ class _Inbound:
         if inline:
             data = self.buffer[needed - data_bytes:needed]
         elif data_bytes:
-            data = torch.empty(data_bytes, dtype=torch.uint8, device=self.transport.device)
+            data = torch.empty(data_bytes, dtype=torch.uint8, device=self.transport.device,
+                               pin_memory=self.transport.pin_memory)
             data_work = self.transport.pg.recv([data], self.source, 0)
             self._wait(data_work)
         self.index += 1
@@ -174,6 +175,7 @@ class Transport:
         self.pg: dist.ProcessGroup = group if group is not None else dist.group.WORLD
         self.rank = dist.get_rank(group)
         self.device = device
+        self.pin_memory = False  # receive into pinned host memory (host-staged transport, staged.py)
         self.capacities: dict[Key, int] = {}  # inbound, learned from the previous message
         self._send_capacities: dict[Key, int] = {}
         self._arrived: dict[Message, Any] = {}

@@ -17,8 +17,9 @@ from ..schedule import Schedule, make_schedule
 from ..schedule.actions import BACKWARD, FORWARD, INPUT_GRAD, WEIGHT_GRAD, Action
 from ..schedule.links import ACTIVATION, GRADIENT, Message, incoming
 from .bundle import describe, flatten
-from .comm import Transport
+from .devices import default_device, make_transport
 from .microbatch import loss_weights, merge, split_batch, split_value
+from .precision import LossScaler, ScaledStep, autocast_for, check_precision, overflow_in_group
 from .stage import LossFn, StageExecutor
 from .ties import TiedGradients
 
@@ -52,12 +53,10 @@ class _StepData:
 
 
 def _default_device(group: dist.ProcessGroup | None) -> torch.device:
-    if dist.get_backend(group) == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+    return default_device(group)  # devices.py: cuda:<local rank> when GPUs exist
 
 
-class PipelineRunner:
+class PipelineRunner(ScaledStep):
     """Runs a :class:`Pipe` on the ranks of ``group`` (default: the whole job) on a schedule.
 
     Every rank constructs the runner and makes the same calls. ``schedule`` is a name from
@@ -76,7 +75,8 @@ class PipelineRunner:
                  device: torch.device | str | None = None, recompute: bool = False,
                  replicas: list[int] | None = None, loss_weighting: str = "rows", ignore_index: int = -100,
                  broadcast_loss: bool = False, detect_anomaly: bool = False,
-                 init_fn: Callable[[nn.Module], None] | None = None, **schedule_options: Any) -> None:
+                 init_fn: Callable[[nn.Module], None] | None = None, precision: str = "fp32",
+                 transport: str = "auto", **schedule_options: Any) -> None:
         if not dist.is_initialized():
             raise RuntimeError("PipelineRunner needs a process group: run inside conveyor.launch(...), "
                                "conveyor.run(...) under torchrun, or call torch.distributed.init_process_group")
@@ -106,13 +106,16 @@ class PipelineRunner:
             module = materialize(pipe.stage_module(index), self.device, init_fn)
             self.stages[index] = StageExecutor(index, module, is_first=index == 0, is_last=index == last,
                                                loss_fn=loss_fn, recompute=recompute, device=self.device)
+            self.stages[index].precision_context = autocast_for(check_precision(precision), self.device)
+        self.precision = precision
+        self.scaler: LossScaler | None = LossScaler() if precision == "fp16" else None
         self._forward_program = self.schedule.forward_only()
         self._incoming = {True: incoming(self.schedule, self.rank),
                           False: incoming(self._forward_program, self.rank)}
-        self.transport = Transport(group, self.device)
+        self.transport = make_transport(transport, group, self.device)
         self.ties: dict[str, list[int]] = dict(getattr(pipe, "ties", {}) or {})
         self._tied = TiedGradients(self.ties, self.schedule.placement, self.rank, dict(self.named_parameters()),
-                                   group)
+                                   group, through_host=self.transport.device != self.device)
         self._tied.align_values()
         self.trace: list[TraceEvent] = []
         self._ready = 0.0
@@ -191,6 +194,9 @@ class PipelineRunner:
         """Per stage on this rank: the most micro-batches whose activations were held at once
         during the last step (with recompute: whose inputs were held)."""
         return {index: stage.peak_stashed for index, stage in self.stages.items()}
+
+    def _any_overflow(self, local: bool) -> bool:
+        return overflow_in_group(local, self.group)
 
     # --- running ----------------------------------------------------------------------------------
     def step(self, *inputs: Any, target: Any = None, **kwargs: Any) -> torch.Tensor | None:
@@ -271,7 +277,7 @@ class PipelineRunner:
                     received = self._receive(Message(ACTIVATION, action.stage - 1, microbatch))
                     args, kwargs = (received,), {}
                 target = data.targets[microbatch] if stage.is_last and data.training else None
-                weight = data.weights[microbatch] if stage.is_last and data.training else 1.0
+                weight = data.weights[microbatch] * self.loss_scale if stage.is_last and data.training else 1.0
                 result = stage.forward(microbatch, args, kwargs, target=target, weight=weight,
                                        training=data.training)
                 if stage.is_last:

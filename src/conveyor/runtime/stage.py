@@ -4,7 +4,7 @@ re-materialisation with replayed randomness."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,6 +64,7 @@ class StageExecutor:
         self.device = device
         self._stash: dict[int, _Stashed] = {}
         self.peak_stashed = 0
+        self.precision_context: Callable[[], AbstractContextManager[Any]] = nullcontext  # autocast (precision.py)
 
     # --- helpers -----------------------------------------------------------------------------
     def _rng_state(self) -> tuple:
@@ -71,11 +72,13 @@ class StageExecutor:
         return torch.get_rng_state(), cuda
 
     def _call(self, args: tuple, kwargs: dict) -> Any:
-        return self.module(*args, **kwargs)
+        with self.precision_context():
+            return self.module(*args, **kwargs)
 
     def _loss(self, output: Any, target: Any, weight: float) -> tuple[torch.Tensor, torch.Tensor]:
         assert self.loss_fn is not None
-        loss = self.loss_fn(output, target)
+        with self.precision_context():
+            loss = self.loss_fn(output, target)
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
             shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
             raise ValueError(f"loss_fn returned {shape}, not a scalar tensor: reduce it to one number "

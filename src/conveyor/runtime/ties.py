@@ -21,8 +21,10 @@ class TiedGradients:
     """
 
     def __init__(self, ties: Mapping[str, Sequence[int]], placement: Sequence[int], rank: int,
-                 parameters: Mapping[str, nn.Parameter], group: dist.ProcessGroup | None) -> None:
+                 parameters: Mapping[str, nn.Parameter], group: dist.ProcessGroup | None,
+                 through_host: bool = False) -> None:
         self.group = group
+        self.through_host = through_host  # gloo with CUDA parameters: exchange CPU copies
         self.rank = rank
         self._ties: list[tuple[str, nn.Parameter, list[int]]] = []
         for name, stages in sorted(ties.items()):
@@ -42,10 +44,10 @@ class TiedGradients:
         for _, parameter, holders in self._ties:
             source = holders[0]
             if self.rank == source:
-                pending += [dist.isend(parameter.detach().contiguous(), self._global(peer), group=self.group)
+                pending += [dist.isend(self._wire(parameter.detach()), self._global(peer), group=self.group)
                             for peer in holders[1:]]
             else:
-                buffer = torch.empty_like(parameter.detach())
+                buffer = torch.empty_like(self._wire(parameter.detach()))
                 dist.irecv(buffer, self._global(source), group=self.group).wait()
                 with torch.no_grad():
                     parameter.copy_(buffer)
@@ -69,19 +71,22 @@ class TiedGradients:
             for peer in holders:
                 if peer == self.rank:
                     continue
-                buffer = torch.empty_like(mine)
+                buffer = torch.empty_like(self._wire(mine))
                 received[(name, peer)] = buffer
-                pending.append(dist.isend(mine.contiguous(), self._global(peer), group=self.group))
+                pending.append(dist.isend(self._wire(mine), self._global(peer), group=self.group))
                 pending.append(dist.irecv(buffer, self._global(peer), group=self.group))
         for work in pending:
             work.wait()
         for name, parameter, holders in self._ties:
             total = None
             for holder in holders:
-                part = parameter.grad if holder == self.rank else received[(name, holder)]
+                part = parameter.grad if holder == self.rank else received[(name, holder)].to(parameter.device)
                 total = part.clone() if total is None else total + part
             previous = self._previous.get(name)
             parameter.grad = total if previous is None else previous + total
+
+    def _wire(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.cpu().contiguous() if self.through_host else tensor.contiguous()
 
     def _global(self, group_rank: int) -> int:
         return group_rank if self.group is None else dist.get_global_rank(self.group, group_rank)
