@@ -8,11 +8,12 @@ from .checkpoint import CheckpointError, load_full, save_full
 from .errors import ConveyorError, LaunchError, PeerLostError, PipelineError
 from .launch import launch, run
 from .partition import Pipe, TraceError, materialize, pipe_split, pipeline
-from .runtime import PipelineRunner
+from .runtime import LocalPipeline, LossScaler, PipelineRunner
 from .schedule import Action, Schedule, ScheduleError, simulate
 
 __all__ = [
-    "Action", "CheckpointError", "ConveyorError", "LaunchError", "PeerLostError", "Pipe", "PipelineError",
+    "Action", "CheckpointError", "ConveyorError", "LaunchError", "LocalPipeline", "LossScaler", "PeerLostError",
+    "Pipe", "PipelineError",
     "PipelineRunner", "Schedule", "ScheduleError", "TraceError", "launch", "load_full", "materialize",
     "pipe_split", "pipeline", "run", "save_full", "simulate", "timeline",
 ]
