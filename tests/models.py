@@ -167,3 +167,14 @@ def skip_model(n_stages: int, seed: int = 0) -> list[nn.Module]:
     """A residual from stage 0 used by the last stage, crossing every boundary in between."""
     torch.manual_seed(seed)
     return [SkipEnter(), *[SkipCarry() for _ in range(n_stages - 2)], SkipExit()]
+
+
+def mlp32(seed: int = 0, width: int = 16) -> nn.Sequential:
+    """A float32 MLP of 4 Linear + Tanh pairs, for mixed-precision tests (autocast skips float64)."""
+    torch.manual_seed(seed)
+    return nn.Sequential(*[layer for _ in range(4) for layer in (nn.Linear(width, width), nn.Tanh())])
+
+
+def batch32(rows: int = 32, width: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    return torch.randn(rows, width, generator=generator), torch.randn(rows, width, generator=generator)

@@ -8,7 +8,7 @@ import torch.distributed as dist
 
 import conveyor
 
-from models import batch, masked_model, mlp, mse
+from models import batch, batch32, masked_model, mlp, mse
 
 STEPS = 5
 
@@ -268,3 +268,46 @@ def tied_meta_copies(rank: int, world_size: int) -> torch.Tensor:
     torch.manual_seed(1000 + rank)
     runner = conveyor.PipelineRunner(tied_pipe(model), schedule="1f1b", n_microbatches=2, loss_fn=token_loss)
     return dict(runner.named_parameters()).get("embed.weight", torch.empty(0)).detach().clone()
+
+
+def precision_step(rank: int, world_size: int, precision: str, inject_inf_on: int | None) -> dict:
+    """One step under ``precision``; rank ``inject_inf_on`` poisons one of its gradients before the
+    optimizer step. Returns what every rank decided and its parameters before and after."""
+    from models import mlp32
+
+    x, y = batch32()
+    runner = conveyor.PipelineRunner(conveyor.pipeline(mlp32(), n_stages=world_size), schedule="1f1b",
+                                     n_microbatches=4, loss_fn=mse, precision=precision)
+    optimizer = torch.optim.SGD(runner.parameters(), lr=0.1)
+    runner.step(x, target=y)
+    scaled = {n: p.grad.clone() for n, p in runner.named_parameters()}
+    if rank == inject_inf_on:
+        next(runner.parameters()).grad.view(-1)[0] = float("inf")
+    before = {n: p.detach().clone() for n, p in runner.named_parameters()}
+    scale_before = runner.loss_scale
+    stepped = runner.optimizer_step(optimizer)
+    return {"stepped": stepped, "scale_before": scale_before, "scale_after": runner.loss_scale, "before": before,
+            "after": {n: p.detach().clone() for n, p in runner.named_parameters()}, "scaled_grads": scaled,
+            "grads": {n: p.grad.clone() for n, p in runner.named_parameters()},
+            "dtypes": {n: p.dtype for n, p in runner.named_parameters()}}
+
+
+def host_staged(rank: int, world_size: int, schedule: str, late: int, transports: list[str]) -> dict:
+    """Gradients with the host-staged transport on CPU (a copy per value, reported ``late``)."""
+    from conveyor.runtime.staged import CpuStager, HostStagedTransport
+
+    n_stages = 2 * world_size if schedule in ("zb-v", "interleaved-1f1b") else world_size
+    runner = conveyor.PipelineRunner(conveyor.pipeline(mlp(), n_stages=n_stages), schedule=schedule,
+                                     n_microbatches=4, loss_fn=mse, transport=transports[rank])
+    staged = isinstance(runner.transport, HostStagedTransport)
+    if staged:
+        runner.transport.stager = CpuStager(late=late)
+    grads = {}
+    for step in range(2):
+        for p in runner.parameters():
+            p.grad = None
+        x, y = batch(step)
+        runner.step(x, target=y)
+        grads[step] = {n: p.grad.clone() for n, p in runner.named_parameters()}
+    return {"grads": grads, "staged": staged, "deferred": runner.transport.deferred if staged else 0,
+            "copies": runner.transport.stager.copies if staged else 0}
