@@ -311,3 +311,15 @@ def host_staged(rank: int, world_size: int, schedule: str, late: int, transports
         grads[step] = {n: p.grad.clone() for n, p in runner.named_parameters()}
     return {"grads": grads, "staged": staged, "deferred": runner.transport.deferred if staged else 0,
             "copies": runner.transport.stager.copies if staged else 0}
+
+
+def gpu_host_staged(rank: int, world_size: int) -> dict:
+    """Two ranks on one GPU over gloo: the runner picks cuda and the host-staged transport itself."""
+    from models import mlp32
+
+    runner = conveyor.PipelineRunner(conveyor.pipeline(mlp32(), n_stages=world_size), schedule="1f1b",
+                                     n_microbatches=4, loss_fn=mse)
+    x, y = batch32()
+    runner.step(x, target=y)
+    return {"transport": type(runner.transport).__name__,
+            "grads": {n: p.grad.cpu() for n, p in runner.named_parameters()}}

@@ -134,7 +134,8 @@ class _Inbound:
     def _post_next(self) -> None:
         if self.index < len(self.messages):
             capacity = self.transport.capacities.get(self._key(self.messages[self.index]), MIN_CAPACITY)
-            self.buffer = torch.empty(capacity, dtype=torch.uint8, pin_memory=self.transport.pin_memory)
+            self.buffer = torch.empty(capacity, dtype=torch.uint8, device=self.transport.wire_device,
+                                      pin_memory=self.transport.pin_memory)
             self.work = self.transport.pg.recv([self.buffer], self.source, 0)
 
     def _wait(self, work: Any) -> None:
@@ -152,7 +153,7 @@ class _Inbound:
             raise RuntimeError(f"no more messages are expected from rank {self.source} in this step")
         message = self.messages[self.index]
         self._wait(self.work)
-        structure, specs, inline, data_bytes, needed = _decode_prefix(self.buffer)
+        structure, specs, inline, data_bytes, needed = _decode_prefix(self.buffer.cpu())  # NCCL: waits for it
         self.transport.capacities[self._key(message)] = _capacity(needed)
         data: torch.Tensor | None = None
         if inline:
@@ -176,6 +177,7 @@ class Transport:
         self.rank = dist.get_rank(group)
         self.device = device
         self.pin_memory = False  # receive into pinned host memory (host-staged transport, staged.py)
+        self.wire_device = device if dist.get_backend(group) == "nccl" else torch.device("cpu")  # headers
         self.capacities: dict[Key, int] = {}  # inbound, learned from the previous message
         self._send_capacities: dict[Key, int] = {}
         self._arrived: dict[Message, Any] = {}
@@ -215,6 +217,7 @@ class Transport:
         capacity = self._send_capacities.get(key, MIN_CAPACITY)
         buffer, data, needed = _encode(value, f"stage {message.stage} {message.kind}", capacity)
         self._send_capacities[key] = _capacity(needed)
+        buffer = buffer.to(self.wire_device)
         works = [self.pg.send([buffer], destination, 0)]
         self.bytes_sent += buffer.numel()
         if data is not None:
