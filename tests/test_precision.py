@@ -141,3 +141,31 @@ def test_bf16_runner_gradients_are_close_to_the_unsplit_model_under_autocast() -
         assert set(result["dtypes"].values()) == {torch.float32}
         for name, grad in result["grads"].items():
             assert torch.allclose(grad, reference[name], atol=BF16_ATOL, rtol=BF16_RTOL), name
+
+
+def test_each_step_is_unscaled_again_even_when_the_previous_one_was_not_stepped() -> None:
+    pipeline = _local(mlp(), "fp16")
+    x, y = batch(0)
+    for _ in range(2):
+        for parameter in pipeline.parameters():
+            parameter.grad = None
+        pipeline.step(x, target=y)
+        pipeline.unscale_and_check()  # e.g. before clipping; the optimizer step is left to the caller
+    model = mlp()
+    mse(model(x), y).backward()
+    for (name, parameter), reference in zip(pipeline.named_parameters(), model.parameters()):
+        assert torch.allclose(parameter.grad, reference.grad, rtol=1e-12, atol=0), name
+
+
+@pytest.mark.parametrize("schedule", ["1f1b", "zb-v"])
+def test_bf16_recompute_replays_the_autocast_forward_exactly(schedule: str) -> None:
+    x, y = batch32()
+    grads = []
+    for recompute in (False, True):
+        n_ranks = 2 if schedule == "zb-v" else 4
+        pipeline = conveyor.LocalPipeline(conveyor.pipeline(mlp32(), n_stages=4), schedule=schedule,
+                                          n_microbatches=4, loss_fn=mse, n_ranks=n_ranks, precision="bf16",
+                                          recompute=recompute)
+        pipeline.step(x, target=y)
+        grads.append({n: p.grad for n, p in pipeline.named_parameters()})
+    assert all(torch.equal(grads[0][n], grads[1][n]) for n in grads[0])

@@ -88,6 +88,8 @@ class Lanes:
             for original in tensors:
                 if original.device.type == "cuda":
                     original.record_stream(stream)
+                    if original.device != device:  # a peer copy also runs on the source device's stream
+                        original.record_stream(torch.cuda.current_stream(original.device))
         return unflatten(structure, moved)
 
 

@@ -211,6 +211,7 @@ class PipelineRunner(ScaledStep):
         if target is None:
             raise ValueError("loss_fn needs a target: call step(inputs..., target=labels)")
         data = self._prepare(inputs, kwargs, target, training=True)
+        self._unscaled = False  # precision.py: this step's gradients are still scaled
         self._tied.before_step()
         self._execute(self.schedule, data)
         self._tied.after_step()
