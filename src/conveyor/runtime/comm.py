@@ -136,7 +136,7 @@ class _Inbound:
             capacity = self.transport.capacities.get(self._key(self.messages[self.index]), MIN_CAPACITY)
             self.buffer = torch.empty(capacity, dtype=torch.uint8, device=self.transport.wire_device,
                                       pin_memory=self.transport.pin_memory)
-            self.work = self.transport.pg.recv([self.buffer], self.source, 0)
+            self.work = self.transport.link_pg(self.source, self.transport.rank).recv([self.buffer], self.source, 0)
 
     def _wait(self, work: Any) -> None:
         message = self.messages[self.index]
@@ -161,7 +161,7 @@ class _Inbound:
         elif data_bytes:
             data = torch.empty(data_bytes, dtype=torch.uint8, device=self.transport.device,
                                pin_memory=self.transport.pin_memory)
-            data_work = self.transport.pg.recv([data], self.source, 0)
+            data_work = self.transport.link_pg(self.source, self.transport.rank).recv([data], self.source, 0)
             self._wait(data_work)
         self.index += 1
         self._post_next()
@@ -178,6 +178,10 @@ class Transport:
         self.device = device
         self.pin_memory = False  # receive into pinned host memory (host-staged transport, staged.py)
         self.wire_device = device if dist.get_backend(group) == "nccl" else torch.device("cpu")  # headers
+        # NCCL runs a pair's operations in order on one stream: messages to lower ranks get their
+        # own communicators, so an early receive never waits in front of a send (docs/gpu.md)
+        self._downward = self.pg if self.wire_device.type == "cpu" else dist.new_group(
+            dist.get_process_group_ranks(self.pg), use_local_synchronization=True)
         self.capacities: dict[Key, int] = {}  # inbound, learned from the previous message
         self._send_capacities: dict[Key, int] = {}
         self._arrived: dict[Message, Any] = {}
@@ -186,6 +190,10 @@ class Transport:
         self._pending_sends: list[tuple[list[Any], list[Any]]] = []
         self.bytes_sent = 0
         self.transfers = 0
+
+    def link_pg(self, sender: int, receiver: int) -> dist.ProcessGroup:
+        """The process group carrying messages from ``sender`` to ``receiver`` (group ranks)."""
+        return self.pg if sender < receiver else self._downward
 
     # --- receiving ---------------------------------------------------------------------------
     def expect(self, incoming: dict[int, list[Message]]) -> None:
@@ -218,10 +226,10 @@ class Transport:
         buffer, data, needed = _encode(value, f"stage {message.stage} {message.kind}", capacity)
         self._send_capacities[key] = _capacity(needed)
         buffer = buffer.to(self.wire_device)
-        works = [self.pg.send([buffer], destination, 0)]
+        works = [self.link_pg(self.rank, destination).send([buffer], destination, 0)]
         self.bytes_sent += buffer.numel()
         if data is not None:
-            works.append(self.pg.send([data], destination, 0))
+            works.append(self.link_pg(self.rank, destination).send([data], destination, 0))
             self.bytes_sent += data.numel()
         self.transfers += len(works)
         self._pending_sends.append((works, [buffer, data]))

@@ -73,8 +73,12 @@ class TiedGradients:
                     continue
                 buffer = torch.empty_like(self._wire(mine))
                 received[(name, peer)] = buffer
-                pending.append(dist.isend(self._wire(mine), self._global(peer), group=self.group))
-                pending.append(dist.irecv(buffer, self._global(peer), group=self.group))
+                pending.append(dist.P2POp(dist.isend, self._wire(mine), self._global(peer), group=self.group))
+                pending.append(dist.P2POp(dist.irecv, buffer, self._global(peer), group=self.group))
+        if pending and dist.get_backend(self.group) == "nccl":  # both directions at once, as one group
+            pending = dist.batch_isend_irecv(pending)
+        else:
+            pending = [op.op(op.tensor, op.peer, op.group) for op in pending]
         for work in pending:
             work.wait()
         for name, parameter, holders in self._ties:
