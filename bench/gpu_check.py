@@ -254,7 +254,8 @@ def report(settings: Settings, equality_rows: list[str], ok: bool, timing_rows: 
         f"no-work: stages `x * w` on an (8, 4) batch, fp32. gpt2: {gpt2}, {shape.n_layer} layers, width "
         f"{shape.n_embd}, vocab {shape.vocab_size}, random init, batch {settings.tokens[0]} x {settings.tokens[1]} "
         "tokens, bf16 autocast with fp32 master weights; the step is forward + backward (no optimizer). "
-        "Overhead = mode - unsplit.",
+        "Overhead = mode - unsplit. With two processes a tied embedding (Hugging Face's wte/lm_head) also "
+        "exchanges its gradient through host memory after each step.",
         "",
         "| workload | mode | ms per step | overhead ms |",
         "|---|---|---|---|",

@@ -260,7 +260,8 @@ def worker(rank: int, world: int, names: list[str], width: int, quick: bool) -> 
         schedule, recompute = CASES[name]
         a, b = memory_workload(world, width=width, only=rank), memory_workload(world, width=width, only=rank)
         runner = conveyor.PipelineRunner(conveyor.pipeline(list(a.stages)), schedule=schedule,
-                                         n_microbatches=N_MICROBATCHES, loss_fn=a.loss_fn, recompute=recompute)
+                                         n_microbatches=N_MICROBATCHES, loss_fn=a.loss_fn, recompute=recompute,
+                                         device="cpu")
 
         def pipe_step(runner: conveyor.PipelineRunner = runner, a: Workload = a) -> None:
             runner.step(a.inputs, target=a.target)

@@ -21,7 +21,7 @@ def conveyor_step(modules: list[nn.Module], schedule: str, n_microbatches: int, 
     its runner (whose ``trace`` holds the latest step's actions)."""
     pipe = conveyor.pipeline(list(modules))
     runner = conveyor.PipelineRunner(pipe, schedule=schedule, n_microbatches=n_microbatches, loss_fn=loss_fn,
-                                     group=group)
+                                     group=group, device="cpu")  # the CPU benchmark, also on a GPU host
 
     def step() -> None:
         runner.step(inputs, target=target)
