@@ -157,3 +157,44 @@ def test_a_failing_stage_is_named_with_stage_microbatch_and_action() -> None:
     x, y = batch(0)
     with pytest.raises(conveyor.PipelineError, match="stage 2, micro-batch 0, action 2F0: RuntimeError: boom"):
         pipeline.step(x, target=y)
+
+
+def test_a_parameter_shared_across_devices_is_split_into_tied_copies() -> None:
+    from conveyor.runtime.local_ties import separate_shared
+
+    pipe = tied_pipe(TiedLM())
+    modules = [pipe.stage_module(i) for i in range(3)]
+    shared = modules[0].get_parameter("embed.weight")
+    devices = [torch.device("cpu"), torch.device("cpu"), torch.device("cuda", 0)]  # compared, never allocated
+    assert separate_shared(modules, devices) == {"embed.weight": [0, 2]}
+    copy_on_last = modules[2].get_parameter("embed.weight")
+    assert modules[0].get_parameter("embed.weight") is shared and copy_on_last is not shared
+    assert torch.equal(copy_on_last, shared)
+
+
+def test_a_parameter_shared_on_one_device_stays_one_tensor() -> None:
+    from conveyor.runtime.local_ties import separate_shared
+
+    pipe = tied_pipe(TiedLM())
+    modules = [pipe.stage_module(i) for i in range(3)]
+    assert separate_shared(modules, [torch.device("cpu")] * 3) == {}
+    assert modules[0].get_parameter("embed.weight") is modules[2].get_parameter("embed.weight")
+
+
+def test_traced_gpt2_with_a_tied_embedding_equals_the_unsplit_model() -> None:
+    pytest.importorskip("transformers")
+    import trace_workers as tw
+
+    ids, mask, labels = tw.gpt2_batch()
+    pipe = conveyor.pipeline(tw.gpt2(), n_stages=4, example_args=(ids[:3, :10],),
+                             example_kwargs={"attention_mask": mask[:3, :10]})
+    assert pipe.ties == {"transformer.wte.weight": [0, 3]}
+    pipeline = conveyor.LocalPipeline(pipe, schedule="1f1b", n_microbatches=4, loss_fn=tw.lm_loss)
+    loss = pipeline.step(ids, target=labels, attention_mask=mask)
+    model = tw.gpt2()
+    reference = tw.lm_loss(model(ids, attention_mask=mask), labels)
+    reference.backward()
+    assert torch.allclose(loss, reference, atol=1e-5, rtol=1e-4)
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    for name, parameter in pipeline.named_parameters():
+        assert torch.allclose(parameter.grad, grads[name], atol=1e-5, rtol=1e-4), name

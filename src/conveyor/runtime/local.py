@@ -26,7 +26,7 @@ from ..schedule.links import ACTIVATION, GRADIENT, Message
 from ..schedule.validate import execution_order
 from .bundle import describe, flatten
 from .lanes import Lanes
-from .local_ties import LocalTies
+from .local_ties import LocalTies, separate_shared
 from .microbatch import loss_weights, merge, split_batch, split_value
 from .precision import LossScaler, ScaledStep, autocast_for, check_precision
 from .stage import LossFn, StageExecutor
@@ -49,7 +49,9 @@ class LocalPipeline(ScaledStep):
     per stage, rank ``r`` on ``cuda:r mod GPU count``, or the CPU); a single device is used for
     every rank. Stage ``s`` lives on the device of the rank the schedule places it on.
     ``precision`` is ``"fp32"``, ``"bf16"`` or ``"fp16"`` (see ``precision.py``); the other
-    options mean what they mean for :class:`PipelineRunner`.
+    options mean what they mean for :class:`PipelineRunner`. The pipe's stage modules are moved
+    to their devices in place; a parameter shared by stages on different devices is split into
+    copies that get the summed gradient (``local_ties.py``).
     """
 
     def __init__(self, pipe: Pipe, *, schedule: str | Schedule, n_microbatches: int,
@@ -84,16 +86,18 @@ class LocalPipeline(ScaledStep):
         self.precision = precision
         self.scaler: LossScaler | None = LossScaler() if precision == "fp16" else None
         last = pipe.n_stages - 1
+        stage_devices = [self.device_of(i) for i in range(pipe.n_stages)]
+        ties = dict(getattr(pipe, "ties", {}) or {})
+        ties.update(separate_shared([pipe.stage_module(i) for i in range(pipe.n_stages)], stage_devices))
         self.stages: list[StageExecutor] = []
         for index in range(pipe.n_stages):
-            device = self.device_of(index)
+            device = stage_devices[index]
             module = materialize(pipe.stage_module(index), device, init_fn)
             stage = StageExecutor(index, module, is_first=index == 0, is_last=index == last, loss_fn=loss_fn,
                                   recompute=recompute, device=device)
             stage.precision_context = autocast_for(precision, device)
             self.stages.append(stage)
-        self.ties = LocalTies(dict(getattr(pipe, "ties", {}) or {}), [s.module for s in self.stages],
-                              [self.device_of(i) for i in range(pipe.n_stages)])
+        self.ties = LocalTies(ties, [s.module for s in self.stages], stage_devices)
         self._orders = {True: execution_order(self.schedule),
                         False: execution_order(self.schedule.forward_only())}
 

@@ -1,25 +1,60 @@
 """Tied parameters in a single-process pipeline.
 
 Stages on one device may share the very same ``nn.Parameter`` (autograd then sums both uses
-into its ``.grad``: nothing to do). Stages whose tied parameter is a separate copy (a traced
-split holds one per stage) get the copies aligned at the start, and after each step every copy
-receives the sum of all copies' contributions, added in stage order, so they never drift. One
-``Parameter`` object spread over stages on different devices cannot work (moving one stage
-moves it for the other): that is an error naming the parameter.
+into its ``.grad``: nothing to do). Before the stages are moved, :func:`separate_shared` gives
+a stage on another device its own copy of a ``Parameter`` it shares with an earlier stage (a
+traced GPT-2's ``wte`` / ``lm_head``). Separate copies are aligned at the start, and after each
+step every copy receives the sum of all copies' contributions, added in stage order, so they
+never drift. A parameter that still ends up off its stage's device is an error naming it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from copy import copy as shallow_copy
 
 import torch
 import torch.nn as nn
 
-__all__ = ["LocalTies"]
+__all__ = ["LocalTies", "separate_shared"]
 
 
 def _same_device(a: torch.device, b: torch.device) -> bool:
     return a.type == b.type and (a.type == "cpu" or a.index == b.index)
+
+
+def separate_shared(modules: Sequence[nn.Module], devices: Sequence[torch.device]) -> dict[str, list[int]]:
+    """Replace, in each later stage on a different device, a Parameter shared with an earlier
+    stage by a copy of its own; return the ties this creates (name -> stages)."""
+    first_holder: dict[int, int] = {}
+    ties: dict[str, list[int]] = {}
+    for index, module in enumerate(modules):
+        others = {id(m) for other in modules if other is not module for m in other.modules()}
+        for name, parameter in list(module.named_parameters()):
+            holder = first_holder.setdefault(id(parameter), index)
+            if holder == index or _same_device(devices[holder], devices[index]):
+                continue
+            prefix, _, leaf = name.rpartition(".")
+            owner = _own_path(module, prefix, others)
+            setattr(owner, leaf, nn.Parameter(parameter.detach().clone(), requires_grad=parameter.requires_grad))
+            ties.setdefault(name, [holder]).append(index)
+    return ties
+
+
+def _own_path(module: nn.Module, prefix: str, others: set[int]) -> nn.Module:
+    """The submodule at ``prefix``, after replacing every module on the way that another stage
+    also holds by a shallow copy of its own (so changing it leaves the other stage alone)."""
+    owner = module
+    for part in prefix.split(".") if prefix else []:
+        child = owner.get_submodule(part)
+        if id(child) in others:
+            copied = shallow_copy(child)
+            copied._parameters, copied._buffers, copied._modules = (
+                dict(child._parameters), dict(child._buffers), dict(child._modules))
+            setattr(owner, part, copied)
+            child = copied
+        owner = child
+    return owner
 
 
 def _check_devices(modules: Sequence[nn.Module], devices: Sequence[torch.device]) -> None:
