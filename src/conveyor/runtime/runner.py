@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -14,13 +14,15 @@ import torch.nn as nn
 from ..errors import PipelineError
 from ..partition.pipe import Pipe, materialize
 from ..schedule import Schedule, make_schedule
-from ..schedule.actions import BACKWARD, FORWARD, INPUT_GRAD, WEIGHT_GRAD, Action
-from ..schedule.links import ACTIVATION, GRADIENT, Message, incoming
+from ..schedule.actions import BACKWARD, FORWARD, INPUT_GRAD, UPDATE, WEIGHT_GRAD, Action
+from ..schedule.links import ACTIVATION, GRADIENT, Message, incoming, incoming_stream
 from .bundle import describe, flatten
 from .comm import Transport
+from .feed import StepData, StreamFeed
 from .microbatch import loss_weights, merge, split_batch, split_value
 from .stage import LossFn, StageExecutor
 from .ties import TiedGradients
+from .versions import WeightVersions
 
 __all__ = ["PipelineRunner", "TraceEvent"]
 
@@ -37,18 +39,6 @@ class TraceEvent:
     start: float
     end: float
     waited: float = 0.0
-
-
-@dataclass
-class _StepData:
-    """Per-step inputs for the stages on this rank."""
-
-    microbatches: list[tuple[tuple, dict]] = field(default_factory=list)
-    targets: list[Any] = field(default_factory=list)
-    weights: list[float] = field(default_factory=list)
-    losses: dict[int, torch.Tensor] = field(default_factory=dict)
-    outputs: dict[int, Any] = field(default_factory=dict)
-    training: bool = True
 
 
 def _default_device(group: dist.ProcessGroup | None) -> torch.device:
@@ -106,6 +96,14 @@ class PipelineRunner:
             module = materialize(pipe.stage_module(index), self.device, init_fn)
             self.stages[index] = StageExecutor(index, module, is_first=index == 0, is_last=index == last,
                                                loss_fn=loss_fn, recompute=recompute, device=self.device)
+        if self.schedule.is_streaming:
+            if getattr(pipe, "ties", None):
+                raise ValueError(f"schedule {self.schedule.name!r} updates each stage on its own, so tied weights "
+                                 "across stages would drift apart: untie them or use a synchronous schedule")
+            for stage in self.stages.values():
+                stage.versions = WeightVersions(stage.module)
+        self._optimizer: torch.optim.Optimizer | None = None
+        self._accumulated: dict[int, int] = {}  # stage -> backwards since its last update
         self._forward_program = self.schedule.forward_only()
         self._incoming = {True: incoming(self.schedule, self.rank),
                           False: incoming(self._forward_program, self.rank)}
@@ -187,6 +185,12 @@ class PipelineRunner:
         return norm
 
     @property
+    def peak_versions(self) -> dict[int, int]:
+        """Per stage on this rank: the most weight versions held at once (asynchronous schedules;
+        1 for synchronous ones, which only have the live weights)."""
+        return {index: stage.versions.peak if stage.versions is not None else 1 for index, stage in self.stages.items()}
+
+    @property
     def peak_stashed(self) -> dict[int, int]:
         """Per stage on this rank: the most micro-batches whose activations were held at once
         during the last step (with recompute: whose inputs were held)."""
@@ -204,6 +208,9 @@ class PipelineRunner:
                              "(or call forward() for inference)")
         if target is None:
             raise ValueError("loss_fn needs a target: call step(inputs..., target=labels)")
+        if self.schedule.is_streaming:
+            raise ValueError(f"schedule {self.schedule.name!r} updates the weights inside the pipeline: train "
+                             "with runner.stream(batches, optimizer) instead of step()")
         data = self._prepare(inputs, kwargs, target, training=True)
         self._tied.before_step()
         self._execute(self.schedule, data)
@@ -230,8 +237,54 @@ class PipelineRunner:
             return None
         return merge([data.outputs[i] for i in range(self.n_microbatches)])
 
-    def _prepare(self, inputs: tuple, kwargs: dict, target: Any, *, training: bool) -> _StepData:
-        data = _StepData(training=training)
+    def stream(self, batches: Iterable[Any], optimizer: torch.optim.Optimizer) -> Iterator[torch.Tensor]:
+        """Train on a stream of ``(inputs, target)`` batches without draining between them
+        (asynchronous schedules); ``optimizer`` (built on :meth:`parameters`) is stepped by the
+        pipeline's update actions, each applying the mean gradient of the micro-batches since the
+        stage's previous update. Yields each micro-batch's loss, in order, on the last stage's
+        rank (nothing elsewhere). Every rank iterates the same batches and consumes the whole
+        generator; the pipeline drains once, when ``batches`` ends.
+        """
+        if self.schedule.stream is None:
+            raise ValueError(f"schedule {self.schedule.name!r} is synchronous: train it with step(); stream() "
+                             "runs asynchronous schedules ('pipedream', 'pipedream-2bw')")
+        if self.loss_fn is None:
+            raise ValueError("stream() trains and needs a loss: pass loss_fn=... to PipelineRunner")
+        feed = StreamFeed(iter(batches), self.n_microbatches, self.device, keeps_inputs=0 in self.stages,
+                          keeps_targets=self.rank == self._last_stage_rank)
+        self._optimizer = optimizer
+        optimizer.zero_grad(set_to_none=True)
+        self._accumulated = {}
+        self.transport.expect(incoming_stream(self.schedule, self.rank, feed.exists))
+        self.trace = []
+        try:
+            for action in self.schedule.stream(self.rank, feed.exists):
+                began = self._ready = time.perf_counter()
+                self._run(action, feed, self.schedule)
+                self.trace.append(TraceEvent(self.rank, str(action), self._ready, time.perf_counter(),
+                                             self._ready - began))
+                if action.kind == FORWARD and action.microbatch in feed.losses:
+                    yield feed.losses.pop(action.microbatch)
+            self.transport.finish()
+        finally:
+            self._optimizer = None
+
+    def _update(self, action: Action) -> None:
+        """Step the optimizer on the mean gradient accumulated since this stage's last update."""
+        stage = self.stages[action.stage]
+        if self._optimizer is None or stage.versions is None:
+            raise RuntimeError(f"{action} needs an optimizer: run asynchronous schedules with stream()")
+        count = self._accumulated.pop(action.stage, 0)
+        if count > 1:
+            for parameter in stage.versions.live.values():
+                if parameter.grad is not None:
+                    parameter.grad.div_(count)
+        self._optimizer.step()
+        self._optimizer.zero_grad(set_to_none=True)
+        stage.versions.updated(action.version)
+
+    def _prepare(self, inputs: tuple, kwargs: dict, target: Any, *, training: bool) -> StepData:
+        data = StepData(training=training)
         if 0 in self.stages:
             to_device = [x.to(self.device) if isinstance(x, torch.Tensor) else x for x in inputs]
             kwargs = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
@@ -245,7 +298,7 @@ class PipelineRunner:
             data.weights = loss_weights(data.targets, self.loss_weighting, self.ignore_index)
         return data
 
-    def _execute(self, program: Schedule, data: _StepData) -> None:
+    def _execute(self, program: Schedule, data: StepData) -> None:
         for stage in self.stages.values():
             stage.reset_stats()
         self.transport.expect(self._incoming[data.training])
@@ -259,29 +312,32 @@ class PipelineRunner:
         finally:
             self.trace = trace
 
-    def _run(self, action: Action, data: _StepData, program: Schedule) -> None:
+    def _run(self, action: Action, data: StepData | StreamFeed, program: Schedule) -> None:
         stage = self.stages[action.stage]
         microbatch = action.microbatch
         received: Any = None
         try:
             if action.kind == FORWARD:
                 if stage.is_first:
-                    args, kwargs = data.microbatches[microbatch]
+                    args, kwargs = data.inputs(microbatch)
                 else:
-                    received = self._receive(Message(ACTIVATION, action.stage - 1, microbatch))
+                    received = self._receive(Message(ACTIVATION, action.stage - 1, microbatch), program)
                     args, kwargs = (received,), {}
-                target = data.targets[microbatch] if stage.is_last and data.training else None
-                weight = data.weights[microbatch] if stage.is_last and data.training else 1.0
+                target, weight = data.target(microbatch) if stage.is_last and data.training else (None, 1.0)
                 result = stage.forward(microbatch, args, kwargs, target=target, weight=weight,
-                                       training=data.training)
+                                       training=data.training, version=action.version)
                 if stage.is_last:
                     if self.detect_anomaly and data.training:
                         _require_finite("the loss", [result])
-                    (data.losses if data.training else data.outputs)[microbatch] = result
+                    data.record(microbatch, result)
                 else:
                     self._send(Message(ACTIVATION, action.stage, microbatch), result, program)
+            elif action.kind == UPDATE:
+                self._update(action)
             elif action.kind in (BACKWARD, INPUT_GRAD):
-                grads = None if stage.is_last else self._receive(Message(GRADIENT, action.stage + 1, microbatch))
+                self._accumulated[action.stage] = self._accumulated.get(action.stage, 0) + 1
+                grads = None if stage.is_last else self._receive(Message(GRADIENT, action.stage + 1, microbatch),
+                                                                 program)
                 run = stage.backward if action.kind == BACKWARD else stage.backward_input
                 input_grads = run(microbatch, grads)
                 if self.detect_anomaly:
@@ -303,8 +359,8 @@ class PipelineRunner:
             raise PipelineError(f"{type(error).__name__}: {error}{hint}", rank=self.rank, stage=action.stage,
                                 microbatch=microbatch, action=str(action)) from error
 
-    def _receive(self, message: Message) -> Any:
-        value = self.transport.receive(message)
+    def _receive(self, message: Message, program: Schedule) -> Any:
+        value = self.transport.receive(message, program.placement[message.stage])
         self._ready = time.perf_counter()
         return value
 

@@ -13,6 +13,8 @@ from .actions import Action, Schedule
 from .gpipe import gpipe
 from .interleaved import interleaved_1f1b
 from .one_f_one_b import one_f_one_b
+from .pipedream import pipedream
+from .pipedream_2bw import pipedream_2bw
 from .simulate import SimulationResult, simulate
 from .validate import ScheduleError, validate
 from .zero_bubble import zb_h1, zb_v
@@ -36,6 +38,8 @@ SCHEDULES: dict[str, Generator] = {
     "interleaved-1f1b": interleaved_1f1b,
     "zb-h1": zb_h1,
     "zb-v": zb_v,
+    "pipedream": pipedream,
+    "pipedream-2bw": pipedream_2bw,
 }
 
 

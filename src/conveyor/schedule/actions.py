@@ -9,7 +9,14 @@ F     forward of the stage on the micro-batch
 B     full backward (input gradients and weight gradients together)
 I     input-gradient half of a split backward (zero-bubble)
 W     weight-gradient half of a split backward (zero-bubble)
+U     optimizer update of the stage's weights with the gradients accumulated since its
+      previous update (asynchronous schedules; ``microbatch`` is the last one it includes)
 ====  ==================================================================
+
+A forward may carry a weight *version* (``0F5v2``: stage 0 runs micro-batch 5 with its weights
+as they were after 2 updates); its backward then uses that same version (weight stashing). An
+update may carry one too (``0U3v2``): no later forward of the stage uses an older version, so
+older ones can be dropped once their backwards are done.
 
 A :class:`Schedule` holds one action list per rank plus the placement of stages on ranks.
 Communication is *not* written in the program: it follows from it (see ``links.py``), so the
@@ -24,36 +31,43 @@ The text form is one line per rank, actions separated by spaces, ``<stage><kind>
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
-__all__ = ["Action", "Schedule", "FORWARD", "BACKWARD", "INPUT_GRAD", "WEIGHT_GRAD"]
+__all__ = ["Action", "Schedule", "StreamFn", "FORWARD", "BACKWARD", "INPUT_GRAD", "WEIGHT_GRAD", "UPDATE"]
 
 FORWARD = "F"
 BACKWARD = "B"
 INPUT_GRAD = "I"
 WEIGHT_GRAD = "W"
-KINDS = (FORWARD, BACKWARD, INPUT_GRAD, WEIGHT_GRAD)
+UPDATE = "U"
+KINDS = (FORWARD, BACKWARD, INPUT_GRAD, WEIGHT_GRAD, UPDATE)
 
-_ACTION_TEXT = re.compile(r"^(\d+)([A-Z])(\d+)$")
+_ACTION_TEXT = re.compile(r"^(\d+)([A-Z])(\d+)(?:v(\d+))?$")
 
 
 @dataclass(frozen=True, slots=True)
 class Action:
-    """One unit of work: ``kind`` (F, B, I or W) for ``stage`` on ``microbatch``."""
+    """One unit of work: ``kind`` (F, B, I, W or U) for ``stage`` on ``microbatch``. A forward
+    may name the weight ``version`` it runs with, an update the oldest version later forwards
+    use (neither is part of the action's identity)."""
 
     kind: str
     stage: int
     microbatch: int
+    version: int | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"unknown action kind {self.kind!r}; expected one of {KINDS}")
         if self.stage < 0 or self.microbatch < 0:
             raise ValueError(f"action {self} has a negative stage or micro-batch")
+        if self.version is not None and (self.kind not in (FORWARD, UPDATE) or self.version < 0):
+            raise ValueError(f"action {self}: only a forward or an update carries a weight version, and it is >= 0")
 
     def __str__(self) -> str:
-        return f"{self.stage}{self.kind}{self.microbatch}"
+        version = "" if self.version is None else f"v{self.version}"
+        return f"{self.stage}{self.kind}{self.microbatch}{version}"
 
     @property
     def sends_gradient(self) -> bool:
@@ -66,10 +80,16 @@ class Action:
         match = _ACTION_TEXT.match(text.strip())
         if match is None:
             raise ValueError(
-                f"cannot parse action {text!r}: write <stage><kind><microbatch>, e.g. '0F1' or '2W0'"
+                f"cannot parse action {text!r}: write <stage><kind><microbatch>[v<version>], e.g. '0F1', "
+                "'2W0' or '1F4v2'"
             )
-        stage, kind, microbatch = match.groups()
-        return cls(kind, int(stage), int(microbatch))
+        stage, kind, microbatch, version = match.groups()
+        return cls(kind, int(stage), int(microbatch), None if version is None else int(version))
+
+
+StreamFn = Callable[[int, Callable[[int], bool]], Iterator[Action]]
+"""``stream(rank, exists)``: the actions of ``rank`` over an unbounded stream of micro-batches,
+generated lazily; ``exists(k)`` says whether micro-batch ``k`` is part of the stream."""
 
 
 def _default_placement(n_stages: int, n_ranks: int) -> tuple[int, ...]:
@@ -82,7 +102,9 @@ class Schedule:
 
     ``ranks[r]`` is the ordered list of actions rank ``r`` executes in one step; ``placement[s]``
     is the rank that holds stage ``s`` (default: stage ``s`` on rank ``s % n_ranks``).
-    ``name`` is informative only: the runtime never looks at it.
+    ``name`` is informative only: the runtime never looks at it. An asynchronous schedule also
+    has ``stream`` (:data:`StreamFn`), which yields the same program for a stream whose length is
+    not known in advance; with ``exists = lambda k: k < n_microbatches`` it yields ``ranks[rank]``.
     """
 
     ranks: tuple[tuple[Action, ...], ...]
@@ -90,6 +112,7 @@ class Schedule:
     n_microbatches: int
     placement: tuple[int, ...] = field(default=())
     name: str = "custom"
+    stream: StreamFn | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         ranks = tuple(tuple(rank) for rank in self.ranks)
@@ -125,13 +148,20 @@ class Schedule:
         return [stage for stage, owner in enumerate(self.placement) if owner == rank]
 
     @property
+    def is_streaming(self) -> bool:
+        """Whether the program updates weights itself (U actions) and can run as a stream."""
+        return self.stream is not None
+
+    @property
     def is_training(self) -> bool:
         return any(action.kind != FORWARD for actions in self.ranks for action in actions)
 
     def forward_only(self) -> Schedule:
-        """The same program with every backward action removed (for inference)."""
+        """The same program with every backward and update removed, forwards on the current
+        weights (for inference)."""
         return Schedule(
-            tuple(tuple(a for a in actions if a.kind == FORWARD) for actions in self.ranks),
+            tuple(tuple(Action(FORWARD, a.stage, a.microbatch) for a in actions if a.kind == FORWARD)
+                  for actions in self.ranks),
             self.n_stages,
             self.n_microbatches,
             self.placement,

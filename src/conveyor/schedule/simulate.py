@@ -16,13 +16,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from .actions import BACKWARD, FORWARD, INPUT_GRAD, KINDS, WEIGHT_GRAD, Action, Schedule
+from .actions import BACKWARD, FORWARD, INPUT_GRAD, KINDS, UPDATE, WEIGHT_GRAD, Action, Schedule
 from .links import Message, outgoing, required_message
 from .validate import execution_order
 
 __all__ = ["DEFAULT_COSTS", "Event", "SimulationResult", "simulate"]
 
-DEFAULT_COSTS: dict[str, float] = {FORWARD: 1.0, BACKWARD: 2.0, INPUT_GRAD: 1.0, WEIGHT_GRAD: 1.0}
+DEFAULT_COSTS: dict[str, float] = {FORWARD: 1.0, BACKWARD: 2.0, INPUT_GRAD: 1.0, WEIGHT_GRAD: 1.0, UPDATE: 0.0}
 
 Costs = Mapping[str, float | Sequence[float]]
 

@@ -1,0 +1,50 @@
+"""Rank functions for the asynchronous-schedule tests (importable by worker processes)."""
+
+from __future__ import annotations
+
+import torch
+
+import conveyor
+
+from models import batch, mlp, mse
+
+N_MICROBATCHES = 2
+LR = 0.05
+
+
+def stream_batches(n_batches: int, rows: int = 8) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [batch(100 + index, rows=rows) for index in range(n_batches)]
+
+
+def make_optimizer(parameters) -> torch.optim.Optimizer:  # noqa: ANN001 - any iterable of parameters
+    return torch.optim.Adam(parameters, lr=LR)
+
+
+def stream_train(rank: int, world_size: int, schedule: str, options: dict, n_batches: int,
+                 lr: float = LR) -> dict:
+    """Stream ``n_batches`` batches of N_MICROBATCHES micro-batches through ``schedule``."""
+    pipe = conveyor.pipeline(mlp(), n_stages=world_size)
+    runner = conveyor.PipelineRunner(pipe, schedule=schedule, n_microbatches=N_MICROBATCHES, loss_fn=mse,
+                                     **options)
+    optimizer = torch.optim.Adam(runner.parameters(), lr=lr)
+    losses = list(runner.stream(stream_batches(n_batches), optimizer))
+    return {"weights": runner.state_dict(), "losses": losses, "versions": runner.peak_versions,
+            "trace": [event.action for event in runner.trace]}
+
+
+def first_gradients(rank: int, world_size: int, schedule: str, n_batches: int) -> dict:
+    """The gradient each stage applies in its first update, with lr=0 (weights never move)."""
+    pipe = conveyor.pipeline(mlp(), n_stages=world_size)
+    runner = conveyor.PipelineRunner(pipe, schedule=schedule, n_microbatches=N_MICROBATCHES, loss_fn=mse)
+    grads: dict[str, torch.Tensor] = {}
+    optimizer = torch.optim.SGD(runner.parameters(), lr=0.0)
+
+    def record(_: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+        for name, parameter in runner.named_parameters():
+            if parameter.grad is not None:
+                grads[name] = grads.get(name, 0) + parameter.grad.clone()
+
+    optimizer.register_step_pre_hook(record)
+    for _ in runner.stream(stream_batches(n_batches), optimizer):
+        pass
+    return grads
