@@ -48,3 +48,28 @@ def first_gradients(rank: int, world_size: int, schedule: str, n_batches: int) -
     for _ in runner.stream(stream_batches(n_batches), optimizer):
         pass
     return grads
+
+
+def replicated_stream(rank: int, world_size: int, replicas: list[int], n_batches: int) -> dict:
+    """1F1B-RR: pipedream over len(replicas) stages with replicas[s] ranks for stage s."""
+    pipe = conveyor.pipeline(mlp(), n_stages=len(replicas))
+    runner = conveyor.PipelineRunner(pipe, schedule="pipedream", n_microbatches=N_MICROBATCHES, loss_fn=mse,
+                                     replicas=replicas)
+    optimizer = torch.optim.Adam(runner.parameters(), lr=LR)
+    losses = list(runner.stream(stream_batches(n_batches), optimizer))
+    return {"weights": runner.state_dict(), "losses": losses, "stages": sorted(runner.stages)}
+
+
+def replicated_steps(rank: int, world_size: int, schedule: str, replicas: list[int], steps: int) -> dict:
+    """Synchronous schedule with replicated stages (pipeline x data parallelism)."""
+    pipe = conveyor.pipeline(mlp(), n_stages=len(replicas))
+    runner = conveyor.PipelineRunner(pipe, schedule=schedule, n_microbatches=4, loss_fn=mse, replicas=replicas)
+    optimizer = torch.optim.Adam(runner.parameters(), lr=0.01)
+    grads, losses = {}, []
+    for step in range(steps):
+        optimizer.zero_grad()
+        losses.append(runner.step(*batch(step)[:1], target=batch(step)[1]))
+        if step == 0:
+            grads = {name: p.grad.clone() for name, p in runner.named_parameters()}
+        optimizer.step()
+    return {"weights": runner.state_dict(), "grads": grads, "losses": losses}

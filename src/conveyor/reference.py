@@ -12,6 +12,11 @@ pipedream           ``max(0, k - (p - s - 1))`` (newest)        every backward
 pipedream-2bw       ``max(0, k // window - 1)`` on every stage   the last of each window
 ==================  ==========================================  ==============================
 
+With replicated stages (1F1B-RR, ``replicas[s]`` ranks for stage ``s``, micro-batches round
+robin) a worker admits ``a = ceil(workers from s on / replicas[s])`` micro-batches, so micro-batch
+``k`` uses version ``max(0, k // replicas[s] - (a - 1))`` and the stage updates once per round, on
+the mean gradient of the round's ``replicas[s]`` micro-batches.
+
 Forward and backward of ``k`` both use that version (weight stashing); an update applies the
 mean gradient of the micro-batches since the stage's previous one (a partial last window too).
 Sequential processing is faithful because a micro-batch only ever uses versions made by
@@ -37,10 +42,12 @@ class AsyncReference:
 
     def __init__(self, stages: Sequence[nn.Module], loss_fn: Callable[[Any, Any], torch.Tensor],
                  make_optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer], *,
-                 schedule: str = "pipedream", vertical_sync: bool = False, window: int | None = None) -> None:
+                 schedule: str = "pipedream", vertical_sync: bool = False, window: int | None = None,
+                 replicas: Sequence[int] | None = None) -> None:
         if schedule not in ("pipedream", "pipedream-2bw"):
             raise ValueError(f"no asynchronous reference for {schedule!r}")
         self.stages = list(stages)
+        self.replicas = list(replicas) if replicas is not None else [1] * len(self.stages)
         self.loss_fn = loss_fn
         self.schedule = schedule
         self.vertical_sync = vertical_sync
@@ -61,10 +68,18 @@ class AsyncReference:
         p = len(self.stages)
         if self.schedule == "pipedream-2bw":
             return max(0, microbatch // self.window - 1)
-        return max(0, microbatch - (p - 1 if self.vertical_sync else p - stage - 1))
+        if self.vertical_sync:
+            return max(0, microbatch - (p - 1))
+        # a worker admits ceil(downstream workers / replicas) micro-batches (p - s without
+        # replicas), and a replicated stage updates once per round of its replicas
+        replicas = self.replicas[stage]
+        admitted = -(-sum(self.replicas[stage:]) // replicas)
+        return max(0, microbatch // replicas - (admitted - 1))
 
-    def updates_after(self, microbatch: int, is_last: bool) -> bool:
-        return self.schedule == "pipedream" or (microbatch + 1) % self.window == 0 or is_last
+    def updates_after(self, stage: int, microbatch: int, is_last: bool) -> bool:
+        if self.schedule == "pipedream":
+            return (microbatch + 1) % self.replicas[stage] == 0
+        return (microbatch + 1) % self.window == 0 or is_last
 
     def run(self, batches: Iterable[tuple[Any, Any]], n_microbatches: int) -> list[torch.Tensor]:
         """Train on every micro-batch of ``batches``; return each micro-batch's loss."""
@@ -95,7 +110,7 @@ class AsyncReference:
                     live.grad = tensor.grad if live.grad is None else live.grad.add_(tensor.grad)
                     tensor.grad = None
             self.pending[index] += 1
-            if self.updates_after(k, is_last):
+            if self.updates_after(index, k, is_last):
                 self._update(index)
         return loss.detach()
 

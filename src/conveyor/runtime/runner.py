@@ -20,6 +20,7 @@ from .bundle import describe, flatten
 from .comm import Transport
 from .feed import StepData, StreamFeed
 from .microbatch import loss_weights, merge, split_batch, split_value
+from .replicas import ReplicaGroup
 from .stage import LossFn, StageExecutor
 from .ties import TiedGradients
 from .versions import WeightVersions
@@ -70,9 +71,6 @@ class PipelineRunner:
         if not dist.is_initialized():
             raise RuntimeError("PipelineRunner needs a process group: run inside conveyor.launch(...), "
                                "conveyor.run(...) under torchrun, or call torch.distributed.init_process_group")
-        if replicas is not None:
-            raise ValueError("replicas=... (replicated stages) is not supported by this version; "
-                             "leave it unset")
         if n_microbatches < 1:
             raise ValueError(f"n_microbatches must be at least 1, got {n_microbatches}")
         if loss_weighting not in ("rows", "tokens"):
@@ -80,6 +78,8 @@ class PipelineRunner:
         self.group = group
         self.rank = dist.get_rank(group)
         self.n_ranks = dist.get_world_size(group)
+        if replicas is not None:
+            schedule_options["replicas"] = list(replicas)
         self.schedule = make_schedule(schedule, self.n_ranks, pipe.n_stages, n_microbatches, **schedule_options)
         self.n_microbatches = n_microbatches
         self.loss_fn = loss_fn
@@ -114,7 +114,15 @@ class PipelineRunner:
         self._tied.align_values()
         self.trace: list[TraceEvent] = []
         self._ready = 0.0
-        self._last_stage_rank = self.schedule.placement[last]
+        self._last_stage_rank = self.schedule.placement[last]  # the first replica if it is replicated
+        self._holds_last = last in self.stages
+        self._replicas = {stage: ReplicaGroup(self.schedule.replicas[stage], self.rank, self.transport.pg)
+                          for stage in self.stages if len(self.schedule.replicas[stage]) > 1}
+        if self._replicas and self.ties:
+            raise ValueError("replicated stages with tied weights are not supported: untie them or drop replicas")
+        for stage, replicas_of_stage in self._replicas.items():
+            module = self.stages[stage].module
+            replicas_of_stage.align(list(module.parameters()) + list(module.buffers()))
 
     # --- parameters and state ------------------------------------------------------------------
     @property
@@ -215,10 +223,16 @@ class PipelineRunner:
         self._tied.before_step()
         self._execute(self.schedule, data)
         self._tied.after_step()
+        for stage, replicas_of_stage in self._replicas.items():
+            replicas_of_stage.sum_gradients(p for p in self.stages[stage].module.parameters() if p.requires_grad)
         loss = None
-        if self.rank == self._last_stage_rank:
-            loss = sum((data.losses[i].double() * w for i, w in enumerate(data.weights)), torch.tensor(0.0,
-                       dtype=torch.float64, device=self.device)).to(data.losses[0].dtype)
+        if self._holds_last:
+            dtype = next(iter(data.losses.values())).dtype
+            loss = sum((data.losses[i].double() * data.weights[i] for i in sorted(data.losses)),
+                       torch.tensor(0.0, dtype=torch.float64, device=self.device))
+            if self.pipe.n_stages - 1 in self._replicas:
+                loss = self._replicas[self.pipe.n_stages - 1].sum_value(loss.reshape(1))[0]
+            loss = loss.to(dtype)
         if self.broadcast_loss:
             value = loss if loss is not None else torch.zeros((), device=self.device)
             value = value.to(torch.float32).reshape(1).clone()
@@ -231,9 +245,12 @@ class PipelineRunner:
     def forward(self, *inputs: Any, **kwargs: Any) -> Any:
         """Forward-only pipeline (no autograd graph). Returns the merged output of the last stage
         on its rank, None elsewhere."""
+        if len(self.schedule.replicas[-1]) > 1:
+            raise ValueError("forward() with a replicated last stage is not supported: build an inference "
+                             "runner without replicas on the last stage")
         data = self._prepare(inputs, kwargs, None, training=False)
         self._execute(self._forward_program, data)
-        if self.rank != self._last_stage_rank:
+        if not self._holds_last:
             return None
         return merge([data.outputs[i] for i in range(self.n_microbatches)])
 
@@ -251,9 +268,11 @@ class PipelineRunner:
         if self.loss_fn is None:
             raise ValueError("stream() trains and needs a loss: pass loss_fn=... to PipelineRunner")
         feed = StreamFeed(iter(batches), self.n_microbatches, self.device, keeps_inputs=0 in self.stages,
-                          keeps_targets=self.rank == self._last_stage_rank)
+                          keeps_targets=self._holds_last)
         self._optimizer = optimizer
         optimizer.zero_grad(set_to_none=True)
+        for stage in self.stages.values():  # version 0 of this stream: the weights as they are now
+            stage.versions = WeightVersions(stage.module)
         self._accumulated = {}
         self.transport.expect(incoming_stream(self.schedule, self.rank, feed.exists))
         self.trace = []
@@ -275,6 +294,10 @@ class PipelineRunner:
         if self._optimizer is None or stage.versions is None:
             raise RuntimeError(f"{action} needs an optimizer: run asynchronous schedules with stream()")
         count = self._accumulated.pop(action.stage, 0)
+        if action.stage in self._replicas:
+            replicas_of_stage = self._replicas[action.stage]
+            replicas_of_stage.sum_gradients(stage.versions.live.values())
+            count *= replicas_of_stage.size  # the schedule gives every replica the same share
         if count > 1:
             for parameter in stage.versions.live.values():
                 if parameter.grad is not None:
@@ -289,7 +312,7 @@ class PipelineRunner:
             to_device = [x.to(self.device) if isinstance(x, torch.Tensor) else x for x in inputs]
             kwargs = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
             data.microbatches = split_batch(tuple(to_device), kwargs, self.n_microbatches)
-        if training and self.rank == self._last_stage_rank:
+        if training and self._holds_last:
             target = target.to(self.device) if isinstance(target, torch.Tensor) else target
             size = _first_dim(target)
             if size < self.n_microbatches:
@@ -360,12 +383,12 @@ class PipelineRunner:
                                 microbatch=microbatch, action=str(action)) from error
 
     def _receive(self, message: Message, program: Schedule) -> Any:
-        value = self.transport.receive(message, program.placement[message.stage])
+        value = self.transport.receive(message, program.rank_of(message.stage, message.microbatch))
         self._ready = time.perf_counter()
         return value
 
     def _send(self, message: Message, value: Any, program: Schedule) -> None:
-        destination = program.placement[message.target_stage]
+        destination = program.rank_of(message.target_stage, message.microbatch)
         if destination == self.rank:
             self.transport.deliver_local(message, value)
         else:

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -64,5 +65,10 @@ def make_schedule(
             raise ValueError(
                 f"unknown schedule {schedule!r}; choose one of {sorted(SCHEDULES)} or pass a conveyor.Schedule"
             ) from None
+        if options.get("replicas") is not None and "replicas" not in inspect.signature(generator).parameters:
+            supported = sorted(name for name, g in SCHEDULES.items() if "replicas" in inspect.signature(g).parameters)
+            raise ValueError(f"schedule {schedule!r} does not support replicated stages; use one of {supported}")
+        if options.get("replicas", 0) is None:
+            options = {k: v for k, v in options.items() if k != "replicas"}
         program = generator(n_ranks, n_stages, n_microbatches, **options)
     return validate(program)

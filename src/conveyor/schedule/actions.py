@@ -101,7 +101,10 @@ class Schedule:
     """A per-rank action program.
 
     ``ranks[r]`` is the ordered list of actions rank ``r`` executes in one step; ``placement[s]``
-    is the rank that holds stage ``s`` (default: stage ``s`` on rank ``s % n_ranks``).
+    is the rank that holds stage ``s`` (default: stage ``s`` on rank ``s % n_ranks``). A stage
+    may be replicated: ``replicas[s]`` lists the ranks that hold it (``placement[s]`` is the
+    first) and micro-batch ``k`` of stage ``s`` runs on ``replicas[s][k % len(replicas[s])]``
+    (:meth:`rank_of`); replicas combine their gradients (all-reduce) when they update.
     ``name`` is informative only: the runtime never looks at it. An asynchronous schedule also
     has ``stream`` (:data:`StreamFn`), which yields the same program for a stream whose length is
     not known in advance; with ``exists = lambda k: k < n_microbatches`` it yields ``ranks[rank]``.
@@ -113,19 +116,31 @@ class Schedule:
     placement: tuple[int, ...] = field(default=())
     name: str = "custom"
     stream: StreamFn | None = field(default=None, compare=False, repr=False)
+    replicas: tuple[tuple[int, ...], ...] = field(default=())
 
     def __post_init__(self) -> None:
         ranks = tuple(tuple(rank) for rank in self.ranks)
         object.__setattr__(self, "ranks", ranks)
+        if self.replicas:
+            replicas = tuple(tuple(group) for group in self.replicas)
+            if len(replicas) != self.n_stages or not all(replicas):
+                raise ValueError(f"replicas lists {len(replicas)} rank groups for {self.n_stages} stages; give "
+                                 "a non-empty group of ranks per stage")
+            object.__setattr__(self, "replicas", replicas)
+            object.__setattr__(self, "placement", tuple(group[0] for group in replicas))
         placement = tuple(self.placement) or _default_placement(self.n_stages, len(ranks))
         object.__setattr__(self, "placement", placement)
+        if not self.replicas:
+            object.__setattr__(self, "replicas", tuple((rank,) for rank in placement))
         if len(placement) != self.n_stages:
             raise ValueError(
                 f"placement has {len(placement)} entries for {self.n_stages} stages; give one rank per stage"
             )
-        for stage, rank in enumerate(placement):
-            if not 0 <= rank < len(ranks):
-                raise ValueError(f"stage {stage} is placed on rank {rank}, but the schedule has {len(ranks)} ranks")
+        for stage, group in enumerate(self.replicas):
+            for rank in group:
+                if not 0 <= rank < len(ranks):
+                    raise ValueError(f"stage {stage} is placed on rank {rank}, but the schedule has {len(ranks)} "
+                                     "ranks")
         for rank, actions in enumerate(ranks):
             for action in actions:
                 if action.stage >= self.n_stages or action.microbatch >= self.n_microbatches:
@@ -133,10 +148,10 @@ class Schedule:
                         f"rank {rank} action {action} is outside {self.n_stages} stages x "
                         f"{self.n_microbatches} micro-batches"
                     )
-                if placement[action.stage] != rank:
+                if self.rank_of(action.stage, action.microbatch) != rank:
                     raise ValueError(
-                        f"action {action} is on rank {rank} but stage {action.stage} is placed on "
-                        f"rank {placement[action.stage]}"
+                        f"action {action} is on rank {rank} but stage {action.stage} micro-batch "
+                        f"{action.microbatch} runs on rank {self.rank_of(action.stage, action.microbatch)}"
                     )
 
     @property
@@ -144,8 +159,17 @@ class Schedule:
         return len(self.ranks)
 
     def stages_of(self, rank: int) -> list[int]:
-        """The stages placed on ``rank``, in increasing order."""
-        return [stage for stage, owner in enumerate(self.placement) if owner == rank]
+        """The stages placed on ``rank`` (as their only holder or as a replica), in increasing order."""
+        return [stage for stage, group in enumerate(self.replicas) if rank in group]
+
+    def rank_of(self, stage: int, microbatch: int) -> int:
+        """The rank that runs ``stage`` on ``microbatch``."""
+        group = self.replicas[stage]
+        return group[microbatch % len(group)]
+
+    @property
+    def is_replicated(self) -> bool:
+        return any(len(group) > 1 for group in self.replicas)
 
     @property
     def is_streaming(self) -> bool:
@@ -166,25 +190,28 @@ class Schedule:
             self.n_microbatches,
             self.placement,
             f"{self.name} (forward only)",
+            replicas=self.replicas,
         )
 
     # --- text form -------------------------------------------------------------------------
     def to_text(self) -> str:
         """One line per rank: ``0F0 0F1 0B0 ...``; a ``# placement:`` header when not default."""
         lines = [" ".join(str(a) for a in actions) for actions in self.ranks]
-        if self.placement != _default_placement(self.n_stages, self.n_ranks):
+        if self.is_replicated:
+            lines.insert(0, "# placement: " + " ".join(",".join(map(str, group)) for group in self.replicas))
+        elif self.placement != _default_placement(self.n_stages, self.n_ranks):
             lines.insert(0, "# placement: " + " ".join(str(r) for r in self.placement))
         return "\n".join(lines) + "\n"
 
     @classmethod
     def from_text(cls, text: str, name: str = "custom") -> Schedule:
         """Parse the text form; stage and micro-batch counts are read off the actions."""
-        placement: tuple[int, ...] = ()
+        replicas: tuple[tuple[int, ...], ...] = ()
         ranks: list[list[Action]] = []
         for line in text.splitlines():
             line = line.strip()
-            if line.startswith("# placement:"):
-                placement = tuple(int(r) for r in line.split(":", 1)[1].split())
+            if line.startswith("# placement:"):  # "0 1 2", or "0,1 2 3" for a stage on ranks 0 and 1
+                replicas = tuple(tuple(int(r) for r in group.split(",")) for group in line.split(":", 1)[1].split())
                 continue
             if not line or line.startswith("#"):
                 continue
@@ -192,9 +219,9 @@ class Schedule:
         if not ranks:
             raise ValueError("schedule text has no action lines")
         every = [a for rank in ranks for a in rank]
-        n_stages = max(len(placement), 1 + max(a.stage for a in every))
+        n_stages = max(len(replicas), 1 + max(a.stage for a in every))
         n_microbatches = 1 + max(a.microbatch for a in every)
-        return cls(tuple(tuple(r) for r in ranks), n_stages, n_microbatches, placement, name)
+        return cls(tuple(tuple(r) for r in ranks), n_stages, n_microbatches, name=name, replicas=replicas)
 
     def grid(self) -> str:
         """A compact, aligned grid of the program (ranks as rows), for printing."""

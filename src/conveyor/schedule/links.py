@@ -63,7 +63,7 @@ def link_order(schedule: Schedule) -> dict[tuple[int, int], list[Message]]:
         for action in actions:
             message = outgoing(action, schedule.n_stages, training)
             if message is not None:
-                destination = schedule.placement[message.target_stage]
+                destination = schedule.rank_of(message.target_stage, message.microbatch)
                 links.setdefault((rank, destination), []).append(message)
     return links
 
@@ -82,14 +82,14 @@ def incoming_stream(schedule: Schedule, rank: int, exists: Callable[[int], bool]
     ``rank``, generated lazily from its own action stream as the receiver needs them."""
     assert schedule.stream is not None
     mine = set(schedule.stages_of(rank))
-    neighbours = {schedule.placement[s] for stage in mine for s in (stage - 1, stage + 1)
-                  if 0 <= s < schedule.n_stages} - {rank}
+    neighbours = {holder for stage in mine for s in (stage - 1, stage + 1) if 0 <= s < schedule.n_stages
+                  for holder in schedule.replicas[s]} - {rank}
 
     def messages_from(source: int) -> Iterator[Message]:
         assert schedule.stream is not None
         for action in schedule.stream(source, exists):
             message = outgoing(action, schedule.n_stages)
-            if message is not None and message.target_stage in mine:
+            if message is not None and schedule.rank_of(message.target_stage, message.microbatch) == rank:
                 yield message
 
     return {source: messages_from(source) for source in sorted(neighbours)}

@@ -128,7 +128,7 @@ def simulate(
         events.append(Event(rank, action, start, end))
         message = outgoing(action, program.n_stages, training)
         if message is not None:
-            same_rank = program.placement[message.target_stage] == rank
+            same_rank = program.rank_of(message.target_stage, message.microbatch) == rank
             arrival[message] = end + (0.0 if same_rank else comm)
 
     events.sort(key=lambda e: (e.start, e.rank))

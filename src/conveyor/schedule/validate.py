@@ -84,9 +84,30 @@ def execution_order(schedule: Schedule) -> list[tuple[int, Action]]:
     _check_complete(schedule)
     _check_versions(schedule)
     cursor = [0] * schedule.n_ranks
+    updates = [0] * schedule.n_ranks  # U actions each rank has run (replicas update together)
     done: set[Action] = set()
     delivered: set = set()
     order: list[tuple[int, Action]] = []
+
+    def run(rank: int, action: Action) -> None:
+        done.add(action)
+        order.append((rank, action))
+        message = outgoing(action, schedule.n_stages, schedule.is_training)
+        if message is not None:
+            delivered.add(message)
+        if action.kind == UPDATE:
+            updates[rank] += 1
+        cursor[rank] += 1
+
+    def replicas_ready(action: Action) -> list[int] | None:
+        """The replicas of a replicated update, if all of them have reached the same update."""
+        group = schedule.replicas[action.stage]
+        for other in group:
+            at = schedule.ranks[other][cursor[other]] if cursor[other] < len(schedule.ranks[other]) else None
+            if at is None or at.kind != UPDATE or at.stage != action.stage or updates[other] != updates[group[0]]:
+                return None
+        return list(group)
+
     progress = True
     while progress:
         progress = False
@@ -102,16 +123,18 @@ def execution_order(schedule: Schedule) -> list[tuple[int, Action]]:
                 needed = required_message(action, schedule.n_stages)
                 if needed is not None and needed not in delivered:
                     break
-                done.add(action)
-                order.append((rank, action))
-                message = outgoing(action, schedule.n_stages, schedule.is_training)
-                if message is not None:
-                    delivered.add(message)
-                cursor[rank] += 1
+                if action.kind == UPDATE and len(schedule.replicas[action.stage]) > 1:
+                    group = replicas_ready(action)
+                    if group is None:
+                        break
+                    for member in group:
+                        run(member, schedule.ranks[member][cursor[member]])
+                else:
+                    run(rank, action)
                 progress = True
     blocked = [
         f"rank {rank} waits at {actions[cursor[rank]]} for "
-        f"{required_message(actions[cursor[rank]], schedule.n_stages)}"
+        f"{required_message(actions[cursor[rank]], schedule.n_stages) or 'the other replicas of its stage'}"
         for rank, actions in enumerate(schedule.ranks)
         if cursor[rank] < len(actions)
     ]
