@@ -73,3 +73,38 @@ def replicated_steps(rank: int, world_size: int, schedule: str, replicas: list[i
             grads = {name: p.grad.clone() for name, p in runner.named_parameters()}
         optimizer.step()
     return {"weights": runner.state_dict(), "grads": grads, "losses": losses}
+
+
+def drain_save_resume(rank: int, world_size: int, path: str, resume: bool) -> dict:
+    """Two streams of 4 batches each (the pipeline drains at the end of a stream). With
+    ``resume``, the second runs in a fresh runner and optimizer loaded from a checkpoint saved
+    after the first; otherwise both run straight in one runner."""
+    batches = stream_batches(8)
+    runner = conveyor.PipelineRunner(conveyor.pipeline(mlp(), n_stages=world_size), schedule="pipedream",
+                                     n_microbatches=N_MICROBATCHES, loss_fn=mse)
+    optimizer = torch.optim.Adam(runner.parameters(), lr=LR)
+    list(runner.stream(batches[:4], optimizer))
+    if resume:
+        runner.save(path, optimizer)
+        runner = conveyor.PipelineRunner(conveyor.pipeline(mlp(seed=1), n_stages=world_size),
+                                         schedule="pipedream", n_microbatches=N_MICROBATCHES, loss_fn=mse)
+        optimizer = torch.optim.Adam(runner.parameters(), lr=LR)
+        runner.load(path, optimizer)
+    losses = list(runner.stream(batches[4:], optimizer))
+    return {"weights": runner.state_dict(), "losses": losses}
+
+
+def misuse(rank: int, world_size: int, case: str) -> str:
+    """The message of the error a misuse raises on every rank."""
+    try:
+        if case == "step-on-async":
+            runner = conveyor.PipelineRunner(conveyor.pipeline(mlp(), n_stages=world_size), schedule="pipedream",
+                                             n_microbatches=2, loss_fn=mse)
+            runner.step(*batch(0)[:1], target=batch(0)[1])
+        elif case == "stream-on-sync":
+            runner = conveyor.PipelineRunner(conveyor.pipeline(mlp(), n_stages=world_size), schedule="1f1b",
+                                             n_microbatches=2, loss_fn=mse)
+            list(runner.stream(stream_batches(1), torch.optim.SGD(runner.parameters(), lr=0.1)))
+    except ValueError as error:
+        return str(error)
+    return "no error"

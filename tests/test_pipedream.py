@@ -87,3 +87,18 @@ def test_with_learning_rate_zero_async_gradients_equal_1f1b_gradients() -> None:
             mse(model(part), part_target).backward()
     for name, parameter in model.named_parameters():
         torch.testing.assert_close(applied[name], parameter.grad, rtol=0, atol=1e-12)
+
+
+def test_saving_after_a_drained_stream_and_resuming_equals_the_straight_run(tmp_path) -> None:  # noqa: ANN001
+    straight = conveyor.launch(async_workers.drain_save_resume, 2, args=(str(tmp_path / "unused"), False), timeout=120)
+    resumed = conveyor.launch(async_workers.drain_save_resume, 2, args=(str(tmp_path / "ckpt"), True), timeout=120)
+    for straight_rank, resumed_rank in zip(straight, resumed):
+        for name, tensor in straight_rank["weights"].items():
+            assert torch.equal(tensor, resumed_rank["weights"][name]), name
+    assert all(torch.equal(a, b) for a, b in zip(straight[-1]["losses"], resumed[-1]["losses"]))
+
+
+@pytest.mark.parametrize(("case", "fix"), [("step-on-async", "runner.stream"), ("stream-on-sync", "step()")])
+def test_calling_the_wrong_entry_point_names_the_right_one(case: str, fix: str) -> None:
+    messages = conveyor.launch(async_workers.misuse, 2, args=(case,), timeout=60)
+    assert all(fix in message for message in messages), messages

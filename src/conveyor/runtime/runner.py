@@ -161,6 +161,20 @@ class PipelineRunner:
                                f"{' ...' if len(missing) > 5 else ''}")
             module.load_state_dict({k: v for k, v in state_dict.items() if k in own}, strict=strict)
 
+    def save(self, path: str, optimizer: torch.optim.Optimizer | None = None, *, step: int | None = None,
+             extra: Any = None) -> dict[str, Any]:
+        """Write a partition-agnostic checkpoint (every rank calls this; see ``conveyor.checkpoint.save``)."""
+        from ..checkpoint import save
+
+        return save(self, path, optimizer, step=step, extra=extra)
+
+    def load(self, path: str, optimizer: torch.optim.Optimizer | None = None, *,
+             strict: bool = True) -> dict[str, Any]:
+        """Load a checkpoint saved by any layout; returns its manifest (see ``conveyor.checkpoint.load``)."""
+        from ..checkpoint import load
+
+        return load(self, path, optimizer, strict=strict)
+
     def train(self, mode: bool = True) -> PipelineRunner:
         for module in self.modules:
             module.train(mode)
