@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from . import compute, efficiency, memory, overhead, scaling
+from . import asynchronous, compute, efficiency, memory, overhead, scaling
 from .harness import FULL, QUICK, Plan, busy_cpu_seconds
 from .report import Section, write_report
 
@@ -21,6 +21,7 @@ BENCHMARKS: dict[str, Runner] = {
     "transformer": lambda plan, figures: compute.run(plan, figures, "transformer", 4),
     "memory": memory.run,
     "scaling": scaling.run,
+    "async": asynchronous.run,
 }
 
 PACKAGE = Path(__file__).resolve().parent

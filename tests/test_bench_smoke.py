@@ -19,6 +19,7 @@ SECTIONS = [
     "## 4. Real compute on 2 cores: transformer",
     "## 5. Activation memory",
     "## 6. Scaling with micro-batches and stages",
+    "## 7. Asynchronous pipelines",
 ]
 
 

@@ -198,3 +198,9 @@ def test_traced_gpt2_with_a_tied_embedding_equals_the_unsplit_model() -> None:
     grads = {n: p.grad for n, p in model.named_parameters()}
     for name, parameter in pipeline.named_parameters():
         assert torch.allclose(parameter.grad, grads[name], atol=1e-5, rtol=1e-4), name
+
+
+def test_an_asynchronous_schedule_is_rejected_with_the_alternatives() -> None:
+    with pytest.raises(ValueError, match="LocalPipeline runs synchronous schedules"):
+        conveyor.LocalPipeline(conveyor.pipeline(mlp(), n_stages=4), schedule="pipedream", n_microbatches=4,
+                               loss_fn=mse)

@@ -22,6 +22,10 @@ CASES = [
     ("zb-v", 3, 6, 5),
     ("zb-v", 4, 8, 3),
     ("zb-v", 4, 8, 16),
+    ("pipedream", 4, 4, 6),
+    ("pipedream", 2, 2, 1),
+    ("pipedream-2bw", 3, 3, 8),
+    ("pipedream-2bw", 4, 4, 3),
 ]
 
 

@@ -53,7 +53,11 @@ def _sleep_worker(rank: int, world_size: int, schedule: str, n_stages: int, n_mi
     x = torch.zeros(n_microbatches, 4)
     for _ in range(steps):
         dist.barrier()  # every rank starts the step together, so the span is the step's
-        runner.step(x, target=x)
+        if runner.schedule.is_streaming:  # one batch as a stream: fill, steady state, drain
+            for _ in runner.stream([(x, x)], torch.optim.SGD(runner.parameters(), lr=0.0)):
+                pass
+        else:
+            runner.step(x, target=x)
     return gather(runner)
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import pickle
 import struct
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -113,17 +114,18 @@ def _unpack(structure: Any, specs: list, data: torch.Tensor | None, device: torc
 
 
 class _Inbound:
-    """The messages expected from one source rank in this step, received strictly in order.
+    """The messages expected from one source rank, received strictly in order.
 
-    The next message is always posted before it is needed; a separate data buffer is posted
-    the moment its message has been read.
+    ``messages`` may be a lazy iterator (a stream whose length is not known in advance). The
+    next message is always posted before it is needed; a separate data buffer is posted the
+    moment its message has been read.
     """
 
-    def __init__(self, transport: Transport, source: int, messages: list[Message]) -> None:
+    def __init__(self, transport: Transport, source: int, messages: Iterable[Message]) -> None:
         self.transport = transport
         self.source = source
-        self.messages = messages
-        self.index = 0
+        self.messages = iter(messages)
+        self.current: Message | None = None
         self.buffer = torch.empty(0, dtype=torch.uint8)
         self.work: Any = None
         self._post_next()
@@ -132,14 +134,16 @@ class _Inbound:
         return self.source, message.kind, message.stage
 
     def _post_next(self) -> None:
-        if self.index < len(self.messages):
-            capacity = self.transport.capacities.get(self._key(self.messages[self.index]), MIN_CAPACITY)
+        self.current = next(self.messages, None)
+        if self.current is not None:
+            capacity = self.transport.capacities.get(self._key(self.current), MIN_CAPACITY)
             self.buffer = torch.empty(capacity, dtype=torch.uint8, device=self.transport.wire_device,
                                       pin_memory=self.transport.pin_memory)
             self.work = self.transport.link_pg(self.source, self.transport.rank).recv([self.buffer], self.source, 0)
 
     def _wait(self, work: Any) -> None:
-        message = self.messages[self.index]
+        message = self.current
+        assert message is not None
         try:
             work.wait()  # bounded by the process group's timeout; wait(timeout) spins in gloo
         except RuntimeError as error:
@@ -149,9 +153,9 @@ class _Inbound:
 
     def next(self) -> tuple[Message, Any]:
         """Block until the next message on this link has arrived; return it."""
-        if self.index >= len(self.messages):
+        message = self.current
+        if message is None:
             raise RuntimeError(f"no more messages are expected from rank {self.source} in this step")
-        message = self.messages[self.index]
         self._wait(self.work)
         structure, specs, inline, data_bytes, needed = _decode_prefix(self.buffer.cpu())  # NCCL: waits for it
         self.transport.capacities[self._key(message)] = _capacity(needed)
@@ -163,7 +167,6 @@ class _Inbound:
                                pin_memory=self.transport.pin_memory)
             data_work = self.transport.link_pg(self.source, self.transport.rank).recv([data], self.source, 0)
             self._wait(data_work)
-        self.index += 1
         self._post_next()
         return message, _unpack(structure, specs, data, self.transport.device)
 
@@ -186,7 +189,6 @@ class Transport:
         self._send_capacities: dict[Key, int] = {}
         self._arrived: dict[Message, Any] = {}
         self._inbound: dict[int, _Inbound] = {}
-        self._source_of: dict[Message, int] = {}
         self._pending_sends: list[tuple[list[Any], list[Any]]] = []
         self.bytes_sent = 0
         self.transfers = 0
@@ -196,18 +198,17 @@ class Transport:
         return self.pg if sender < receiver else self._downward
 
     # --- receiving ---------------------------------------------------------------------------
-    def expect(self, incoming: dict[int, list[Message]]) -> None:
-        """Post the first receive of every inbound link of this step."""
+    def expect(self, incoming: dict[int, Iterable[Message]]) -> None:
+        """Post the first receive of every inbound link: ``incoming[source]`` lists (or lazily
+        yields) the messages that rank sends here, in its sending order."""
         self._arrived = {}
-        self._inbound = {source: _Inbound(self, source, messages) for source, messages in incoming.items()
-                         if messages}
-        self._source_of = {message: source for source, messages in incoming.items() for message in messages}
+        self._inbound = {source: _Inbound(self, source, messages) for source, messages in incoming.items()}
 
-    def receive(self, message: Message) -> Any:
-        """The value of ``message``, waiting for it if it has not arrived yet."""
+    def receive(self, message: Message, source: int) -> Any:
+        """The value of ``message`` from rank ``source``, waiting for it if it has not arrived."""
         if message in self._arrived:
             return self._arrived.pop(message)
-        link = self._inbound[self._source_of[message]]
+        link = self._inbound[source]
         while True:
             arrived, value = link.next()
             if arrived == message:
@@ -233,6 +234,11 @@ class Transport:
             self.bytes_sent += data.numel()
         self.transfers += len(works)
         self._pending_sends.append((works, [buffer, data]))
+        while len(self._pending_sends) > 1 and all(w.is_completed() for w in self._pending_sends[0][0]):
+            self._pending_sends.pop(0)  # a long stream must not hold every buffer it ever sent
+
+    def flush(self) -> None:
+        """Post every send held back (none here; the host-staged transport defers some)."""
 
     def finish(self) -> None:
         """Wait for this step's sends to complete."""

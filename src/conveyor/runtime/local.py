@@ -77,6 +77,10 @@ class LocalPipeline(ScaledStep):
             raise ValueError(f"devices lists {len(device_list)} devices for {n_ranks} ranks: give one per rank "
                              "of the schedule (or a single device for all)")
         self.schedule = make_schedule(schedule, n_ranks, pipe.n_stages, n_microbatches, **schedule_options)
+        if self.schedule.is_streaming or self.schedule.is_replicated:
+            raise ValueError(f"schedule {self.schedule.name!r} updates weights inside the pipeline or replicates "
+                             "stages: LocalPipeline runs synchronous schedules without replicas (gpipe, 1f1b, "
+                             "interleaved-1f1b, zb-h1, zb-v); use PipelineRunner for the others")
         self.lanes = Lanes(device_list)
         self.pipe = pipe
         self.n_microbatches = n_microbatches

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -14,14 +14,17 @@ import torch.nn as nn
 from ..errors import PipelineError
 from ..partition.pipe import Pipe, materialize
 from ..schedule import Schedule, make_schedule
-from ..schedule.actions import BACKWARD, FORWARD, INPUT_GRAD, WEIGHT_GRAD, Action
-from ..schedule.links import ACTIVATION, GRADIENT, Message, incoming
+from ..schedule.actions import BACKWARD, FORWARD, INPUT_GRAD, UPDATE, WEIGHT_GRAD, Action
+from ..schedule.links import ACTIVATION, GRADIENT, Message, incoming, incoming_stream
 from .bundle import describe, flatten
 from .devices import default_device, make_transport
+from .feed import StepData, StreamFeed
 from .microbatch import loss_weights, merge, split_batch, split_value
 from .precision import LossScaler, ScaledStep, autocast_for, check_precision, overflow_in_group
+from .replicas import ReplicaGroup
 from .stage import LossFn, StageExecutor
 from .ties import TiedGradients
+from .versions import WeightVersions
 
 __all__ = ["PipelineRunner", "TraceEvent"]
 
@@ -38,18 +41,6 @@ class TraceEvent:
     start: float
     end: float
     waited: float = 0.0
-
-
-@dataclass
-class _StepData:
-    """Per-step inputs for the stages on this rank."""
-
-    microbatches: list[tuple[tuple, dict]] = field(default_factory=list)
-    targets: list[Any] = field(default_factory=list)
-    weights: list[float] = field(default_factory=list)
-    losses: dict[int, torch.Tensor] = field(default_factory=dict)
-    outputs: dict[int, Any] = field(default_factory=dict)
-    training: bool = True
 
 
 def _default_device(group: dist.ProcessGroup | None) -> torch.device:
@@ -80,9 +71,6 @@ class PipelineRunner(ScaledStep):
         if not dist.is_initialized():
             raise RuntimeError("PipelineRunner needs a process group: run inside conveyor.launch(...), "
                                "conveyor.run(...) under torchrun, or call torch.distributed.init_process_group")
-        if replicas is not None:
-            raise ValueError("replicas=... (replicated stages) is not supported by this version; "
-                             "leave it unset")
         if n_microbatches < 1:
             raise ValueError(f"n_microbatches must be at least 1, got {n_microbatches}")
         if loss_weighting not in ("rows", "tokens"):
@@ -90,6 +78,8 @@ class PipelineRunner(ScaledStep):
         self.group = group
         self.rank = dist.get_rank(group)
         self.n_ranks = dist.get_world_size(group)
+        if replicas is not None:
+            schedule_options["replicas"] = list(replicas)
         self.schedule = make_schedule(schedule, self.n_ranks, pipe.n_stages, n_microbatches, **schedule_options)
         self.n_microbatches = n_microbatches
         self.loss_fn = loss_fn
@@ -109,6 +99,14 @@ class PipelineRunner(ScaledStep):
             self.stages[index].precision_context = autocast_for(check_precision(precision), self.device)
         self.precision = precision
         self.scaler: LossScaler | None = LossScaler() if precision == "fp16" else None
+        if self.schedule.is_streaming:
+            if getattr(pipe, "ties", None):
+                raise ValueError(f"schedule {self.schedule.name!r} updates each stage on its own, so tied weights "
+                                 "across stages would drift apart: untie them or use a synchronous schedule")
+            for stage in self.stages.values():
+                stage.versions = WeightVersions(stage.module)
+        self._optimizer: torch.optim.Optimizer | None = None
+        self._accumulated: dict[int, int] = {}  # stage -> backwards since its last update
         self._forward_program = self.schedule.forward_only()
         self._incoming = {True: incoming(self.schedule, self.rank),
                           False: incoming(self._forward_program, self.rank)}
@@ -119,7 +117,15 @@ class PipelineRunner(ScaledStep):
         self._tied.align_values()
         self.trace: list[TraceEvent] = []
         self._ready = 0.0
-        self._last_stage_rank = self.schedule.placement[last]
+        self._last_stage_rank = self.schedule.placement[last]  # the first replica if it is replicated
+        self._holds_last = last in self.stages
+        self._replicas = {stage: ReplicaGroup(self.schedule.replicas[stage], self.rank, self.transport.pg)
+                          for stage in self.stages if len(self.schedule.replicas[stage]) > 1}
+        if self._replicas and self.ties:
+            raise ValueError("replicated stages with tied weights are not supported: untie them or drop replicas")
+        for stage, replicas_of_stage in self._replicas.items():
+            module = self.stages[stage].module
+            replicas_of_stage.align(list(module.parameters()) + list(module.buffers()))
 
     # --- parameters and state ------------------------------------------------------------------
     @property
@@ -158,6 +164,20 @@ class PipelineRunner(ScaledStep):
                                f"{' ...' if len(missing) > 5 else ''}")
             module.load_state_dict({k: v for k, v in state_dict.items() if k in own}, strict=strict)
 
+    def save(self, path: str, optimizer: torch.optim.Optimizer | None = None, *, step: int | None = None,
+             extra: Any = None) -> dict[str, Any]:
+        """Write a partition-agnostic checkpoint (every rank calls this; see ``conveyor.checkpoint.save``)."""
+        from ..checkpoint import save
+
+        return save(self, path, optimizer, step=step, extra=extra)
+
+    def load(self, path: str, optimizer: torch.optim.Optimizer | None = None, *,
+             strict: bool = True) -> dict[str, Any]:
+        """Load a checkpoint saved by any layout; returns its manifest (see ``conveyor.checkpoint.load``)."""
+        from ..checkpoint import load
+
+        return load(self, path, optimizer, strict=strict)
+
     def train(self, mode: bool = True) -> PipelineRunner:
         for module in self.modules:
             module.train(mode)
@@ -190,6 +210,12 @@ class PipelineRunner(ScaledStep):
         return norm
 
     @property
+    def peak_versions(self) -> dict[int, int]:
+        """Per stage on this rank: the most weight versions held at once (asynchronous schedules;
+        1 for synchronous ones, which only have the live weights)."""
+        return {index: stage.versions.peak if stage.versions is not None else 1 for index, stage in self.stages.items()}
+
+    @property
     def peak_stashed(self) -> dict[int, int]:
         """Per stage on this rank: the most micro-batches whose activations were held at once
         during the last step (with recompute: whose inputs were held)."""
@@ -210,15 +236,24 @@ class PipelineRunner(ScaledStep):
                              "(or call forward() for inference)")
         if target is None:
             raise ValueError("loss_fn needs a target: call step(inputs..., target=labels)")
+        if self.schedule.is_streaming:
+            raise ValueError(f"schedule {self.schedule.name!r} updates the weights inside the pipeline: train "
+                             "with runner.stream(batches, optimizer) instead of step()")
         data = self._prepare(inputs, kwargs, target, training=True)
         self._unscaled = False  # precision.py: this step's gradients are still scaled
         self._tied.before_step()
         self._execute(self.schedule, data)
         self._tied.after_step()
+        for stage, replicas_of_stage in self._replicas.items():
+            replicas_of_stage.sum_gradients(p for p in self.stages[stage].module.parameters() if p.requires_grad)
         loss = None
-        if self.rank == self._last_stage_rank:
-            loss = sum((data.losses[i].double() * w for i, w in enumerate(data.weights)), torch.tensor(0.0,
-                       dtype=torch.float64, device=self.device)).to(data.losses[0].dtype)
+        if self._holds_last:
+            dtype = next(iter(data.losses.values())).dtype
+            loss = sum((data.losses[i].double() * data.weights[i] for i in sorted(data.losses)),
+                       torch.tensor(0.0, dtype=torch.float64, device=self.device))
+            if self.pipe.n_stages - 1 in self._replicas:
+                loss = self._replicas[self.pipe.n_stages - 1].sum_value(loss.reshape(1))[0]
+            loss = loss.to(dtype)
         if self.broadcast_loss:
             value = loss if loss is not None else torch.zeros((), device=self.device)
             value = value.to(torch.float32).reshape(1).clone()
@@ -231,19 +266,75 @@ class PipelineRunner(ScaledStep):
     def forward(self, *inputs: Any, **kwargs: Any) -> Any:
         """Forward-only pipeline (no autograd graph). Returns the merged output of the last stage
         on its rank, None elsewhere."""
+        if len(self.schedule.replicas[-1]) > 1:
+            raise ValueError("forward() with a replicated last stage is not supported: build an inference "
+                             "runner without replicas on the last stage")
         data = self._prepare(inputs, kwargs, None, training=False)
         self._execute(self._forward_program, data)
-        if self.rank != self._last_stage_rank:
+        if not self._holds_last:
             return None
         return merge([data.outputs[i] for i in range(self.n_microbatches)])
 
-    def _prepare(self, inputs: tuple, kwargs: dict, target: Any, *, training: bool) -> _StepData:
-        data = _StepData(training=training)
+    def stream(self, batches: Iterable[Any], optimizer: torch.optim.Optimizer) -> Iterator[torch.Tensor]:
+        """Train on a stream of ``(inputs, target)`` batches without draining between them
+        (asynchronous schedules); ``optimizer`` (built on :meth:`parameters`) is stepped by the
+        pipeline's update actions, each applying the mean gradient of the micro-batches since the
+        stage's previous update. Yields each micro-batch's loss, in order, on the last stage's
+        rank (nothing elsewhere). Every rank iterates the same batches and consumes the whole
+        generator; the pipeline drains once, when ``batches`` ends.
+        """
+        if self.schedule.stream is None:
+            raise ValueError(f"schedule {self.schedule.name!r} is synchronous: train it with step(); stream() "
+                             "runs asynchronous schedules ('pipedream', 'pipedream-2bw')")
+        if self.loss_fn is None:
+            raise ValueError("stream() trains and needs a loss: pass loss_fn=... to PipelineRunner")
+        feed = StreamFeed(iter(batches), self.n_microbatches, self.device, keeps_inputs=0 in self.stages,
+                          keeps_targets=self._holds_last)
+        self._optimizer = optimizer
+        optimizer.zero_grad(set_to_none=True)
+        for stage in self.stages.values():  # version 0 of this stream: the weights as they are now
+            stage.versions = WeightVersions(stage.module)
+        self._accumulated = {}
+        self.transport.expect(incoming_stream(self.schedule, self.rank, feed.exists))
+        self.trace = []
+        try:
+            for action in self.schedule.stream(self.rank, feed.exists):
+                began = self._ready = time.perf_counter()
+                self._run(action, feed, self.schedule)
+                self.trace.append(TraceEvent(self.rank, str(action), self._ready, time.perf_counter(),
+                                             self._ready - began))
+                if action.kind == FORWARD and action.microbatch in feed.losses:
+                    yield feed.losses.pop(action.microbatch)
+            self.transport.finish()
+        finally:
+            self._optimizer = None
+
+    def _update(self, action: Action) -> None:
+        """Step the optimizer on the mean gradient accumulated since this stage's last update."""
+        stage = self.stages[action.stage]
+        if self._optimizer is None or stage.versions is None:
+            raise RuntimeError(f"{action} needs an optimizer: run asynchronous schedules with stream()")
+        count = self._accumulated.pop(action.stage, 0)
+        self.transport.flush()  # no staged message may wait behind the replicas' collective
+        if action.stage in self._replicas:
+            replicas_of_stage = self._replicas[action.stage]
+            replicas_of_stage.sum_gradients(stage.versions.live.values())
+            count *= replicas_of_stage.size  # the schedule gives every replica the same share
+        if count > 1:
+            for parameter in stage.versions.live.values():
+                if parameter.grad is not None:
+                    parameter.grad.div_(count)
+        self._optimizer.step()
+        self._optimizer.zero_grad(set_to_none=True)
+        stage.versions.updated(action.version)
+
+    def _prepare(self, inputs: tuple, kwargs: dict, target: Any, *, training: bool) -> StepData:
+        data = StepData(training=training)
         if 0 in self.stages:
             to_device = [x.to(self.device) if isinstance(x, torch.Tensor) else x for x in inputs]
             kwargs = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
             data.microbatches = split_batch(tuple(to_device), kwargs, self.n_microbatches)
-        if training and self.rank == self._last_stage_rank:
+        if training and self._holds_last:
             target = target.to(self.device) if isinstance(target, torch.Tensor) else target
             size = _first_dim(target)
             if size < self.n_microbatches:
@@ -252,7 +343,7 @@ class PipelineRunner(ScaledStep):
             data.weights = loss_weights(data.targets, self.loss_weighting, self.ignore_index)
         return data
 
-    def _execute(self, program: Schedule, data: _StepData) -> None:
+    def _execute(self, program: Schedule, data: StepData) -> None:
         for stage in self.stages.values():
             stage.reset_stats()
         self.transport.expect(self._incoming[data.training])
@@ -266,29 +357,33 @@ class PipelineRunner(ScaledStep):
         finally:
             self.trace = trace
 
-    def _run(self, action: Action, data: _StepData, program: Schedule) -> None:
+    def _run(self, action: Action, data: StepData | StreamFeed, program: Schedule) -> None:
         stage = self.stages[action.stage]
         microbatch = action.microbatch
         received: Any = None
         try:
             if action.kind == FORWARD:
                 if stage.is_first:
-                    args, kwargs = data.microbatches[microbatch]
+                    args, kwargs = data.inputs(microbatch)
                 else:
-                    received = self._receive(Message(ACTIVATION, action.stage - 1, microbatch))
+                    received = self._receive(Message(ACTIVATION, action.stage - 1, microbatch), program)
                     args, kwargs = (received,), {}
-                target = data.targets[microbatch] if stage.is_last and data.training else None
-                weight = data.weights[microbatch] * self.loss_scale if stage.is_last and data.training else 1.0
+                target, weight = data.target(microbatch) if stage.is_last and data.training else (None, 1.0)
+                weight *= self.loss_scale  # fp16 (precision.py): the last stage's loss is scaled
                 result = stage.forward(microbatch, args, kwargs, target=target, weight=weight,
-                                       training=data.training)
+                                       training=data.training, version=action.version)
                 if stage.is_last:
                     if self.detect_anomaly and data.training:
                         _require_finite("the loss", [result])
-                    (data.losses if data.training else data.outputs)[microbatch] = result
+                    data.record(microbatch, result)
                 else:
                     self._send(Message(ACTIVATION, action.stage, microbatch), result, program)
+            elif action.kind == UPDATE:
+                self._update(action)
             elif action.kind in (BACKWARD, INPUT_GRAD):
-                grads = None if stage.is_last else self._receive(Message(GRADIENT, action.stage + 1, microbatch))
+                self._accumulated[action.stage] = self._accumulated.get(action.stage, 0) + 1
+                grads = None if stage.is_last else self._receive(Message(GRADIENT, action.stage + 1, microbatch),
+                                                                 program)
                 run = stage.backward if action.kind == BACKWARD else stage.backward_input
                 input_grads = run(microbatch, grads)
                 if self.detect_anomaly:
@@ -310,13 +405,13 @@ class PipelineRunner(ScaledStep):
             raise PipelineError(f"{type(error).__name__}: {error}{hint}", rank=self.rank, stage=action.stage,
                                 microbatch=microbatch, action=str(action)) from error
 
-    def _receive(self, message: Message) -> Any:
-        value = self.transport.receive(message)
+    def _receive(self, message: Message, program: Schedule) -> Any:
+        value = self.transport.receive(message, program.rank_of(message.stage, message.microbatch))
         self._ready = time.perf_counter()
         return value
 
     def _send(self, message: Message, value: Any, program: Schedule) -> None:
-        destination = program.placement[message.target_stage]
+        destination = program.rank_of(message.target_stage, message.microbatch)
         if destination == self.rank:
             self.transport.deliver_local(message, value)
         else:

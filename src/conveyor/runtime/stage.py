@@ -10,8 +10,10 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from torch.func import functional_call
 
 from .bundle import flatten, unflatten
+from .versions import WeightVersions
 
 __all__ = ["StageExecutor"]
 
@@ -30,6 +32,7 @@ class _Stashed:
     target: Any = None
     weight: float = 1.0
     rng_state: tuple | None = None
+    version: int | None = None       # the stashed weight version it runs with (async schedules)
 
 
 @contextmanager
@@ -64,6 +67,7 @@ class StageExecutor:
         self.device = device
         self._stash: dict[int, _Stashed] = {}
         self.peak_stashed = 0
+        self.versions: WeightVersions | None = None  # set for schedules that update weights themselves
         self.precision_context: Callable[[], AbstractContextManager[Any]] = nullcontext  # autocast (precision.py)
 
     # --- helpers -----------------------------------------------------------------------------
@@ -71,9 +75,11 @@ class StageExecutor:
         cuda = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
         return torch.get_rng_state(), cuda
 
-    def _call(self, args: tuple, kwargs: dict) -> Any:
+    def _call(self, args: tuple, kwargs: dict, version: int | None = None) -> Any:
         with self.precision_context():
-            return self.module(*args, **kwargs)
+            if version is None or self.versions is None:
+                return self.module(*args, **kwargs)
+            return functional_call(self.module, self.versions.weights(version), args, kwargs)
 
     def _loss(self, output: Any, target: Any, weight: float) -> tuple[torch.Tensor, torch.Tensor]:
         assert self.loss_fn is not None
@@ -110,9 +116,10 @@ class StageExecutor:
 
     # --- actions -----------------------------------------------------------------------------
     def forward(self, microbatch: int, args: tuple, kwargs: dict, *, target: Any = None,
-                weight: float = 1.0, training: bool = True) -> Any:
-        """Run the forward of ``microbatch``. Returns the output to send downstream, or (last
-        stage, training) the unweighted loss, detached."""
+                weight: float = 1.0, training: bool = True, version: int | None = None) -> Any:
+        """Run the forward of ``microbatch`` (on weight ``version`` when weights are stashed).
+        Returns the output to send downstream, or (last stage, training) the unweighted loss,
+        detached."""
         if not training:
             with torch.no_grad():
                 return self._call(args, kwargs)
@@ -121,7 +128,10 @@ class StageExecutor:
         stashed = _Stashed(args, kwargs, input_leaves + kwarg_leaves, target=target, weight=weight)
         if self.recompute:
             stashed.rng_state = self._rng_state()
-        output = self._call(args, kwargs)
+        if version is not None and self.versions is not None:
+            self.versions.acquire(version)
+            stashed.version = version
+        output = self._call(args, kwargs, stashed.version)
         if self.is_last:
             loss, weighted = self._loss(output, target, weight)
             outputs, result = [weighted], loss.detach()
@@ -138,7 +148,7 @@ class StageExecutor:
             return
         assert stashed.rng_state is not None
         with _replayed_rng(stashed.rng_state, self.device):
-            output = self._call(stashed.args, stashed.kwargs)
+            output = self._call(stashed.args, stashed.kwargs, stashed.version)
             if self.is_last:
                 stashed.outputs = [self._loss(output, stashed.target, stashed.weight)[1]]
             else:
@@ -166,6 +176,8 @@ class StageExecutor:
         outputs, grads = self._pairs(stashed, output_grads)
         if outputs:
             torch.autograd.backward(outputs, None if self.is_last else grads)
+        if stashed.version is not None and self.versions is not None:
+            self.versions.release(stashed.version)
         return self._input_grads(stashed)
 
     def backward_input(self, microbatch: int, output_grads: list | None) -> list[torch.Tensor | None]:

@@ -162,10 +162,10 @@ class HostStagedTransport(Transport):
             super().send(destination, message, unflatten(structure, host))
         return True
 
-    def receive(self, message: Message) -> Any:
-        """The value of ``message`` on the compute device."""
+    def receive(self, message: Message, source: int) -> Any:
+        """The value of ``message`` from rank ``source``, on the compute device."""
         self._post_ready(block=message not in self._arrived)
-        value = super().receive(message)
+        value = super().receive(message, source)
         structure, tensors = flatten(value, f"stage {message.stage} {message.kind}")
         if all(t.device == self.compute_device for t in tensors):
             return value  # handed over in memory by a stage on this rank
@@ -173,6 +173,10 @@ class HostStagedTransport(Transport):
             moved = self.stager.to_device([t.detach() for t in tensors])
         return unflatten(structure, [_keep_flag(m, t) for m, t in zip(moved, tensors)])
 
-    def finish(self) -> None:
+    def flush(self) -> None:
+        """Post every staged send now, waiting for the copies still running."""
         self._post_ready(block=True)
+
+    def finish(self) -> None:
+        self.flush()
         super().finish()

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -13,6 +14,8 @@ from .actions import Action, Schedule
 from .gpipe import gpipe
 from .interleaved import interleaved_1f1b
 from .one_f_one_b import one_f_one_b
+from .pipedream import pipedream
+from .pipedream_2bw import pipedream_2bw
 from .simulate import SimulationResult, simulate
 from .validate import ScheduleError, validate
 from .zero_bubble import zb_h1, zb_v
@@ -36,6 +39,8 @@ SCHEDULES: dict[str, Generator] = {
     "interleaved-1f1b": interleaved_1f1b,
     "zb-h1": zb_h1,
     "zb-v": zb_v,
+    "pipedream": pipedream,
+    "pipedream-2bw": pipedream_2bw,
 }
 
 
@@ -60,5 +65,10 @@ def make_schedule(
             raise ValueError(
                 f"unknown schedule {schedule!r}; choose one of {sorted(SCHEDULES)} or pass a conveyor.Schedule"
             ) from None
+        if options.get("replicas") is not None and "replicas" not in inspect.signature(generator).parameters:
+            supported = sorted(name for name, g in SCHEDULES.items() if "replicas" in inspect.signature(g).parameters)
+            raise ValueError(f"schedule {schedule!r} does not support replicated stages; use one of {supported}")
+        if options.get("replicas", 0) is None:
+            options = {k: v for k, v in options.items() if k != "replicas"}
         program = generator(n_ranks, n_stages, n_microbatches, **options)
     return validate(program)

@@ -13,18 +13,22 @@ Stage ``s`` holds the activations of all ``m`` micro-batches at the flush; with
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from .actions import BACKWARD, FORWARD, Action, Schedule
-from .checks import require_one_stage_per_rank
+from .checks import replica_groups
 
 __all__ = ["gpipe"]
 
 
-def gpipe(n_ranks: int, n_stages: int, n_microbatches: int) -> Schedule:
-    """The fill-drain program: one stage per rank."""
-    require_one_stage_per_rank("gpipe", n_ranks, n_stages)
-    ranks = tuple(
-        tuple(Action(FORWARD, stage, i) for i in range(n_microbatches))
-        + tuple(Action(BACKWARD, stage, i) for i in range(n_microbatches))
-        for stage in range(n_stages)
-    )
-    return Schedule(ranks, n_stages, n_microbatches, name="gpipe")
+def gpipe(n_ranks: int, n_stages: int, n_microbatches: int, replicas: Sequence[int] | None = None) -> Schedule:
+    """The fill-drain program: one stage per rank, or ``replicas[s]`` ranks for stage ``s`` taking
+    its micro-batches round robin."""
+    groups = replica_groups("gpipe", n_ranks, n_stages, replicas)
+    ranks = []
+    for stage, group in enumerate(groups):
+        for replica in range(len(group)):
+            mine = range(replica, n_microbatches, len(group))
+            forwards = tuple(Action(FORWARD, stage, i) for i in mine)
+            ranks.append(forwards + tuple(Action(BACKWARD, stage, i) for i in mine))
+    return Schedule(tuple(ranks), n_stages, n_microbatches, name="gpipe", replicas=groups)

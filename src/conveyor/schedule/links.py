@@ -8,11 +8,12 @@ every inbound link, the exact sequence of messages to expect: no tags are needed
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from .actions import FORWARD, Action, Schedule
 
-__all__ = ["Message", "outgoing", "incoming", "link_order", "required_message"]
+__all__ = ["Message", "outgoing", "incoming", "incoming_stream", "link_order", "required_message"]
 
 ACTIVATION = "activation"
 GRADIENT = "gradient"
@@ -62,7 +63,7 @@ def link_order(schedule: Schedule) -> dict[tuple[int, int], list[Message]]:
         for action in actions:
             message = outgoing(action, schedule.n_stages, training)
             if message is not None:
-                destination = schedule.placement[message.target_stage]
+                destination = schedule.rank_of(message.target_stage, message.microbatch)
                 links.setdefault((rank, destination), []).append(message)
     return links
 
@@ -74,3 +75,21 @@ def incoming(schedule: Schedule, rank: int) -> dict[int, list[Message]]:
         for (source, destination), messages in link_order(schedule).items()
         if destination == rank and source != rank
     }
+
+
+def incoming_stream(schedule: Schedule, rank: int, exists: Callable[[int], bool]) -> dict[int, Iterator[Message]]:
+    """:func:`incoming` for a streaming schedule: for each neighbour rank, the messages it sends
+    ``rank``, generated lazily from its own action stream as the receiver needs them."""
+    assert schedule.stream is not None
+    mine = set(schedule.stages_of(rank))
+    neighbours = {holder for stage in mine for s in (stage - 1, stage + 1) if 0 <= s < schedule.n_stages
+                  for holder in schedule.replicas[s]} - {rank}
+
+    def messages_from(source: int) -> Iterator[Message]:
+        assert schedule.stream is not None
+        for action in schedule.stream(source, exists):
+            message = outgoing(action, schedule.n_stages)
+            if message is not None and schedule.rank_of(message.target_stage, message.microbatch) == rank:
+                yield message
+
+    return {source: messages_from(source) for source in sorted(neighbours)}

@@ -15,24 +15,23 @@ Stage ``s`` of ``p`` runs ``p - s - 1`` warm-up forwards, so it never holds more
 
 from __future__ import annotations
 
-from .actions import BACKWARD, FORWARD, Action, Schedule
-from .checks import require_one_stage_per_rank
+from collections.abc import Sequence
+
+from .actions import Schedule
+from .checks import in_flight, replica_groups
+from .stream import worker_actions
 
 __all__ = ["one_f_one_b"]
 
 
-def _stage_program(stage: int, n_stages: int, n_microbatches: int) -> tuple[Action, ...]:
-    warmup = min(n_stages - stage - 1, n_microbatches)
-    program = [Action(FORWARD, stage, i) for i in range(warmup)]
-    for i in range(n_microbatches - warmup):
-        program.append(Action(FORWARD, stage, warmup + i))
-        program.append(Action(BACKWARD, stage, i))
-    program += [Action(BACKWARD, stage, i) for i in range(n_microbatches - warmup, n_microbatches)]
-    return tuple(program)
-
-
-def one_f_one_b(n_ranks: int, n_stages: int, n_microbatches: int) -> Schedule:
-    """The 1F1B program with a flush at the end of the step: one stage per rank."""
-    require_one_stage_per_rank("1f1b", n_ranks, n_stages)
-    ranks = tuple(_stage_program(stage, n_stages, n_microbatches) for stage in range(n_stages))
-    return Schedule(ranks, n_stages, n_microbatches, name="1f1b")
+def one_f_one_b(n_ranks: int, n_stages: int, n_microbatches: int, replicas: Sequence[int] | None = None) -> Schedule:
+    """The 1F1B program with a flush at the end of the step: one stage per rank, or ``replicas[s]``
+    ranks for stage ``s`` taking its micro-batches round robin (``replicas=[2, 2]``: two 2-stage
+    pipelines, i.e. pipeline x data parallelism)."""
+    groups = replica_groups("1f1b", n_ranks, n_stages, replicas)
+    ranks = []
+    for stage, group in enumerate(groups):
+        for replica in range(len(group)):
+            ranks.append(tuple(worker_actions(stage, in_flight(groups, stage), lambda k: k < n_microbatches,
+                                              replica=replica, n_replicas=len(group))))
+    return Schedule(tuple(ranks), n_stages, n_microbatches, name="1f1b", replicas=groups)

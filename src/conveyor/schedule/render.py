@@ -25,7 +25,8 @@ __all__ = ["chrome_trace", "render_timeline"]
 TimedAction = tuple[int, str, float, float]
 
 # how each kind is drawn: (mix towards white (+) or black (-), hatch)
-_SHADES: dict[str, tuple[float, str]] = {"F": (0.45, ""), "B": (-0.25, ""), "I": (0.0, ""), "W": (0.55, "////")}
+_SHADES: dict[str, tuple[float, str]] = {"F": (0.45, ""), "B": (-0.25, ""), "I": (0.0, ""), "W": (0.55, "////"),
+                                         "U": (-0.8, "..")}
 
 
 def _normalise(events: Any) -> list[TimedAction]:
@@ -98,6 +99,8 @@ def render_timeline(events: Iterable[Any], path: str | Path, *, title: str | Non
             label = f"${action.microbatch}_{{{action.stage}}}$"
         else:
             label = str(action.microbatch)
+        if action is not None and action.version is not None:  # weight stashing: the version it used
+            label += f"\nv{action.version}"
         if (end - start) / span > 0.008:
             axes.text(start - t0 + (end - start) / 2, rank, label, ha="center", va="center", fontsize=7,
                       color="white" if shade < 0 else "black")

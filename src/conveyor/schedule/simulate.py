@@ -16,13 +16,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from .actions import BACKWARD, FORWARD, INPUT_GRAD, KINDS, WEIGHT_GRAD, Action, Schedule
+from .actions import BACKWARD, FORWARD, INPUT_GRAD, KINDS, UPDATE, WEIGHT_GRAD, Action, Schedule
 from .links import Message, outgoing, required_message
 from .validate import execution_order
 
 __all__ = ["DEFAULT_COSTS", "Event", "SimulationResult", "simulate"]
 
-DEFAULT_COSTS: dict[str, float] = {FORWARD: 1.0, BACKWARD: 2.0, INPUT_GRAD: 1.0, WEIGHT_GRAD: 1.0}
+DEFAULT_COSTS: dict[str, float] = {FORWARD: 1.0, BACKWARD: 2.0, INPUT_GRAD: 1.0, WEIGHT_GRAD: 1.0, UPDATE: 0.0}
 
 Costs = Mapping[str, float | Sequence[float]]
 
@@ -128,7 +128,7 @@ def simulate(
         events.append(Event(rank, action, start, end))
         message = outgoing(action, program.n_stages, training)
         if message is not None:
-            same_rank = program.placement[message.target_stage] == rank
+            same_rank = program.rank_of(message.target_stage, message.microbatch) == rank
             arrival[message] = end + (0.0 if same_rank else comm)
 
     events.sort(key=lambda e: (e.start, e.rank))

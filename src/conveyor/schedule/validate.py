@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .actions import BACKWARD, FORWARD, INPUT_GRAD, WEIGHT_GRAD, Action, Schedule
+from .actions import BACKWARD, FORWARD, INPUT_GRAD, UPDATE, WEIGHT_GRAD, Action, Schedule
 from .links import outgoing, required_message
 
 __all__ = ["ScheduleError", "validate", "execution_order"]
@@ -40,13 +40,39 @@ def _check_complete(schedule: Schedule) -> None:
                 )
 
 
-def _local_prerequisite(action: Action) -> Action | None:
+def _local_prerequisite(action: Action, done: set[Action]) -> Action | None:
     """The action of the same stage that must already have run on this rank."""
     if action.kind in (BACKWARD, INPUT_GRAD):
         return Action(FORWARD, action.stage, action.microbatch)
     if action.kind == WEIGHT_GRAD:
         return Action(INPUT_GRAD, action.stage, action.microbatch)
+    if action.kind == UPDATE:
+        weight_grad = Action(WEIGHT_GRAD, action.stage, action.microbatch)
+        return weight_grad if weight_grad in done else Action(BACKWARD, action.stage, action.microbatch)
     return None
+
+
+def _check_versions(schedule: Schedule) -> None:
+    """A forward may only ask for a weight version its stage has already made (one per U), never
+    older than an earlier forward's or than the floor an earlier update announced."""
+    for rank, actions in enumerate(schedule.ranks):
+        updates: dict[int, int] = {}
+        newest: dict[int, int] = {}
+        for action in actions:
+            if action.kind == UPDATE:
+                updates[action.stage] = updates.get(action.stage, 0) + 1
+                if action.version is not None:
+                    newest[action.stage] = max(newest.get(action.stage, 0), action.version)
+            elif action.version is not None:
+                if action.version > updates.get(action.stage, 0):
+                    raise ScheduleError(
+                        f"rank {rank} runs {action} after only {updates.get(action.stage, 0)} updates of stage "
+                        f"{action.stage}: version {action.version} does not exist yet"
+                    )
+                if action.version < newest.get(action.stage, 0):
+                    raise ScheduleError(f"rank {rank} runs {action} after a forward on a newer version (or an "
+                                        "update that dropped it): a stage's forward versions must not decrease")
+                newest[action.stage] = action.version
 
 
 def execution_order(schedule: Schedule) -> list[tuple[int, Action]]:
@@ -56,35 +82,59 @@ def execution_order(schedule: Schedule) -> list[tuple[int, Action]]:
     runs before the action of its own stage that it needs.
     """
     _check_complete(schedule)
+    _check_versions(schedule)
     cursor = [0] * schedule.n_ranks
+    updates = [0] * schedule.n_ranks  # U actions each rank has run (replicas update together)
     done: set[Action] = set()
     delivered: set = set()
     order: list[tuple[int, Action]] = []
+
+    def run(rank: int, action: Action) -> None:
+        done.add(action)
+        order.append((rank, action))
+        message = outgoing(action, schedule.n_stages, schedule.is_training)
+        if message is not None:
+            delivered.add(message)
+        if action.kind == UPDATE:
+            updates[rank] += 1
+        cursor[rank] += 1
+
+    def replicas_ready(action: Action) -> list[int] | None:
+        """The replicas of a replicated update, if all of them have reached the same update."""
+        group = schedule.replicas[action.stage]
+        for other in group:
+            at = schedule.ranks[other][cursor[other]] if cursor[other] < len(schedule.ranks[other]) else None
+            if at is None or at.kind != UPDATE or at.stage != action.stage or updates[other] != updates[group[0]]:
+                return None
+        return list(group)
+
     progress = True
     while progress:
         progress = False
         for rank, actions in enumerate(schedule.ranks):
             while cursor[rank] < len(actions):
                 action = actions[cursor[rank]]
-                prerequisite = _local_prerequisite(action)
+                prerequisite = _local_prerequisite(action, done)
                 if prerequisite is not None and prerequisite not in done:
                     raise ScheduleError(
                         f"rank {rank} runs {action} before {prerequisite}: a stage's backward must "
-                        "follow its forward (and W must follow I) on the same rank"
+                        "follow its forward (W must follow I, U the backward) on the same rank"
                     )
                 needed = required_message(action, schedule.n_stages)
                 if needed is not None and needed not in delivered:
                     break
-                done.add(action)
-                order.append((rank, action))
-                message = outgoing(action, schedule.n_stages, schedule.is_training)
-                if message is not None:
-                    delivered.add(message)
-                cursor[rank] += 1
+                if action.kind == UPDATE and len(schedule.replicas[action.stage]) > 1:
+                    group = replicas_ready(action)
+                    if group is None:
+                        break
+                    for member in group:
+                        run(member, schedule.ranks[member][cursor[member]])
+                else:
+                    run(rank, action)
                 progress = True
     blocked = [
         f"rank {rank} waits at {actions[cursor[rank]]} for "
-        f"{required_message(actions[cursor[rank]], schedule.n_stages)}"
+        f"{required_message(actions[cursor[rank]], schedule.n_stages) or 'the other replicas of its stage'}"
         for rank, actions in enumerate(schedule.ranks)
         if cursor[rank] < len(actions)
     ]
