@@ -169,3 +169,16 @@ def test_bf16_recompute_replays_the_autocast_forward_exactly(schedule: str) -> N
         pipeline.step(x, target=y)
         grads.append({n: p.grad for n, p in pipeline.named_parameters()})
     assert all(torch.equal(grads[0][n], grads[1][n]) for n in grads[0])
+
+
+def test_fp16_with_an_asynchronous_schedule_is_rejected(one_rank_group: None) -> None:
+    with pytest.raises(ValueError, match="use precision='bf16'"):
+        conveyor.PipelineRunner(conveyor.pipeline(mlp32(), n_stages=1), schedule="pipedream", n_microbatches=2,
+                                loss_fn=mse, precision="fp16", device="cpu")
+
+
+def test_bf16_runs_an_asynchronous_schedule_with_fp32_weights() -> None:
+    per_rank = conveyor.launch(workers.bf16_stream, 2, timeout=120)
+    losses = per_rank[1]["losses"]
+    assert len(losses) == 6 and all(torch.isfinite(loss).all() for loss in losses)
+    assert all(r["moved"] and r["dtypes"] == {torch.float32} for r in per_rank)

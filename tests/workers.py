@@ -323,3 +323,16 @@ def gpu_host_staged(rank: int, world_size: int) -> dict:
     runner.step(x, target=y)
     return {"transport": type(runner.transport).__name__,
             "grads": {n: p.grad.cpu() for n, p in runner.named_parameters()}}
+
+
+def bf16_stream(rank: int, world_size: int) -> dict:
+    """PipeDream (weights stashed, updates inside the pipeline) with bf16 autocast."""
+    from models import mlp32
+
+    runner = conveyor.PipelineRunner(conveyor.pipeline(mlp32(), n_stages=world_size), schedule="pipedream",
+                                     n_microbatches=2, loss_fn=mse, precision="bf16")
+    optimizer = torch.optim.SGD(runner.parameters(), lr=0.01)
+    before = {n: p.detach().clone() for n, p in runner.named_parameters()}
+    losses = list(runner.stream([batch32() for _ in range(3)], optimizer))
+    return {"losses": losses, "moved": all(not torch.equal(p, before[n]) for n, p in runner.named_parameters()),
+            "dtypes": {p.dtype for p in runner.parameters()}}

@@ -27,10 +27,14 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def check_precision(precision: str) -> str:
+def check_precision(precision: str, streaming: bool = False) -> str:
+    """``precision`` if it is known (and, for fp16, the schedule leaves the optimizer step to the caller)."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision={precision!r} is not one of {PRECISIONS}: use 'bf16' (autocast, no scaling), "
                          "'fp16' (autocast with loss scaling) or 'fp32'")
+    if precision == "fp16" and streaming:
+        raise ValueError("precision='fp16' needs the optimizer step outside the pipeline (loss scaling decides "
+                         "it), but this asynchronous schedule steps inside it: use precision='bf16'")
     return precision
 
 

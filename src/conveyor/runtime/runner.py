@@ -96,7 +96,8 @@ class PipelineRunner(ScaledStep):
             module = materialize(pipe.stage_module(index), self.device, init_fn)
             self.stages[index] = StageExecutor(index, module, is_first=index == 0, is_last=index == last,
                                                loss_fn=loss_fn, recompute=recompute, device=self.device)
-            self.stages[index].precision_context = autocast_for(check_precision(precision), self.device)
+            self.stages[index].precision_context = autocast_for(check_precision(precision, self.schedule.is_streaming),
+                                                                     self.device)
         self.precision = precision
         self.scaler: LossScaler | None = LossScaler() if precision == "fp16" else None
         if self.schedule.is_streaming:
