@@ -25,6 +25,7 @@ BATCH = 32
 SEQ_LEN = 64
 # 1F1B and 2BW update on the mean gradient of 32 sequences; PipeDream after every micro-batch of 4
 LEARNING_RATES = {"1f1b": 3e-3, "pipedream-2bw": 3e-3, "pipedream": 1e-3}
+OPTIONS = {"pipedream-2bw": {"window": N_MICROBATCHES}}
 
 
 def _batches(n_batches: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -33,13 +34,13 @@ def _batches(n_batches: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [train_set.batch(BATCH, SEQ_LEN, generator) for _ in range(n_batches)]
 
 
-def _worker(rank: int, world_size: int, schedule: str, n_batches: int) -> dict:
+def _worker(rank: int, world_size: int, schedule: str, n_batches: int, lr: float) -> dict:
     train_set, val_set = CharDataset(load_text(), "train"), CharDataset(load_text(), "val")
     torch.manual_seed(0)
     model = char_transformer(train_set.vocab_size, width=128, depth=4, heads=4, seq_len=SEQ_LEN)
     runner = conveyor.PipelineRunner(conveyor.pipeline(model, n_stages=world_size), schedule=schedule,
-                                     n_microbatches=N_MICROBATCHES, loss_fn=lm_loss)
-    optimizer = torch.optim.AdamW(runner.parameters(), lr=LEARNING_RATES[schedule])
+                                     n_microbatches=N_MICROBATCHES, loss_fn=lm_loss, **OPTIONS.get(schedule, {}))
+    optimizer = torch.optim.AdamW(runner.parameters(), lr=lr)
     batches = _batches(n_batches)
     losses: list[float] = []
     start = time.perf_counter()
@@ -73,26 +74,32 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batches", type=int, default=250)
     parser.add_argument("--out", type=Path, default=Path("docs/figures/async_convergence.png"))
+    parser.add_argument("--only", nargs="+", default=list(LEARNING_RATES), help="rerun only these schedules "
+                        "(the others are read back from the JSON next to --out)")
     args = parser.parse_args()
-    curves: dict[str, list[float]] = {}
-    summary: dict[str, dict] = {}
-    for schedule in ("1f1b", "pipedream", "pipedream-2bw"):
-        per_rank = conveyor.launch(_worker, N_STAGES, args=(schedule, args.batches), timeout=1800)
+    record = args.out.with_suffix(".json")
+    saved = json.loads(record.read_text()) if record.exists() else {}
+    curves: dict[str, list[float]] = {name: entry.pop("curve") for name, entry in saved.items() if "curve" in entry}
+    summary: dict[str, dict] = {name: entry for name, entry in saved.items() if name in curves}
+    for schedule in args.only:
+        lr = LEARNING_RATES[schedule]
+        per_rank = conveyor.launch(_worker, N_STAGES, args=(schedule, args.batches, lr), timeout=1800)
         last = per_rank[-1]
         per_batch = last["losses"] if schedule == "1f1b" else _per_batch(last["losses"], N_MICROBATCHES)
         curves[schedule] = per_batch
         versions = {stage: v for result in per_rank for stage, v in result["versions"].items()}
         summary[schedule] = {"final_train": sum(per_batch[-10:]) / 10, "val": last["val"],
-                             "seconds": last["seconds"], "lr": LEARNING_RATES[schedule], "peak_versions": versions}
+                             "seconds": last["seconds"], "lr": lr, "options": OPTIONS.get(schedule, {}),
+                             "peak_versions": versions}
         print(schedule, json.dumps(summary[schedule]), flush=True)
-    base = summary["1f1b"]["val"]
-    for entry in summary.values():
-        entry["val_vs_1f1b"] = entry["val"] / base
+    if "1f1b" in summary:
+        for entry in summary.values():
+            entry["val_vs_1f1b"] = entry["val"] / summary["1f1b"]["val"]
     from matplotlib.figure import Figure
 
     figure = Figure(figsize=(7, 4))
     axes = figure.add_subplot()
-    for schedule, curve in curves.items():
+    for schedule, curve in sorted(curves.items()):
         axes.plot(range(1, len(curve) + 1), curve, label=f"{schedule} (val {summary[schedule]['val']:.3f})",
                   linewidth=1)
     axes.set_xlabel(f"batches of {BATCH} sequences (same samples, same order)")
@@ -102,8 +109,9 @@ def main() -> None:
     figure.tight_layout()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(args.out, dpi=120)
-    args.out.with_suffix(".json").write_text(json.dumps(summary, indent=1) + "\n")
-    print(f"wrote {args.out} and {args.out.with_suffix('.json')}")
+    record.write_text(json.dumps({name: {**entry, "curve": curves[name]} for name, entry in summary.items()},
+                                 indent=1) + "\n")
+    print(f"wrote {args.out} and {record}")
 
 
 if __name__ == "__main__":

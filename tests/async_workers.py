@@ -108,3 +108,17 @@ def misuse(rank: int, world_size: int, case: str) -> str:
     except ValueError as error:
         return str(error)
     return "no error"
+
+
+def replicated_save(rank: int, world_size: int, path: str) -> dict:
+    """Train 2 steps with replicas [2, 2] and save: each stage's replicas hold the same tensors."""
+    pipe = conveyor.pipeline(mlp(), n_stages=2)
+    runner = conveyor.PipelineRunner(pipe, schedule="1f1b", n_microbatches=4, loss_fn=mse, replicas=[2, 2])
+    optimizer = torch.optim.Adam(runner.parameters(), lr=0.01)
+    for step in range(2):
+        optimizer.zero_grad()
+        inputs, target = batch(step)
+        runner.step(inputs, target=target)
+        optimizer.step()
+    runner.save(path, optimizer, step=2)
+    return runner.state_dict()

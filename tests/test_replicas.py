@@ -76,3 +76,13 @@ def test_replica_counts_that_do_not_add_up_to_the_ranks_are_rejected_with_the_fi
 def test_schedules_without_replica_support_say_which_ones_have_it() -> None:
     with pytest.raises(ValueError, match="does not support replicated stages"):
         make_schedule("zb-h1", 4, 2, 4, replicas=[2, 2])
+
+
+def test_a_checkpoint_of_replicated_stages_loads_into_the_unsplit_model(tmp_path) -> None:  # noqa: ANN001
+    per_rank = conveyor.launch(async_workers.replicated_save, 4, args=(str(tmp_path / "ckpt"),), timeout=120)
+    state = conveyor.load_full(tmp_path / "ckpt")
+    model = mlp()
+    model.load_state_dict(state)
+    for rank_result in per_rank:
+        for name, tensor in rank_result.items():
+            assert torch.equal(state[name], tensor), name

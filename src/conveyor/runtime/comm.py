@@ -60,13 +60,35 @@ def _pack(tensors: list[torch.Tensor], into: torch.Tensor) -> None:
         offset += _pad(size)
 
 
-def _encode(value: Any, where: str, capacity: int) -> tuple[torch.Tensor, torch.Tensor | None, int]:
-    """(message of ``capacity`` bytes, separate data buffer or None, bytes the value needs)."""
+class _Described:
+    """A sent value's metadata and the message head built from it, reused while a link keeps
+    sending values of the same structure, shapes and dtypes (pickling it costs tens of µs)."""
+
+    __slots__ = ("structure", "specs", "meta", "heads")
+
+    def __init__(self, structure: Any, specs: list) -> None:
+        self.structure, self.specs = structure, specs
+        self.meta = pickle.dumps((structure, specs), protocol=pickle.HIGHEST_PROTOCOL)
+        self.heads: dict[tuple[bool, int], torch.Tensor] = {}
+
+    def head(self, inline: bool, data_bytes: int) -> torch.Tensor:
+        key = (inline, data_bytes)
+        if key not in self.heads:
+            raw = bytearray(_PREFIX.pack(len(self.meta), int(inline), data_bytes)) + self.meta
+            self.heads[key] = torch.frombuffer(raw, dtype=torch.uint8).clone()
+        return self.heads[key]
+
+
+def _encode(value: Any, where: str, capacity: int,
+            previous: _Described | None = None) -> tuple[torch.Tensor, torch.Tensor | None, int, _Described]:
+    """(message of ``capacity`` bytes, separate data buffer or None, bytes the value needs, its
+    description, reusing ``previous`` when the value is described the same way)."""
     structure, originals = flatten(value, where)
     specs = [(tuple(t.shape), t.dtype, t.requires_grad) for t in originals]
     tensors = [t.detach().contiguous() for t in originals]
-    meta = pickle.dumps((structure, specs), protocol=pickle.HIGHEST_PROTOCOL)
-    start = _pad(_PREFIX.size + len(meta))
+    same = previous is not None and previous.specs == specs and previous.structure == structure
+    described = previous if same and previous is not None else _Described(structure, specs)
+    start = _pad(_PREFIX.size + len(described.meta))
     data_bytes = sum(_pad(t.numel() * t.element_size()) for t in tensors)
     needed = start + data_bytes
     if start > capacity:
@@ -75,23 +97,33 @@ def _encode(value: Any, where: str, capacity: int) -> tuple[torch.Tensor, torch.
     on_cpu = all(t.device.type == "cpu" for t in tensors)
     inline = on_cpu and needed <= capacity
     message = torch.empty(capacity, dtype=torch.uint8)
-    head = bytearray(_PREFIX.pack(len(meta), int(inline), data_bytes)) + meta
-    message[:len(head)].copy_(torch.frombuffer(head, dtype=torch.uint8))
+    head = described.head(inline, data_bytes)
+    message[:head.numel()].copy_(head)
     if inline:
         _pack(tensors, message[start:])
-        return message, None, needed
+        return message, None, needed, described
     if not data_bytes:
-        return message, None, needed
+        return message, None, needed, described
     data = torch.empty(data_bytes, dtype=torch.uint8, device=tensors[0].device)
     _pack(tensors, data)
-    return message, data, needed
+    return message, data, needed, described
 
 
-def _decode_prefix(message: torch.Tensor) -> tuple[Any, list, bool, int, int]:
-    """(structure, specs, inline?, data bytes, bytes the value needed) of a received message."""
+def _decode_prefix(message: torch.Tensor, known: dict[bytes, tuple[Any, list]] | None = None
+                   ) -> tuple[Any, list, bool, int, int]:
+    """(structure, specs, inline?, data bytes, bytes the value needed) of a received message;
+    ``known`` caches unpickled metadata by its bytes."""
     raw = message.numpy()
     length, inline, data_bytes = _PREFIX.unpack_from(raw, 0)
-    structure, specs = pickle.loads(raw[_PREFIX.size:_PREFIX.size + length])
+    meta = raw[_PREFIX.size:_PREFIX.size + length].tobytes()
+    if known is not None and meta in known:
+        structure, specs = known[meta]
+    else:
+        structure, specs = pickle.loads(meta)
+        if known is not None:
+            if len(known) > 64:
+                known.clear()
+            known[meta] = (structure, specs)
     start = _pad(_PREFIX.size + length)
     return structure, specs, bool(inline), data_bytes, start + data_bytes
 
@@ -157,7 +189,8 @@ class _Inbound:
         if message is None:
             raise RuntimeError(f"no more messages are expected from rank {self.source} in this step")
         self._wait(self.work)
-        structure, specs, inline, data_bytes, needed = _decode_prefix(self.buffer.cpu())  # NCCL: waits for it
+        structure, specs, inline, data_bytes, needed = _decode_prefix(self.buffer.cpu(),  # NCCL: waits for it
+                                                                      self.transport.known_meta)
         self.transport.capacities[self._key(message)] = _capacity(needed)
         data: torch.Tensor | None = None
         if inline:
@@ -187,6 +220,8 @@ class Transport:
             dist.get_process_group_ranks(self.pg), use_local_synchronization=True)
         self.capacities: dict[Key, int] = {}  # inbound, learned from the previous message
         self._send_capacities: dict[Key, int] = {}
+        self._described: dict[Key, _Described] = {}  # outbound, the previous value's metadata
+        self.known_meta: dict[bytes, tuple[Any, list]] = {}  # inbound, unpickled metadata
         self._arrived: dict[Message, Any] = {}
         self._inbound: dict[int, _Inbound] = {}
         self._pending_sends: list[tuple[list[Any], list[Any]]] = []
@@ -224,7 +259,8 @@ class Transport:
         """Post the transfers of ``value`` to ``destination`` (a rank of the group) without waiting."""
         key = (destination, message.kind, message.stage)
         capacity = self._send_capacities.get(key, MIN_CAPACITY)
-        buffer, data, needed = _encode(value, f"stage {message.stage} {message.kind}", capacity)
+        buffer, data, needed, self._described[key] = _encode(value, f"stage {message.stage} {message.kind}",
+                                                             capacity, self._described.get(key))
         self._send_capacities[key] = _capacity(needed)
         buffer = buffer.to(self.wire_device)
         works = [self.link_pg(self.rank, destination).send([buffer], destination, 0)]

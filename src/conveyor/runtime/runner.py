@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -26,7 +27,9 @@ from .stage import LossFn, StageExecutor
 from .ties import TiedGradients
 from .versions import WeightVersions
 
-__all__ = ["PipelineRunner", "TraceEvent"]
+__all__ = ["PipelineRunner", "TraceEvent", "STREAM_TRACE_LIMIT"]
+
+STREAM_TRACE_LIMIT = 100_000  # a stream's trace keeps its last this many actions
 
 
 @dataclass(frozen=True, slots=True)
@@ -282,7 +285,9 @@ class PipelineRunner(ScaledStep):
         pipeline's update actions, each applying the mean gradient of the micro-batches since the
         stage's previous update. Yields each micro-batch's loss, in order, on the last stage's
         rank (nothing elsewhere). Every rank iterates the same batches and consumes the whole
-        generator; the pipeline drains once, when ``batches`` ends.
+        generator; the pipeline drains once, when ``batches`` ends. :attr:`trace` then holds
+        the stream's last ``STREAM_TRACE_LIMIT`` actions, :attr:`peak_versions` and
+        :attr:`peak_stashed` its peaks.
         """
         if self.schedule.stream is None:
             raise ValueError(f"schedule {self.schedule.name!r} is synchronous: train it with step(); stream() "
@@ -297,18 +302,21 @@ class PipelineRunner(ScaledStep):
             stage.versions = WeightVersions(stage.module)
         self._accumulated = {}
         self.transport.expect(incoming_stream(self.schedule, self.rank, feed.exists))
-        self.trace = []
+        trace: collections.deque[TraceEvent] = collections.deque(maxlen=STREAM_TRACE_LIMIT)
+        for stage in self.stages.values():
+            stage.reset_stats()
         try:
             for action in self.schedule.stream(self.rank, feed.exists):
                 began = self._ready = time.perf_counter()
                 self._run(action, feed, self.schedule)
-                self.trace.append(TraceEvent(self.rank, str(action), self._ready, time.perf_counter(),
-                                             self._ready - began))
+                trace.append(TraceEvent(self.rank, str(action), self._ready, time.perf_counter(),
+                                        self._ready - began))
                 if action.kind == FORWARD and action.microbatch in feed.losses:
                     yield feed.losses.pop(action.microbatch)
             self.transport.finish()
         finally:
             self._optimizer = None
+            self.trace = list(trace)
 
     def _update(self, action: Action) -> None:
         """Step the optimizer on the mean gradient accumulated since this stage's last update."""
