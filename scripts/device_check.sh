@@ -3,7 +3,7 @@
 #   1. bench/gpu_check.py: CUDA gradient equality (single-process and two host-staged processes
 #      sharing the GPU) and per-step time of each mode; the markdown goes to $OUT/gpu_check.md
 #   2. tests/test_gpu.py: the CUDA tests that CI skips
-#   3. with --cpu-suite: the CPU test suite under this torch, with the GPU hidden
+#   3. with --cpu-suite: the CPU test suite under this torch (tests/conftest.py hides the GPU)
 # Wheels for pytest come from .device/wheels (pip download them here; the folder is carried, not
 # committed). The older scripts/cuda_smoke.py is still there to run by hand.
 set -u
@@ -18,9 +18,9 @@ export PYTHONPATH=$PWD/src:$PWD:/tmp/pylibs
 echo "== GPU check"
 OUT=$OUT timeout 480 python3 bench/gpu_check.py --out "$OUT/gpu_check.md" 2>&1 | tail -40
 echo "== CUDA tests"
-timeout 180 python3 -m pytest -q -p no:cacheprovider -rs tests/test_gpu.py 2>&1 | tail -15
+CONVEYOR_TEST_CUDA=1 timeout 180 python3 -m pytest -q -p no:cacheprovider -rs tests/test_gpu.py 2>&1 | tail -15
 if [ "${1:-}" = "--cpu-suite" ]; then
     echo "== CPU test suite under this torch (GPU hidden)"
-    CUDA_VISIBLE_DEVICES="" timeout 330 python3 -m pytest -q -x -p no:cacheprovider --deselect tests/test_simulate.py \
+    timeout 330 python3 -m pytest -q -x -p no:cacheprovider --deselect tests/test_simulate.py \
         --deselect tests/test_bench_smoke.py -k "not render and not timeline" tests 2>&1 | tail -25
 fi

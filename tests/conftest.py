@@ -1,9 +1,15 @@
 """Shared fixtures: a one-rank process group in the test process for errors caught before any
-communication."""
+communication; GPUs hidden unless CONVEYOR_TEST_CUDA=1."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
+
+if os.environ.get("CONVEYOR_TEST_CUDA") != "1":
+    # The suite compares with CPU references, and runners default to CUDA where it exists: hide
+    # GPUs (before anything initialises CUDA). tests/test_gpu.py runs with CONVEYOR_TEST_CUDA=1.
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 import pytest
 import torch

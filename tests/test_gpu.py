@@ -1,5 +1,5 @@
-"""The CUDA paths: skipped (with the reason shown) where no GPU is present. bench/gpu_check.py runs
-the same checks plus timings on a GPU machine."""
+"""The CUDA paths: skipped (with the reason shown) where no GPU is visible; conftest.py hides GPUs
+unless CONVEYOR_TEST_CUDA=1. bench/gpu_check.py runs the same checks plus timings on a GPU."""
 
 from __future__ import annotations
 
@@ -12,7 +12,9 @@ from conveyor.runtime.staged import CudaStager
 import workers
 from models import batch32, mlp32, mse
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run bench/gpu_check.py there)")
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available(),
+    reason="needs a CUDA GPU, shown to the tests with CONVEYOR_TEST_CUDA=1 pytest tests/test_gpu.py")
 ATOL, RTOL = 1e-5, 1e-4
 
 
