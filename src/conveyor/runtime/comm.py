@@ -262,7 +262,8 @@ class Transport:
         buffer, data, needed, self._described[key] = _encode(value, f"stage {message.stage} {message.kind}",
                                                              capacity, self._described.get(key))
         self._send_capacities[key] = _capacity(needed)
-        buffer = buffer.to(self.wire_device)
+        if self.wire_device.type == "cuda":  # NCCL: a pinned copy, so the host does not wait for the GPU
+            buffer = buffer.pin_memory().to(self.wire_device, non_blocking=True)
         works = [self.link_pg(self.rank, destination).send([buffer], destination, 0)]
         self.bytes_sent += buffer.numel()
         if data is not None:
