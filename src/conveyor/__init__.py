@@ -8,13 +8,14 @@ from .checkpoint import CheckpointError, load_full, save_full
 from .errors import ConveyorError, LaunchError, PeerLostError, PipelineError
 from .launch import launch, run
 from .partition import Pipe, TraceError, materialize, pipe_split, pipeline
+from .planning import plan, profile
 from .runtime import PipelineRunner
 from .schedule import Action, Schedule, ScheduleError, simulate
 
 __all__ = [
     "Action", "CheckpointError", "ConveyorError", "LaunchError", "PeerLostError", "Pipe", "PipelineError",
     "PipelineRunner", "Schedule", "ScheduleError", "TraceError", "launch", "load_full", "materialize",
-    "pipe_split", "pipeline", "run", "save_full", "simulate", "timeline",
+    "pipe_split", "pipeline", "plan", "profile", "run", "save_full", "simulate", "timeline",
 ]
 
 __version__ = "0.1.0"
