@@ -319,6 +319,6 @@ def plan(profile: Profile, n_ranks: int, *, memory_per_rank: float | None = None
     for c in candidates:
         c.fits = memory_per_rank is None or c.peak_memory <= memory_per_rank
     order = {name: i for i, name in enumerate(SYNC_SCHEDULES + ASYNC_SCHEDULES)}
-    candidates.sort(key=lambda c: (not c.fits, -round(c.throughput, 9), order[c.schedule], round(c.peak_memory),
+    candidates.sort(key=lambda c: (not c.fits, -round(c.throughput, 9), round(c.peak_memory), order[c.schedule],
                                    c.n_microbatches))
     return Plan(candidates, n_ranks, batch_size, memory_per_rank, profile)
