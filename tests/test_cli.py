@@ -105,3 +105,13 @@ def test_demo_and_timeline_still_run(capsys: pytest.CaptureFixture[str]) -> None
     assert main(["demo", "--stages", "2", "--steps", "2", "--batch-size", "4", "--microbatches", "2"]) == 0
     out = capsys.readouterr().out
     assert "simulated bubble" in out and "validation loss" in out
+
+
+def test_demo_resumed_after_one_step_equals_two_steps_straight(tmp_path: Path) -> None:
+    demo = ["demo", "--stages", "2", "--batch-size", "4", "--microbatches", "2"]
+    assert main([*demo, "--steps", "2", "--checkpoint-dir", str(tmp_path / "straight")]) == 0
+    assert main([*demo, "--steps", "1", "--checkpoint-dir", str(tmp_path / "resumed")]) == 0
+    assert main([*demo, "--steps", "2", "--checkpoint-dir", str(tmp_path / "resumed"), "--resume"]) == 0
+    expected = conveyor.load_full(tmp_path / "straight" / "step-000002")
+    resumed = conveyor.load_full(tmp_path / "resumed" / "step-000002")
+    assert all(torch.equal(expected[name], resumed[name]) for name in expected)

@@ -13,7 +13,8 @@ def _demo(args: argparse.Namespace) -> None:
     from .demo.train import DemoConfig, run_demo
 
     run_demo(DemoConfig(stages=args.stages, schedule=args.schedule, microbatches=args.microbatches,
-                        steps=args.steps, batch_size=args.batch_size))
+                        steps=args.steps, batch_size=args.batch_size, checkpoint_dir=args.checkpoint_dir,
+                        resume=args.resume))
 
 
 def _timeline(args: argparse.Namespace) -> None:
@@ -68,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--microbatches", type=int, default=8, help="micro-batches per step (default 8)")
     demo.add_argument("--steps", type=int, default=250, help="optimizer steps (default 250)")
     demo.add_argument("--batch-size", type=int, default=32, help="sequences per step (default 32)")
+    demo.add_argument("--checkpoint-dir", default=None, help="save the last step here (step-NNNNNN folders)")
+    demo.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --checkpoint-dir")
     demo.set_defaults(handler=_demo)
     timeline = commands.add_parser(
         "timeline", help="simulate (or run with --run, on sleeping stages) a schedule and draw its timeline")

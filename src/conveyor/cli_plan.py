@@ -46,8 +46,14 @@ def spec_from_args(args: argparse.Namespace) -> WorkloadSpec:
 
 def plan_workload(spec: WorkloadSpec, ranks: int, *, batch_size: int | None, memory_per_rank: float | None,
                   runs: int = 3, measure_link: bool = True, profile_file: str | None = None,
-                  save_profile: str | None = None) -> Plan:
-    """Profile the workload with the threads each of ``ranks`` local ranks will get, then plan."""
+                  save_profile: str | None = None, contention: str = "measured") -> Plan:
+    """Profile the workload with the threads each of ``ranks`` local ranks will get, then plan.
+
+    When the ranks oversubscribe the cores, ``contention="measured"`` profiles in ``ranks``
+    processes at once (sharing the cores as the run will); ``"modelled"`` profiles in one process
+    and lets the planner share the cores among the actions that run at once."""
+    if contention not in ("measured", "modelled"):
+        raise ValueError(f"contention={contention!r}: use 'measured' or 'modelled'")
     workload = load_workload(spec)
     batch_size = batch_size or workload.batch_size
     if profile_file:
@@ -55,21 +61,23 @@ def plan_workload(spec: WorkloadSpec, ranks: int, *, batch_size: int | None, mem
     else:
         model = workload.build_model()
         inputs, target = workload.inputs(0, max(1, batch_size // ranks))
-        threads = max(1, (os.cpu_count() or 1) // ranks)
+        cores = os.cpu_count() or 1
+        threads = max(1, cores // ranks)
+        concurrent = ranks if contention == "measured" and ranks * threads > cores else 1
         measured = profile(model, inputs, target=target, loss_fn=workload.loss_fn, runs=runs, threads=threads,
-                           link="measure" if measure_link else None, name=workload.name)
+                           link="measure" if measure_link else None, name=workload.name, concurrent=concurrent)
     if save_profile:
         print(f"wrote {measured.save(save_profile)}")
     return plan(measured, ranks, memory_per_rank=memory_per_rank, batch_size=batch_size)
 
 
 def _plan(args: argparse.Namespace) -> None:
-    from .planning.verify import format_verified, verify
+    from .planning.verify import VERIFIED_HEADER, format_row, verify
 
     spec = spec_from_args(args)
     result = plan_workload(spec, args.ranks, batch_size=args.batch_size, memory_per_rank=args.memory_per_rank,
                            runs=args.runs, measure_link=not args.no_link, profile_file=args.profile,
-                           save_profile=args.save_profile)
+                           save_profile=args.save_profile, contention=args.contention)
     if args.json:
         print(result.to_json())
         return
@@ -79,7 +87,9 @@ def _plan(args: argparse.Namespace) -> None:
         chosen = result.top(args.top, runnable=True) if args.runnable_only else result.top(args.top)
         subset = Plan(chosen, result.n_ranks, result.batch_size, result.memory_per_rank, result.profile)
         print(f"\nrunning the top {len(chosen)} for {args.steps} steps each on {args.ranks} local processes ...")
-        print(format_verified(verify(subset, spec, top=len(chosen), steps=args.steps, timeout=args.timeout)))
+        print(VERIFIED_HEADER, flush=True)
+        verify(subset, spec, top=len(chosen), steps=args.steps, timeout=args.timeout,
+               on_result=lambda index, result: print(format_row(index, result), flush=True))
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -98,6 +108,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--steps", type=int, default=3, help="measured steps per verified candidate (default 3)")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per verified candidate (default 600)")
     parser.add_argument("--runs", type=int, default=3, help="timed runs per block when profiling (default 3)")
+    parser.add_argument("--contention", choices=["measured", "modelled"], default="measured",
+                        help="ranks sharing too few cores: profile them all at once (measured, default) or "
+                             "model the sharing (modelled)")
     parser.add_argument("--no-link", action="store_true", help="do not measure the link (assume 50 us, 1 GB/s)")
     parser.add_argument("--profile", default=None, help="plan from a saved profile (JSON) instead of measuring")
     parser.add_argument("--save-profile", default=None, help="write the measured profile to this JSON file")

@@ -59,8 +59,8 @@ def message_time(profile: Profile, sizes: Sequence[int], rows: float) -> float:
 
 def compute_slots(profile: Profile, n_ranks: int) -> float:
     """How many ranks can compute at full speed at once: ``cores / threads per rank`` (inf when
-    the profile does not know the cores, or each rank has its own)."""
-    if profile.cores <= 0:
+    the profile does not know the cores, or it was measured by ``n_ranks`` processes at once)."""
+    if profile.cores <= 0 or profile.concurrent >= n_ranks:  # no sharing, or it is in the measured times
         return float("inf")
     threads = max(1, profile.cores // n_ranks)
     return profile.cores / threads

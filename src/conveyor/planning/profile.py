@@ -82,6 +82,7 @@ class Profile:
     cores: int = 0              # CPU cores of the machine (0: unknown, no contention modelled)
     units: str = ""
     model: str = ""
+    concurrent: int = 1         # processes that were profiling at once (contention included in the times)
 
     @property
     def n_blocks(self) -> int:
@@ -204,9 +205,29 @@ def _fit(small: float, large: float, rows_small: int, rows_large: int) -> Cost:
     return Cost(fixed, per_row)
 
 
+def _profile_rank(rank: int, world_size: int, model: Any, args: tuple, kwargs: dict, target: Any,
+                  loss_fn: Any, runs: int, threads: int | None) -> Profile:
+    return profile(model, args, kwargs, target=target, loss_fn=loss_fn, runs=runs, threads=threads, link=None)
+
+
+def _median_profile(profiles: Sequence[Profile]) -> Profile:
+    """Field by field, the median over profiles of the same model."""
+    def median_cost(costs: Sequence[Cost]) -> Cost:
+        return Cost(statistics.median(c.fixed_s for c in costs), statistics.median(c.per_row_s for c in costs))
+    blocks = []
+    for same in zip(*(p.blocks for p in profiles)):
+        first = same[0]
+        blocks.append(BlockProfile(first.name, *(median_cost([getattr(b, k) for b in same])
+                                                 for k in ("forward", "backward", "input_grad", "weight_grad")),
+                                   first.param_bytes, first.activation_bytes_per_row, first.output_bytes_per_row))
+    head = profiles[0]
+    return Profile(blocks, head.link, head.rows, head.threads, head.cores, head.units, head.model, len(profiles))
+
+
 def profile(model: nn.Module | Sequence[nn.Module], example_args: Any, example_kwargs: dict | None = None, *,
             target: Any = None, loss_fn: Callable[[Any, Any], torch.Tensor] | None = None, runs: int = 3,
-            threads: int | None = None, link: Link | str | None = "measure", name: str = "") -> Profile:
+            threads: int | None = None, link: Link | str | None = "measure", name: str = "",
+            concurrent: int = 1, timeout: float = 600.0) -> Profile:
     """Measure ``model``'s cuttable blocks on ``example_args`` (one micro-batch) and the link.
 
     ``target`` and ``loss_fn`` add the loss to the last block, as the last stage runs it.
@@ -215,8 +236,22 @@ def profile(model: nn.Module | Sequence[nn.Module], example_args: Any, example_k
     processes), a :class:`Link` (for a cluster), or None (the default :class:`Link`). The batch is
     timed at its size and at a quarter of it, to separate fixed from per-row costs. Gradients,
     buffers and the random state are left as they were.
+
+    ``concurrent=n`` profiles in ``n`` local processes at once (the model and ``loss_fn`` are
+    pickled to them) and keeps the median: the times then include the contention of ``n`` ranks
+    sharing the machine's cores, and the planner does not model the sharing again.
     """
     from .link import measure_link
+
+    if concurrent > 1:
+        from ..launch import launch
+
+        profiles = launch(_profile_rank, concurrent, timeout=timeout, threads_per_rank=threads,
+                          args=(model, example_args, example_kwargs, target, loss_fn, runs, threads))
+        merged = _median_profile(profiles)
+        merged.link = measure_link() if link == "measure" else link if isinstance(link, Link) else Link()
+        merged.model = name or merged.model
+        return merged
 
     args = example_args if isinstance(example_args, tuple) else (example_args,)
     kwargs = dict(example_kwargs or {})

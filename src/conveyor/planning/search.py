@@ -117,8 +117,10 @@ class Plan:
         """A few lines a person can check against the profile and the closed forms."""
         best = self.best
         p = self.profile
-        lines = [f"Profile: {p.n_blocks} blocks ({p.units}) of {p.model}; link {p.link.latency_s * 1e6:.0f} us + "
-                 f"{p.link.bandwidth_bytes_s / 1e9:.2f} GB/s ({p.link.source}).",
+        contention = f", timed by {p.concurrent} processes at once (core sharing included)" if p.concurrent > 1 \
+            else ""
+        lines = [f"Profile: {p.n_blocks} blocks ({p.units}) of {p.model}{contention}; link "
+                 f"{p.link.latency_s * 1e6:.0f} us + {p.link.bandwidth_bytes_s / 1e9:.2f} GB/s ({p.link.source}).",
                  f"Choice: {best.label()} (split by {best.split}), {best.rows:g} rows per micro-batch: predicted "
                  f"step {best.step_s * 1e3:.1f} ms, {best.throughput:.1f} samples/s."]
         lines += self._why(best)
@@ -289,7 +291,7 @@ def plan(profile: Profile, n_ranks: int, *, memory_per_rank: float | None = None
     batch_size = batch_size or max(profile.rows or (1,))
     if cores is not None:
         profile = Profile(profile.blocks, profile.link, profile.rows, profile.threads, cores, profile.units,
-                          profile.model)
+                          profile.model, profile.concurrent)
     names = list(schedules or SYNC_SCHEDULES + ASYNC_SCHEDULES)
     unknown = [n for n in names if n not in SYNC_SCHEDULES + ASYNC_SCHEDULES]
     if unknown:

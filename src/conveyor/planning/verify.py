@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch.distributed as dist
@@ -19,7 +19,7 @@ from ..schedule import SCHEDULES
 from ..workloads import WorkloadSpec, load_workload
 from .search import Candidate, Plan
 
-__all__ = ["Verified", "format_verified", "verify"]
+__all__ = ["VERIFIED_HEADER", "Verified", "format_row", "format_verified", "verify"]
 
 
 @dataclass
@@ -59,32 +59,40 @@ def _worker(rank: int, world_size: int, spec: WorkloadSpec, schedule: str, sizes
 
 
 def verify(plan: Plan, spec: WorkloadSpec, *, top: int = 3, steps: int = 3, timeout: float = 600.0,
-           threads_per_rank: int | None = None) -> list[Verified]:
+           threads_per_rank: int | None = None,
+           on_result: Callable[[int, Verified], None] | None = None) -> list[Verified]:
     """Run each of the plan's ``top`` synchronous candidates (asynchronous ones are listed as not
     runnable unless their schedule is registered) for ``steps`` measured steps on
-    ``plan.n_ranks`` local processes."""
+    ``plan.n_ranks`` local processes. ``on_result(index, result)`` is called as each one finishes."""
     from ..launch import launch
 
     results = []
-    for candidate in plan.candidates[:top]:
+    for index, candidate in enumerate(plan.candidates[:top], 1):
         if candidate.schedule not in SCHEDULES or candidate.replicas:
-            results.append(Verified(candidate, None, "not runnable in this version"))
-            continue
-        per_rank = launch(_worker, plan.n_ranks, timeout=timeout, threads_per_rank=threads_per_rank,
-                          args=(spec, candidate.schedule, candidate.sizes, candidate.n_microbatches, plan.batch_size,
-                                steps))
-        spans = [max(r[i][1] for r in per_rank) - min(r[i][0] for r in per_rank) for i in range(steps)]
-        results.append(Verified(candidate, statistics.median(spans)))
+            result = Verified(candidate, None, "not runnable in this version")
+        else:
+            per_rank = launch(_worker, plan.n_ranks, timeout=timeout, threads_per_rank=threads_per_rank,
+                              args=(spec, candidate.schedule, candidate.sizes, candidate.n_microbatches,
+                                    plan.batch_size, steps))
+            spans = [max(r[i][1] for r in per_rank) - min(r[i][0] for r in per_rank) for i in range(steps)]
+            result = Verified(candidate, statistics.median(spans))
+        results.append(result)
+        if on_result is not None:
+            on_result(index, result)
     return results
 
 
+VERIFIED_HEADER = f"{'#':>2}  {'candidate':<44}{'predicted ms':>13}{'measured ms':>13}{'error':>8}"
+
+
+def format_row(index: int, result: Verified) -> str:
+    c = result.candidate
+    measured = f"{result.measured_step_s * 1e3:>13.1f}" if result.measured_step_s is not None else f"{'-':>13}"
+    error = f"{result.error:>+8.1%}" if result.error is not None else f"  {result.note}"
+    return f"{index:>2}  {c.label():<44}{c.step_s * 1e3:>13.1f}{measured}{error}"
+
+
 def format_verified(results: Sequence[Verified]) -> str:
-    lines = [f"{'#':>2}  {'candidate':<44}{'predicted ms':>13}{'measured ms':>13}{'error':>8}"]
-    for index, result in enumerate(results, 1):
-        c = result.candidate
-        measured = f"{result.measured_step_s * 1e3:>13.1f}" if result.measured_step_s is not None else f"{'-':>13}"
-        error = f"{result.error:>+8.1%}" if result.error is not None else f"  {result.note}"
-        lines.append(f"{index:>2}  {c.label():<44}{c.step_s * 1e3:>13.1f}{measured}{error}")
-    return "\n".join(lines)
+    return "\n".join([VERIFIED_HEADER] + [format_row(i, r) for i, r in enumerate(results, 1)])
 
 
