@@ -171,3 +171,20 @@ def test_profile_counts_saved_activations_and_boundary_bytes_but_not_weights() -
     assert first.output_bytes_per_row == 32 * 4
     assert first.param_bytes == (16 * 32 + 32) * 4
     assert all(p.grad is None for p in model.parameters())  # profiling leaves no gradients behind
+
+
+def test_profiling_in_several_processes_counts_as_measured_contention() -> None:
+    from conveyor.planning.costs import compute_slots
+
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+    prof = profile(model, (torch.zeros(4, 8),), runs=1, link=None, threads=1, concurrent=2)
+    assert prof.concurrent == 2 and len(prof.blocks) == 2 and prof.blocks[0].forward.at(4) > 0
+    assert compute_slots(Profile(prof.blocks, cores=1, concurrent=2), 2) == float("inf")
+    assert compute_slots(Profile(prof.blocks, cores=1, concurrent=1), 2) == 1
+
+
+def test_measured_link_has_positive_latency_and_bandwidth() -> None:
+    from conveyor.planning.link import measure_link
+
+    link = measure_link(sizes=(4 << 10, 1 << 20), repeats=2, processes=3)
+    assert link.latency_s > 0 and link.bandwidth_bytes_s > 0 and "1 computing" in link.source

@@ -13,10 +13,24 @@ from .profile import Link
 __all__ = ["measure_link"]
 
 SIZES = (4 << 10, 1 << 20, 8 << 20)
+_DONE = "conveyor-link-measured"
+
+
+def _busy_until_told(rank: int) -> None:
+    """Keep a core busy (as a computing stage would) until rank 0 says the ping-pong is over."""
+    store = dist.distributed_c10d._get_default_store()
+    a = torch.randn(128, 128)
+    while not store.check([_DONE]):
+        for _ in range(20):
+            a = torch.tanh(a @ a)
 
 
 def _ping_pong(rank: int, world_size: int, sizes: tuple[int, ...], repeats: int) -> dict[int, float]:
-    """Median one-way seconds per size (half a round trip), seen from rank 0."""
+    """Median one-way seconds per size (half a round trip), seen from rank 0. Ranks beyond 1 compute
+    meanwhile, so that the two ranks exchanging messages share the cores as pipeline ranks do."""
+    if rank >= 2:
+        _busy_until_told(rank)
+        return {}
     one_way: dict[int, float] = {}
     for size in sizes:
         buffer = torch.zeros(size // 4, dtype=torch.float32)
@@ -31,16 +45,22 @@ def _ping_pong(rank: int, world_size: int, sizes: tuple[int, ...], repeats: int)
                 dist.send(buffer, 0)
             times.append((time.perf_counter() - start) / 2)
         one_way[size] = statistics.median(times[1:])
+    if rank == 0:
+        dist.distributed_c10d._get_default_store().set(_DONE, "1")
     return one_way
 
 
-def measure_link(sizes: tuple[int, ...] = SIZES, repeats: int = 5, timeout: float = 60.0) -> Link:
+def measure_link(sizes: tuple[int, ...] = SIZES, repeats: int = 5, timeout: float = 60.0, processes: int = 2) -> Link:
     """Latency (the smallest message's time) and bandwidth (the slope to the largest) between two
-    local processes started with :func:`conveyor.launch`."""
+    local processes started with :func:`conveyor.launch`; with ``processes > 2`` the others compute
+    meanwhile (a message then also waits for its receiver to get a core, as on an oversubscribed
+    machine)."""
     from ..launch import launch
 
-    one_way = launch(_ping_pong, 2, args=(tuple(sizes), repeats), timeout=timeout)[0]
+    one_way = launch(_ping_pong, max(2, processes), args=(tuple(sizes), repeats), timeout=timeout)[0]
     small, large = min(sizes), max(sizes)
     slope = max((one_way[large] - one_way[small]) / (large - small), 1e-12)
     latency = max(one_way[small] - small * slope, 1e-7)
-    return Link(latency_s=latency, bandwidth_bytes_s=1.0 / slope, source="measured (gloo, 2 local processes)")
+    busy = max(2, processes) - 2
+    return Link(latency_s=latency, bandwidth_bytes_s=1.0 / slope,
+                source=f"measured (gloo, 2 local processes, {busy} computing beside them)")

@@ -249,7 +249,8 @@ def profile(model: nn.Module | Sequence[nn.Module], example_args: Any, example_k
         profiles = launch(_profile_rank, concurrent, timeout=timeout, threads_per_rank=threads,
                           args=(model, example_args, example_kwargs, target, loss_fn, runs, threads))
         merged = _median_profile(profiles)
-        merged.link = measure_link() if link == "measure" else link if isinstance(link, Link) else Link()
+        merged.link = measure_link(processes=concurrent) if link == "measure" else \
+            link if isinstance(link, Link) else Link()
         merged.model = name or merged.model
         return merged
 
