@@ -4,8 +4,10 @@ step time (with shared cores), memory per rank, and the asynchronous schedules' 
 - A stage costs the sum of its blocks at the micro-batch's rows (``fixed + per_row * rows``).
   Stage 0 receives no input gradient to compute (its inputs are data), so its split backward
   is all ``W``.
-- A message costs ``link.latency + bytes / link.bandwidth``; the simulator takes one value for
-  all links, the largest boundary's.
+- Every action also pays the runtime's own overhead (``profile.action_overhead_s``, measured on an
+  empty pipeline, which includes a hand-off's latency); a message then costs ``bytes /
+  link.bandwidth`` more (or ``link.latency + bytes / bandwidth`` when no overhead was measured).
+  The simulator takes one message time for all links, the largest boundary's.
 - Shared cores: ``launch`` gives each of ``n`` ranks ``cores // n`` threads (at least one); when
   ``n * threads > cores``, the actions running at one moment share the cores equally
   (:func:`shared_core_makespan`). With enough cores it equals ``simulate``'s makespan.
@@ -43,7 +45,7 @@ def stage_costs(profile: Profile, sizes: Sequence[int], rows: float) -> dict[str
         input_grad = 0.0 if index == 0 else sum(b.input_grad.at(rows) for b in chosen)
         weight_grad = backward if index == 0 else sum(b.weight_grad.at(rows) for b in chosen)
         for key, value in zip("FBIW", (forward, backward, input_grad, weight_grad)):
-            table[key].append(value)
+            table[key].append(value + profile.action_overhead_s)
     return table
 
 
@@ -54,7 +56,9 @@ def boundary_bytes(profile: Profile, sizes: Sequence[int], rows: float) -> list[
 
 def message_time(profile: Profile, sizes: Sequence[int], rows: float) -> float:
     """The slowest boundary's message time (the simulator takes one value for every link)."""
-    return max((profile.link.time(n) for n in boundary_bytes(profile, sizes, rows)), default=0.0)
+    latency = 0.0 if profile.action_overhead_s > 0 else profile.link.latency_s
+    return max((latency + n / profile.link.bandwidth_bytes_s for n in boundary_bytes(profile, sizes, rows)),
+               default=0.0)
 
 
 def compute_slots(profile: Profile, n_ranks: int) -> float:

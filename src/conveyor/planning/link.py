@@ -64,3 +64,30 @@ def measure_link(sizes: tuple[int, ...] = SIZES, repeats: int = 5, timeout: floa
     busy = max(2, processes) - 2
     return Link(latency_s=latency, bandwidth_bytes_s=1.0 / slope,
                 source=f"measured (gloo, 2 local processes, {busy} computing beside them)")
+
+
+def _empty_pipeline(rank: int, world_size: int, n_microbatches: int, steps: int) -> float:
+    from .. import pipeline
+    from ..runtime import PipelineRunner
+    from ..testing import SleepStage, sleep_loss
+
+    stages = [SleepStage(0.0, 0.0, 0.0) for _ in range(world_size)]
+    runner = PipelineRunner(pipeline(stages), schedule="1f1b", n_microbatches=n_microbatches, loss_fn=sleep_loss)
+    x = torch.zeros(n_microbatches, 8)
+    spans = []
+    for _ in range(steps + 1):
+        dist.barrier()
+        start = time.perf_counter()
+        runner.step(x, target=x)
+        spans.append(time.perf_counter() - start)
+    return statistics.median(spans[1:])
+
+
+def measure_action_overhead(n_ranks: int, n_microbatches: int = 8, steps: int = 5, timeout: float = 60.0) -> float:
+    """Seconds the runtime adds to each action on a step's critical path (its own bookkeeping and
+    the hand-off to the next rank), from a 1F1B pipeline of stages that do nothing: the step time
+    divided by the critical path's length in actions (``m + p - 1`` forwards and as many backwards)."""
+    from ..launch import launch
+
+    span = max(launch(_empty_pipeline, max(2, n_ranks), args=(n_microbatches, steps), timeout=timeout))
+    return span / (2 * (n_microbatches + max(2, n_ranks) - 1))

@@ -83,6 +83,7 @@ class Profile:
     units: str = ""
     model: str = ""
     concurrent: int = 1         # processes that were profiling at once (contention included in the times)
+    action_overhead_s: float = 0.0  # the runtime's own cost per action and hand-off (message latency included)
 
     @property
     def n_blocks(self) -> int:
@@ -221,7 +222,8 @@ def _median_profile(profiles: Sequence[Profile]) -> Profile:
                                                  for k in ("forward", "backward", "input_grad", "weight_grad")),
                                    first.param_bytes, first.activation_bytes_per_row, first.output_bytes_per_row))
     head = profiles[0]
-    return Profile(blocks, head.link, head.rows, head.threads, head.cores, head.units, head.model, len(profiles))
+    return Profile(blocks, head.link, head.rows, head.threads, head.cores, head.units, head.model, len(profiles),
+                   head.action_overhead_s)
 
 
 def profile(model: nn.Module | Sequence[nn.Module], example_args: Any, example_kwargs: dict | None = None, *,
@@ -237,11 +239,13 @@ def profile(model: nn.Module | Sequence[nn.Module], example_args: Any, example_k
     timed at its size and at a quarter of it, to separate fixed from per-row costs. Gradients,
     buffers and the random state are left as they were.
 
-    ``concurrent=n`` profiles in ``n`` local processes at once (the model and ``loss_fn`` are
-    pickled to them) and keeps the median: the times then include the contention of ``n`` ranks
-    sharing the machine's cores, and the planner does not model the sharing again.
+    With ``link="measure"`` the runtime's overhead per action is measured too (an empty 1F1B
+    pipeline on ``max(2, concurrent)`` ranks). ``concurrent=n`` profiles in ``n`` local processes
+    at once (the model and ``loss_fn`` are pickled to them) and keeps the median: the times then
+    include the contention of ``n`` ranks sharing the machine's cores, and the planner does not
+    model the sharing again.
     """
-    from .link import measure_link
+    from .link import measure_action_overhead, measure_link
 
     if concurrent > 1:
         from ..launch import launch
@@ -251,6 +255,8 @@ def profile(model: nn.Module | Sequence[nn.Module], example_args: Any, example_k
         merged = _median_profile(profiles)
         merged.link = measure_link(processes=concurrent) if link == "measure" else \
             link if isinstance(link, Link) else Link()
+        if link == "measure":
+            merged.action_overhead_s = measure_action_overhead(concurrent)
         merged.model = name or merged.model
         return merged
 
@@ -284,11 +290,14 @@ def profile(model: nn.Module | Sequence[nn.Module], example_args: Any, example_k
         param_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
         blocks.append(BlockProfile(unit_name, *costs, param_bytes, big["saved"] / rows_large,
                                    big["output"] / rows_large))
+    overhead = 0.0
     if link == "measure":
         link = measure_link()
+        overhead = measure_action_overhead(2)
     elif link is None:
         link = Link()
     elif not isinstance(link, Link):
         raise ValueError(f"link={link!r}: pass 'measure', a conveyor.planning.Link or None")
     return Profile(blocks, link, rows=tuple(sorted({rows_small, rows_large})), threads=threads or old_threads,
-                   cores=os.cpu_count() or 1, units=units.kind, model=name or type(model).__name__)
+                   cores=os.cpu_count() or 1, units=units.kind, model=name or type(model).__name__,
+                   action_overhead_s=overhead)

@@ -120,7 +120,8 @@ class Plan:
         contention = f", timed by {p.concurrent} processes at once (core sharing included)" if p.concurrent > 1 \
             else ""
         lines = [f"Profile: {p.n_blocks} blocks ({p.units}) of {p.model}{contention}; link "
-                 f"{p.link.latency_s * 1e6:.0f} us + {p.link.bandwidth_bytes_s / 1e9:.2f} GB/s ({p.link.source}).",
+                 f"{p.link.latency_s * 1e6:.0f} us + {p.link.bandwidth_bytes_s / 1e9:.2f} GB/s ({p.link.source}); "
+                 f"runtime overhead {p.action_overhead_s * 1e3:.2f} ms per action.",
                  f"Choice: {best.label()} (split by {best.split}), {best.rows:g} rows per micro-batch: predicted "
                  f"step {best.step_s * 1e3:.1f} ms, {best.throughput:.1f} samples/s."]
         lines += self._why(best)
@@ -291,7 +292,7 @@ def plan(profile: Profile, n_ranks: int, *, memory_per_rank: float | None = None
     batch_size = batch_size or max(profile.rows or (1,))
     if cores is not None:
         profile = Profile(profile.blocks, profile.link, profile.rows, profile.threads, cores, profile.units,
-                          profile.model, profile.concurrent)
+                          profile.model, profile.concurrent, profile.action_overhead_s)
     names = list(schedules or SYNC_SCHEDULES + ASYNC_SCHEDULES)
     unknown = [n for n in names if n not in SYNC_SCHEDULES + ASYNC_SCHEDULES]
     if unknown:
