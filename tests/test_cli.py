@@ -115,3 +115,16 @@ def test_demo_resumed_after_one_step_equals_two_steps_straight(tmp_path: Path) -
     expected = conveyor.load_full(tmp_path / "straight" / "step-000002")
     resumed = conveyor.load_full(tmp_path / "resumed" / "step-000002")
     assert all(torch.equal(expected[name], resumed[name]) for name in expected)
+
+
+def test_train_under_torchrun_joins_its_job(tmp_path: Path) -> None:
+    import os
+    import subprocess
+
+    source = str(Path(conveyor.__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": source, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "0",
+               "-m", "conveyor.cli", *TRAIN, "--steps", "2", "--checkpoint-dir", str(tmp_path)]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert (tmp_path / "step-000002" / "manifest.json").is_file() and "loss" in result.stdout

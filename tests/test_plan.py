@@ -173,14 +173,14 @@ def test_profile_counts_saved_activations_and_boundary_bytes_but_not_weights() -
     assert all(p.grad is None for p in model.parameters())  # profiling leaves no gradients behind
 
 
-def test_profiling_in_several_processes_counts_as_measured_contention() -> None:
-    from conveyor.planning.costs import compute_slots
-
+def test_times_profiled_by_processes_sharing_the_cores_are_divided_by_their_sharing_factor() -> None:
     model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
     prof = profile(model, (torch.zeros(4, 8),), runs=1, link=None, threads=1, concurrent=2)
     assert prof.concurrent == 2 and len(prof.blocks) == 2 and prof.blocks[0].forward.at(4) > 0
-    assert compute_slots(Profile(prof.blocks, cores=1, concurrent=2), 2) == float("inf")
-    assert compute_slots(Profile(prof.blocks, cores=1, concurrent=1), 2) == 1
+    blocks = [BlockProfile.simple("b", 4e-3, 8e-3)]
+    shared = Profile(blocks, threads=1, cores=2, concurrent=4)  # 4 processes on 2 cores: each at half speed
+    assert stage_costs(shared, (1,), 1)["F"] == [pytest.approx(2e-3)]
+    assert stage_costs(Profile(blocks, threads=1, cores=4, concurrent=4), (1,), 1)["F"] == [pytest.approx(4e-3)]
 
 
 def test_measured_link_has_positive_latency_and_bandwidth() -> None:
@@ -197,3 +197,12 @@ def test_runtime_overhead_is_paid_by_every_action_on_the_critical_path() -> None
     candidate = plan(prof, p, batch_size=m, schedules=["1f1b"], microbatches=[m]).best
     # the measured overhead includes the hand-off, so the link's latency is not charged again
     assert candidate.step_s == pytest.approx((m + p - 1) * (3e-3 + 2 * overhead))
+
+
+def test_verify_reports_asynchronous_candidates_as_not_runnable_without_running_them() -> None:
+    from conveyor.planning.verify import format_verified, verify
+    from conveyor.workloads import WorkloadSpec
+
+    result = plan(uniform(2), 2, batch_size=4, schedules=["pipedream"], microbatches=[2])
+    verified = verify(result, WorkloadSpec("demo"), top=1)
+    assert verified[0].measured_step_s is None and "not runnable in this version" in format_verified(verified)

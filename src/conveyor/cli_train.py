@@ -122,29 +122,28 @@ def run_train(config: TrainConfig, *, timeout: float | None = None) -> dict[str,
 
     if config.resume and not config.checkpoint_dir:
         raise ValueError("--resume needs --checkpoint-dir (where the checkpoints are)")
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        result = conveyor.run(_worker, config)
-        if int(os.environ["RANK"]) != 0:
-            return result
-        per_rank = [result]
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # under torchrun: every rank reports its own share
+        per_rank = [conveyor.run(_worker, config)]
     else:
         per_rank = conveyor.launch(_worker, config.ranks, args=(config,), timeout=timeout)
-    losses = next((r["losses"] for r in per_rank if r["losses"]), [])
+    trained = next((r for r in per_rank if r["losses"]), None)  # the last stage's rank
     head = per_rank[0]
-    print(head["summary"])
-    if losses:
-        print(f"steps {head['first_step']}..{config.steps}: loss {losses[0]:.3f} -> {losses[-1]:.3f}, "
-              f"{len(losses) / per_rank[-1]['seconds']:.2f} steps/s, measured bubble {per_rank[-1]['bubble']:.2f}")
-    else:
+    if head["summary"]:
+        print(head["summary"])
+    if trained is not None:
+        losses = trained["losses"]
+        print(f"steps {trained['first_step']}..{config.steps}: loss {losses[0]:.3f} -> {losses[-1]:.3f}, "
+              f"{len(losses) / trained['seconds']:.2f} steps/s, measured bubble {trained['bubble']:.2f}")
+    elif head["first_step"] >= config.steps:
         print(f"nothing to do: the checkpoint is already at step {head['first_step']} of {config.steps}")
     if config.timeline and head["events"]:
         try:
             print(f"wrote {conveyor.timeline.render(head['events'], config.timeline)}")
         except ImportError:
             print("no timeline picture: matplotlib is not installed (pip install matplotlib)")
-    if config.checkpoint_dir:
+    if config.checkpoint_dir and head["summary"]:
         print(f"checkpoint: {latest_checkpoint(config.checkpoint_dir)}")
-    return {"losses": losses, "first_step": head["first_step"]}
+    return {"losses": trained["losses"] if trained else [], "first_step": head["first_step"]}
 
 
 def with_plan(config: TrainConfig, sizes: tuple[int, ...], schedule: str, microbatches: int) -> TrainConfig:

@@ -10,7 +10,9 @@ step time (with shared cores), memory per rank, and the asynchronous schedules' 
   The simulator takes one message time for all links, the largest boundary's.
 - Shared cores: ``launch`` gives each of ``n`` ranks ``cores // n`` threads (at least one); when
   ``n * threads > cores``, the actions running at one moment share the cores equally
-  (:func:`shared_core_makespan`). With enough cores it equals ``simulate``'s makespan.
+  (:func:`shared_core_makespan`). With enough cores it equals ``simulate``'s makespan. Times
+  profiled by ``n`` processes at once are first brought back to one process's by the sharing
+  factor ``n * threads / cores``; what other load slowed them by stays in them.
 - Memory per rank: weights (one copy; PipeDream: ``n_stages - s`` versions on stage ``s``;
   2BW: 2) + gradients + optimizer state (``optimizer_factor`` x weights: 2 for Adam) +
   activations per micro-batch x the most micro-batches the schedule keeps alive at once.
@@ -26,7 +28,7 @@ from ..schedule.links import Message, outgoing, required_message
 from .profile import Profile
 
 __all__ = ["AsyncEstimate", "MemoryEstimate", "async_steady_state", "boundary_bytes", "compute_slots",
-           "message_time", "rank_memory", "shared_core_makespan", "stage_costs", "stage_ranges"]
+           "message_time", "rank_memory", "shared_core_makespan", "sharing_factor", "stage_costs", "stage_ranges"]
 
 
 def stage_ranges(sizes: Sequence[int]) -> list[range]:
@@ -35,15 +37,26 @@ def stage_ranges(sizes: Sequence[int]) -> list[range]:
     return [range(starts[i], starts[i + 1]) for i in range(len(sizes))]
 
 
+def sharing_factor(profile: Profile) -> float:
+    """How much slower each profiling process ran because ``profile.concurrent`` of them shared the
+    cores: ``concurrent * threads / cores`` (at least 1). Any other load on the machine at the time
+    stays in the times."""
+    if profile.concurrent <= 1 or profile.cores <= 0:
+        return 1.0
+    return max(1.0, profile.concurrent * profile.threads / profile.cores)
+
+
 def stage_costs(profile: Profile, sizes: Sequence[int], rows: float) -> dict[str, list[float]]:
-    """Seconds of F, B, I and W of each stage for a micro-batch of ``rows`` rows."""
+    """Seconds of F, B, I and W of each stage for a micro-batch of ``rows`` rows, on a core of its
+    own (times profiled by several processes at once are divided by :func:`sharing_factor`)."""
     table: dict[str, list[float]] = {"F": [], "B": [], "I": [], "W": []}
+    alone = 1.0 / sharing_factor(profile)
     for index, blocks in enumerate(stage_ranges(sizes)):
         chosen = [profile.blocks[b] for b in blocks]
-        forward = sum(b.forward.at(rows) for b in chosen)
-        backward = sum(b.backward.at(rows) for b in chosen)
-        input_grad = 0.0 if index == 0 else sum(b.input_grad.at(rows) for b in chosen)
-        weight_grad = backward if index == 0 else sum(b.weight_grad.at(rows) for b in chosen)
+        forward = sum(b.forward.at(rows) for b in chosen) * alone
+        backward = sum(b.backward.at(rows) for b in chosen) * alone
+        input_grad = 0.0 if index == 0 else sum(b.input_grad.at(rows) for b in chosen) * alone
+        weight_grad = backward if index == 0 else sum(b.weight_grad.at(rows) for b in chosen) * alone
         for key, value in zip("FBIW", (forward, backward, input_grad, weight_grad)):
             table[key].append(value + profile.action_overhead_s)
     return table
@@ -63,8 +76,8 @@ def message_time(profile: Profile, sizes: Sequence[int], rows: float) -> float:
 
 def compute_slots(profile: Profile, n_ranks: int) -> float:
     """How many ranks can compute at full speed at once: ``cores / threads per rank`` (inf when
-    the profile does not know the cores, or it was measured by ``n_ranks`` processes at once)."""
-    if profile.cores <= 0 or profile.concurrent >= n_ranks:  # no sharing, or it is in the measured times
+    the profile does not know the cores)."""
+    if profile.cores <= 0:
         return float("inf")
     threads = max(1, profile.cores // n_ranks)
     return profile.cores / threads

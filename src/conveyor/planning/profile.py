@@ -242,8 +242,8 @@ def profile(model: nn.Module | Sequence[nn.Module], example_args: Any, example_k
     With ``link="measure"`` the runtime's overhead per action is measured too (an empty 1F1B
     pipeline on ``max(2, concurrent)`` ranks). ``concurrent=n`` profiles in ``n`` local processes
     at once (the model and ``loss_fn`` are pickled to them) and keeps the median: the times then
-    include the contention of ``n`` ranks sharing the machine's cores, and the planner does not
-    model the sharing again.
+    include whatever else loads the machine; the planner divides out the ``n`` processes' own
+    sharing of the cores (``costs.sharing_factor``) and models it where ranks really overlap.
     """
     from .link import measure_action_overhead, measure_link
 

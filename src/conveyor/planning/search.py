@@ -10,7 +10,7 @@ fits; they are ranked by throughput (samples/s), those that fit first.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 
 from ..partition.balance import partition_min_max
@@ -22,6 +22,7 @@ from .costs import (
     message_time,
     rank_memory,
     shared_core_makespan,
+    sharing_factor,
     stage_costs,
 )
 from .profile import Profile
@@ -117,8 +118,8 @@ class Plan:
         """A few lines a person can check against the profile and the closed forms."""
         best = self.best
         p = self.profile
-        contention = f", timed by {p.concurrent} processes at once (core sharing included)" if p.concurrent > 1 \
-            else ""
+        contention = f", timed by {p.concurrent} processes at once (times divided by their sharing factor " \
+            f"{sharing_factor(p):.1f}, then shared again where ranks overlap)" if p.concurrent > 1 else ""
         lines = [f"Profile: {p.n_blocks} blocks ({p.units}) of {p.model}{contention}; link "
                  f"{p.link.latency_s * 1e6:.0f} us + {p.link.bandwidth_bytes_s / 1e9:.2f} GB/s ({p.link.source}); "
                  f"runtime overhead {p.action_overhead_s * 1e3:.2f} ms per action.",
@@ -161,7 +162,8 @@ class Plan:
 
     def _alternatives(self, chosen: Candidate) -> list[str]:
         lines = ["Alternatives:"]
-        def first(predicate) -> Candidate | None:  # noqa: ANN001
+
+        def first(predicate: Callable[[Candidate], bool]) -> Candidate | None:
             return next((c for c in self.candidates if c is not chosen and predicate(c)), None)
         other_split = first(lambda c: c.schedule == chosen.schedule and c.sizes != chosen.sizes
                             and c.n_microbatches == chosen.n_microbatches)
