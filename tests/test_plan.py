@@ -206,3 +206,22 @@ def test_verify_reports_asynchronous_candidates_as_not_runnable_without_running_
     result = plan(uniform(2), 2, batch_size=4, schedules=["pipedream"], microbatches=[2])
     verified = verify(result, WorkloadSpec("demo"), top=1)
     assert verified[0].measured_step_s is None and "not runnable in this version" in format_verified(verified)
+
+
+def test_a_concurrently_measured_profile_is_used_as_measured_unless_reshared() -> None:
+    p, m = 4, 8
+    blocks = [BlockProfile.simple(f"b{i}", 1e-3, 2e-3) for i in range(p)]
+    measured = Profile(blocks, FREE_LINK, rows=(1,), threads=1, cores=2, concurrent=p)
+    kept = plan(measured, p, batch_size=m, schedules=["1f1b"], microbatches=[m]).best
+    assert kept.step_s == pytest.approx((m + p - 1) * 3e-3)  # every rank assumed busy, as when profiled
+    reshared = plan(measured, p, batch_size=m, schedules=["1f1b"], microbatches=[m], reshare=True).best
+    halved = {k: [v / 2 for v in vals] for k, vals in stage_costs(replace_concurrent(measured), (1,) * p, 1).items()}
+    program = simulate("1f1b", p, m).schedule
+    assert reshared.step_s == pytest.approx(shared_core_makespan(program, halved, 0.0, slots=2))
+    assert reshared.step_s < kept.step_s  # the bubbles leave cores free to the busy ranks
+
+
+def replace_concurrent(profile: Profile) -> Profile:
+    from dataclasses import replace
+
+    return replace(profile, concurrent=1)

@@ -14,6 +14,7 @@ from .workloads import WorkloadSpec, load_workload
 
 __all__ = ["add_workload_arguments", "parse_bytes", "plan_workload", "register", "spec_from_args"]
 
+CONTENTION = ("measured", "reshared", "modelled")
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 
@@ -50,10 +51,11 @@ def plan_workload(spec: WorkloadSpec, ranks: int, *, batch_size: int | None, mem
     """Profile the workload with the threads each of ``ranks`` local ranks will get, then plan.
 
     When the ranks oversubscribe the cores, ``contention="measured"`` profiles in ``ranks``
-    processes at once (sharing the cores as the run will); ``"modelled"`` profiles in one process
-    and lets the planner share the cores among the actions that run at once."""
-    if contention not in ("measured", "modelled"):
-        raise ValueError(f"contention={contention!r}: use 'measured' or 'modelled'")
+    processes at once (sharing the cores as the run will) and uses the times as measured;
+    ``"reshared"`` profiles the same way but divides out the processes' own sharing and models it
+    where ranks overlap; ``"modelled"`` profiles in one process and models the sharing."""
+    if contention not in CONTENTION:
+        raise ValueError(f"contention={contention!r}: use one of {CONTENTION}")
     workload = load_workload(spec)
     batch_size = batch_size or workload.batch_size
     if profile_file:
@@ -63,12 +65,13 @@ def plan_workload(spec: WorkloadSpec, ranks: int, *, batch_size: int | None, mem
         inputs, target = workload.inputs(0, max(1, batch_size // ranks))
         cores = os.cpu_count() or 1
         threads = max(1, cores // ranks)
-        concurrent = ranks if contention == "measured" and ranks * threads > cores else 1
+        concurrent = ranks if contention != "modelled" and ranks * threads > cores else 1
         measured = profile(model, inputs, target=target, loss_fn=workload.loss_fn, runs=runs, threads=threads,
                            link="measure" if measure_link else None, name=workload.name, concurrent=concurrent)
     if save_profile:
         print(f"wrote {measured.save(save_profile)}")
-    return plan(measured, ranks, memory_per_rank=memory_per_rank, batch_size=batch_size)
+    return plan(measured, ranks, memory_per_rank=memory_per_rank, batch_size=batch_size,
+                reshare=contention == "reshared")
 
 
 def _plan(args: argparse.Namespace) -> None:
@@ -108,9 +111,10 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--steps", type=int, default=3, help="measured steps per verified candidate (default 3)")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per verified candidate (default 600)")
     parser.add_argument("--runs", type=int, default=3, help="timed runs per block when profiling (default 3)")
-    parser.add_argument("--contention", choices=["measured", "modelled"], default="measured",
-                        help="ranks sharing too few cores: profile them all at once (measured, default) or "
-                             "model the sharing (modelled)")
+    parser.add_argument("--contention", choices=CONTENTION, default="measured",
+                        help="ranks sharing too few cores: profile them all at once and use the times as "
+                             "measured (default), or divide out and re-model the sharing (reshared), or "
+                             "profile in one process and model the sharing (modelled)")
     parser.add_argument("--no-link", action="store_true", help="do not measure the link (assume 50 us, 1 GB/s)")
     parser.add_argument("--profile", default=None, help="plan from a saved profile (JSON) instead of measuring")
     parser.add_argument("--save-profile", default=None, help="write the measured profile to this JSON file")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from ..partition.balance import partition_min_max
 from ..schedule import SCHEDULES, ScheduleError, simulate
@@ -90,6 +90,7 @@ class Plan:
     batch_size: int
     memory_per_rank: float | None
     profile: Profile = field(repr=False)
+    reshare: bool = False
 
     @property
     def best(self) -> Candidate:
@@ -118,8 +119,10 @@ class Plan:
         """A few lines a person can check against the profile and the closed forms."""
         best = self.best
         p = self.profile
-        contention = f", timed by {p.concurrent} processes at once (times divided by their sharing factor " \
-            f"{sharing_factor(p):.1f}, then shared again where ranks overlap)" if p.concurrent > 1 else ""
+        contention = "" if p.concurrent <= 1 else \
+            f", timed by {p.concurrent} processes at once (times divided by their sharing factor " \
+            f"{sharing_factor(p):.1f}, then shared again where ranks overlap)" if self.reshare else \
+            f", timed by {p.concurrent} processes at once (core sharing included as measured)"
         lines = [f"Profile: {p.n_blocks} blocks ({p.units}) of {p.model}{contention}; link "
                  f"{p.link.latency_s * 1e6:.0f} us + {p.link.bandwidth_bytes_s / 1e9:.2f} GB/s ({p.link.source}); "
                  f"runtime overhead {p.action_overhead_s * 1e3:.2f} ms per action.",
@@ -276,7 +279,8 @@ def _async_candidate(profile: Profile, schedule: str, sizes: tuple[int, ...], sp
 
 def plan(profile: Profile, n_ranks: int, *, memory_per_rank: float | None = None, batch_size: int | None = None,
          schedules: Sequence[str] | None = None, microbatches: Sequence[int] | None = None,
-         optimizer_factor: float = 2.0, max_chunks: int = 4, cores: int | None = None) -> Plan:
+         optimizer_factor: float = 2.0, max_chunks: int = 4, cores: int | None = None,
+         reshare: bool = False) -> Plan:
     """Rank pipeline configurations of ``profile``'s model on ``n_ranks`` ranks.
 
     ``memory_per_rank`` (bytes) marks candidates that do not fit; ``batch_size`` (rows per step,
@@ -284,7 +288,9 @@ def plan(profile: Profile, n_ranks: int, *, memory_per_rank: float | None = None
     (default :func:`microbatch_counts`). ``schedules`` defaults to every synchronous and
     asynchronous schedule; ``optimizer_factor`` is the optimizer state in units of the weights
     (Adam: 2, SGD with momentum: 1). ``cores`` overrides the profile's core count (0: a device
-    per rank, no sharing).
+    per rank, no sharing). A profile taken by several processes at once (``concurrent > 1``) is
+    used as measured, as if every rank were always busy; ``reshare=True`` instead divides out the
+    processes' own sharing and models it only where ranks overlap (docs/planning.md compares both).
     """
     if n_ranks < 1:
         raise ValueError(f"n_ranks must be at least 1, got {n_ranks}")
@@ -292,9 +298,11 @@ def plan(profile: Profile, n_ranks: int, *, memory_per_rank: float | None = None
         raise ValueError(f"{n_ranks} ranks need at least {n_ranks} blocks, the profile has {profile.n_blocks}; "
                          f"use at most {profile.n_blocks} ranks")
     batch_size = batch_size or max(profile.rows or (1,))
+    measured = profile
     if cores is not None:
-        profile = Profile(profile.blocks, profile.link, profile.rows, profile.threads, cores, profile.units,
-                          profile.model, profile.concurrent, profile.action_overhead_s)
+        profile = replace(profile, cores=cores)
+    if profile.concurrent > 1 and not reshare:  # the sharing is in the times: take them as they are
+        profile = replace(profile, cores=0, concurrent=1)
     names = list(schedules or SYNC_SCHEDULES + ASYNC_SCHEDULES)
     unknown = [n for n in names if n not in SYNC_SCHEDULES + ASYNC_SCHEDULES]
     if unknown:
@@ -326,4 +334,4 @@ def plan(profile: Profile, n_ranks: int, *, memory_per_rank: float | None = None
     order = {name: i for i, name in enumerate(SYNC_SCHEDULES + ASYNC_SCHEDULES)}
     candidates.sort(key=lambda c: (not c.fits, -round(c.throughput, 9), round(c.peak_memory), order[c.schedule],
                                    c.n_microbatches))
-    return Plan(candidates, n_ranks, batch_size, memory_per_rank, profile)
+    return Plan(candidates, n_ranks, batch_size, memory_per_rank, measured, reshare)
