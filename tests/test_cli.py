@@ -123,7 +123,7 @@ def test_train_under_torchrun_joins_its_job(tmp_path: Path) -> None:
 
     source = str(Path(conveyor.__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONPATH": source, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "0",
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                "-m", "conveyor.cli", *TRAIN, "--steps", "2", "--checkpoint-dir", str(tmp_path)]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
