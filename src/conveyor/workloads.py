@@ -159,16 +159,26 @@ def _model_type(source: str) -> str | None:
     return name if name in CONFIG_MAPPING else None
 
 
+def _importable(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
 def load_workload(spec: WorkloadSpec) -> Workload:
-    """Build the workload a spec names (see the module docstring)."""
+    """Build the workload a spec names (see the module docstring): ``demo``, a ``.py`` file, a
+    transformers model type (``hf:`` prefix optional; it wins over a module of the same name), or
+    an importable module."""
     source = spec.source
     if source == "demo":
         return _demo(spec)
-    if source.endswith(".py") or source.startswith("hf:") is False and importlib.util.find_spec(
-            source.split(".")[0]) is not None and _model_type(source) is None:
+    if source.endswith(".py"):
         return _user(source)
     model_type = _model_type(source)
-    if model_type is None:
-        raise ValueError(f"{source!r} is neither 'demo', a .py file, an importable module, nor a transformers "
-                         "model type (e.g. gpt2); check the spelling")
-    return _transformers(spec, model_type)
+    if model_type is not None:
+        return _transformers(spec, model_type)
+    if not source.startswith("hf:") and _importable(source):
+        return _user(source)
+    raise ValueError(f"{source!r} is neither 'demo', a .py file, an importable module, nor a transformers "
+                     "model type (e.g. gpt2); check the spelling")
