@@ -8,6 +8,7 @@ from .checkpoint import CheckpointError, load_full, save_full
 from .errors import ConveyorError, LaunchError, PeerLostError, PipelineError
 from .launch import launch, run
 from .partition import Pipe, TraceError, materialize, pipe_split, pipeline
+from .planning import plan, profile
 from .runtime import LocalPipeline, LossScaler, PipelineRunner
 from .schedule import Action, Schedule, ScheduleError, simulate
 
@@ -15,7 +16,7 @@ __all__ = [
     "Action", "CheckpointError", "ConveyorError", "LaunchError", "LocalPipeline", "LossScaler", "PeerLostError",
     "Pipe", "PipelineError",
     "PipelineRunner", "Schedule", "ScheduleError", "TraceError", "launch", "load_full", "materialize",
-    "pipe_split", "pipeline", "run", "save_full", "simulate", "timeline",
+    "pipe_split", "pipeline", "plan", "profile", "run", "save_full", "simulate", "timeline",
 ]
 
 __version__ = "0.1.0"

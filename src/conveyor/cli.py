@@ -13,7 +13,8 @@ def _demo(args: argparse.Namespace) -> None:
     from .demo.train import DemoConfig, run_demo
 
     run_demo(DemoConfig(stages=args.stages, schedule=args.schedule, microbatches=args.microbatches,
-                        steps=args.steps, batch_size=args.batch_size))
+                        steps=args.steps, batch_size=args.batch_size, checkpoint_dir=args.checkpoint_dir,
+                        resume=args.resume))
 
 
 def _timeline(args: argparse.Namespace) -> None:
@@ -37,7 +38,28 @@ def _timeline(args: argparse.Namespace) -> None:
         print(f"wrote {writer(events, args.output)}")
 
 
+def _bench(args: argparse.Namespace) -> None:
+    import importlib
+    from pathlib import Path
+
+    repository = Path(__file__).resolve().parents[2]
+    if (repository / "bench" / "__main__.py").is_file() and str(repository) not in sys.path:
+        sys.path.insert(0, str(repository))
+    try:
+        bench = importlib.import_module("bench.__main__")
+    except ModuleNotFoundError:
+        raise RuntimeError("the benchmarks (bench/) are not importable: they live in the conveyor repository, run "
+                           "`conveyor bench` from a checkout installed with pip install -e .") from None
+    argv = (["--quick"] if args.quick else []) + (["--only", *args.only] if args.only else []) + \
+        (["--out", args.out] if args.out else [])
+    code = bench.main(argv)
+    if code:
+        raise RuntimeError(f"the benchmarks exited with status {code}")
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from . import cli_plan, cli_train
+
     parser = argparse.ArgumentParser(prog="conveyor", description="Pipeline-parallel training for PyTorch.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -47,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--microbatches", type=int, default=8, help="micro-batches per step (default 8)")
     demo.add_argument("--steps", type=int, default=250, help="optimizer steps (default 250)")
     demo.add_argument("--batch-size", type=int, default=32, help="sequences per step (default 32)")
+    demo.add_argument("--checkpoint-dir", default=None, help="save the last step here (step-NNNNNN folders)")
+    demo.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --checkpoint-dir")
     demo.set_defaults(handler=_demo)
     timeline = commands.add_parser(
         "timeline", help="simulate (or run with --run, on sleeping stages) a schedule and draw its timeline")
@@ -60,6 +84,15 @@ def build_parser() -> argparse.ArgumentParser:
     timeline.add_argument("--run", action="store_true", help="run it on local processes and draw what happened")
     timeline.add_argument("-o", "--output", help="write a picture (.png/.svg/.pdf) or Chrome trace (.json)")
     timeline.set_defaults(handler=_timeline)
+    cli_train.register(commands)
+    cli_plan.register(commands)
+    bench = commands.add_parser("bench", help="run the benchmarks (python -m bench) and write BENCHMARKS.md",
+                                description="Run the repository's bench/ package: conveyor beside "
+                                            "torch.distributed.pipelining.")
+    bench.add_argument("--quick", action="store_true", help="tiny versions of everything (a smoke test)")
+    bench.add_argument("--only", nargs="+", metavar="NAME", help="run only these benchmarks")
+    bench.add_argument("--out", default=None, help="report path (default BENCHMARKS.md)")
+    bench.set_defaults(handler=_bench)
     return parser
 
 
@@ -73,6 +106,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             raise
         first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
+        details = [line for line in str(getattr(error, "details", "") or "").splitlines() if line.strip()]
+        if details:  # a rank's failure: its exception's last line says what went wrong
+            first_line += f": {details[-1].strip()}"
         print(f"conveyor {args.command}: {type(error).__name__}: {first_line} (rerun with --debug for details)",
               file=sys.stderr)
         return 1

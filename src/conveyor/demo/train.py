@@ -27,6 +27,8 @@ class DemoConfig:
     heads: int = 4
     lr: float = 3e-3
     seed: int = 0
+    checkpoint_dir: str | None = None  # save the last step here (step-NNNNNN), as `conveyor train` does
+    resume: bool = False               # continue from the latest checkpoint there, up to `steps`
 
 
 def _worker(rank: int, world_size: int, config: DemoConfig) -> dict:
@@ -41,11 +43,22 @@ def _worker(rank: int, world_size: int, config: DemoConfig) -> dict:
                                      loss_fn=lm_loss)
     optimizer = torch.optim.AdamW(runner.parameters(), lr=config.lr)
     batches = torch.Generator().manual_seed(config.seed)  # the same batches on every rank
+    first = 0
+    if config.resume:
+        from ..checkpoint import load
+        from ..cli_train import latest_checkpoint
+
+        latest = latest_checkpoint(config.checkpoint_dir or "")
+        if latest is None:
+            raise FileNotFoundError(f"--resume found no checkpoint under {config.checkpoint_dir}")
+        first = int(load(runner, latest, optimizer)["step"] or 0)
+        for _ in range(first):  # the batches already trained on
+            train_set.batch(config.batch_size, config.seq_len, batches)
     shows_progress = runner.stages.get(world_size - 1) is not None
     losses: list[float] = []
     start = time.perf_counter()
-    with tqdm(total=config.steps, disable=not shows_progress, unit="step", dynamic_ncols=True) as bar:
-        for _ in range(config.steps):
+    with tqdm(total=config.steps, initial=first, disable=not shows_progress, unit="step", dynamic_ncols=True) as bar:
+        for _ in range(first, config.steps):
             inputs, targets = train_set.batch(config.batch_size, config.seq_len, batches)
             optimizer.zero_grad()
             loss = runner.step(inputs, target=targets)
@@ -58,6 +71,10 @@ def _worker(rank: int, world_size: int, config: DemoConfig) -> dict:
                 bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.3f}", tok_s=f"{tokens / elapsed:,.0f}")
             bar.update()
     elapsed = time.perf_counter() - start
+    if config.checkpoint_dir and first < config.steps:
+        from ..checkpoint import save
+
+        save(runner, f"{config.checkpoint_dir}/step-{config.steps:06d}", optimizer, step=config.steps)
     runner.eval()
     inputs, targets = val_set.batch(config.batch_size, config.seq_len, torch.Generator().manual_seed(1))
     logits = runner.forward(inputs)
@@ -84,11 +101,13 @@ def run_demo(config: DemoConfig = DemoConfig()) -> dict:
     model.load_state_dict(state)
     sample = generate(model, dataset, "MENENIUS:\n", 160, temperature=0.8,
                       generator=torch.Generator().manual_seed(0))
-    tokens = config.steps * config.batch_size * config.seq_len
+    losses = last["losses"] or [float("nan")]  # nan: resumed at the last step, nothing trained
+    steps_done = len(last["losses"])
+    tokens = steps_done * config.batch_size * config.seq_len
     report = {
-        "first_loss": last["losses"][0], "final_loss": sum(last["losses"][-10:]) / 10,
+        "first_loss": losses[0], "final_loss": sum(losses[-10:]) / len(losses[-10:]),
         "val_loss": last["val_loss"], "tokens_per_second": tokens / last["seconds"],
-        "steps_per_second": config.steps / last["seconds"], "train_seconds": last["seconds"],
+        "steps_per_second": steps_done / last["seconds"], "train_seconds": last["seconds"],
         "total_seconds": time.perf_counter() - started, "config": asdict(config),
     }
     print(f"loss {report['first_loss']:.3f} -> {report['final_loss']:.3f} (mean of the last 10 steps), "

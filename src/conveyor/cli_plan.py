@@ -1,0 +1,122 @@
+"""``conveyor plan``: profile a workload, rank pipeline configurations, optionally run the top ones.
+
+Also the workload arguments ``conveyor train`` shares (model source and sizes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+
+from .planning import Plan, Profile, plan, profile
+from .workloads import WorkloadSpec, load_workload
+
+__all__ = ["add_workload_arguments", "parse_bytes", "plan_workload", "register", "spec_from_args"]
+
+CONTENTION = ("measured", "reshared", "modelled")
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_bytes(text: str) -> float:
+    """``"8G"``, ``"512M"``, ``"1.5g"``, ``"1000000"`` -> bytes."""
+    match = re.fullmatch(r"\s*([0-9.]+)\s*([kmgtKMGT]?)(i?[bB])?\s*", text)
+    if match is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size; write e.g. 8G, 512M or 1000000")
+    return float(match.group(1)) * _UNITS[match.group(2).lower()]
+
+
+def add_workload_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("source", nargs="?", default="demo",
+                        help="'demo' (default), a training script (.py) or module defining build_model(), "
+                             "batch(step, batch_size) and loss_fn(output, target), or a transformers model "
+                             "type such as gpt2 (random init, no download)")
+    parser.add_argument("--batch-size", type=int, default=None, help="rows per step (default: the workload's)")
+    parser.add_argument("--layers", type=int, default=None, help="demo/transformers: number of blocks")
+    parser.add_argument("--width", type=int, default=None, help="demo/transformers: hidden size")
+    parser.add_argument("--heads", type=int, default=None, help="demo/transformers: attention heads")
+    parser.add_argument("--seq-len", type=int, default=None, help="demo/transformers: sequence length")
+    parser.add_argument("--full-size", action="store_true",
+                        help="transformers: keep the config's default sizes (gpt2: GPT-2 small, 124M)")
+    parser.add_argument("--seed", type=int, default=0, help="initialisation and data seed (default 0)")
+
+
+def spec_from_args(args: argparse.Namespace) -> WorkloadSpec:
+    return WorkloadSpec(args.source, args.layers, args.width, args.heads, args.seq_len, args.full_size, args.seed)
+
+
+def plan_workload(spec: WorkloadSpec, ranks: int, *, batch_size: int | None, memory_per_rank: float | None,
+                  runs: int = 3, measure_link: bool = True, profile_file: str | None = None,
+                  save_profile: str | None = None, contention: str = "measured") -> Plan:
+    """Profile the workload with the threads each of ``ranks`` local ranks will get, then plan.
+
+    When the ranks oversubscribe the cores, ``contention="measured"`` profiles in ``ranks``
+    processes at once (sharing the cores as the run will) and uses the times as measured;
+    ``"reshared"`` profiles the same way but divides out the processes' own sharing and models it
+    where ranks overlap; ``"modelled"`` profiles in one process and models the sharing."""
+    if contention not in CONTENTION:
+        raise ValueError(f"contention={contention!r}: use one of {CONTENTION}")
+    workload = load_workload(spec)
+    batch_size = batch_size or workload.batch_size
+    if profile_file:
+        measured = Profile.load(profile_file)
+    else:
+        model = workload.build_model()
+        inputs, target = workload.inputs(0, max(1, batch_size // ranks))
+        cores = os.cpu_count() or 1
+        threads = max(1, cores // ranks)
+        concurrent = ranks if contention != "modelled" and ranks * threads > cores else 1
+        measured = profile(model, inputs, target=target, loss_fn=workload.loss_fn, runs=runs, threads=threads,
+                           link="measure" if measure_link else None, name=workload.name, concurrent=concurrent)
+    if save_profile:
+        print(f"wrote {measured.save(save_profile)}")
+    return plan(measured, ranks, memory_per_rank=memory_per_rank, batch_size=batch_size,
+                reshare=contention == "reshared")
+
+
+def _plan(args: argparse.Namespace) -> None:
+    from .planning.verify import VERIFIED_HEADER, format_row, verify
+
+    spec = spec_from_args(args)
+    result = plan_workload(spec, args.ranks, batch_size=args.batch_size, memory_per_rank=args.memory_per_rank,
+                           runs=args.runs, measure_link=not args.no_link, profile_file=args.profile,
+                           save_profile=args.save_profile, contention=args.contention)
+    if args.json:
+        print(result.to_json())
+        return
+    print(result.table(args.top))
+    print(result.explain())
+    if args.verify:
+        chosen = result.top(args.top, runnable=True) if args.runnable_only else result.top(args.top)
+        subset = Plan(chosen, result.n_ranks, result.batch_size, result.memory_per_rank, result.profile)
+        print(f"\nrunning the top {len(chosen)} for {args.steps} steps each on {args.ranks} local processes ...")
+        print(VERIFIED_HEADER, flush=True)
+        verify(subset, spec, top=len(chosen), steps=args.steps, timeout=args.timeout,
+               on_result=lambda index, result: print(format_row(index, result), flush=True))
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("plan", help="profile a model and rank split, schedule and micro-batch count",
+                                 description="Profile a model (the demo by default) and rank pipeline "
+                                             "configurations by predicted throughput.")
+    add_workload_arguments(parser)
+    parser.add_argument("--ranks", type=int, default=4, help="pipeline ranks (default 4)")
+    parser.add_argument("--memory-per-rank", type=parse_bytes, default=None,
+                        help="memory limit per rank, e.g. 8G (default: none)")
+    parser.add_argument("--top", type=int, default=5, help="rows of the table, candidates to verify (default 5)")
+    parser.add_argument("--verify", action="store_true",
+                        help="run the top candidates for a few steps: predicted vs measured step time")
+    parser.add_argument("--runnable-only", action="store_true",
+                        help="with --verify: verify the top runnable candidates (skip asynchronous ones)")
+    parser.add_argument("--steps", type=int, default=3, help="measured steps per verified candidate (default 3)")
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds per verified candidate (default 600)")
+    parser.add_argument("--runs", type=int, default=3, help="timed runs per block when profiling (default 3)")
+    parser.add_argument("--contention", choices=CONTENTION, default="measured",
+                        help="ranks sharing too few cores: profile them all at once and use the times as "
+                             "measured (default), or divide out and re-model the sharing (reshared), or "
+                             "profile in one process and model the sharing (modelled)")
+    parser.add_argument("--no-link", action="store_true", help="do not measure the link (assume 50 us, 1 GB/s)")
+    parser.add_argument("--profile", default=None, help="plan from a saved profile (JSON) instead of measuring")
+    parser.add_argument("--save-profile", default=None, help="write the measured profile to this JSON file")
+    parser.add_argument("--json", action="store_true", help="print every candidate as JSON instead of the table")
+    parser.set_defaults(handler=_plan)

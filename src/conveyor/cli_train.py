@@ -1,0 +1,196 @@
+"""``conveyor train``: train a workload (see :mod:`conveyor.workloads`) on a pipeline, with a
+progress bar, periodic checkpoints, ``--resume`` and a timeline picture of the last step.
+
+Checkpoints go to ``<checkpoint-dir>/step-<NNNNNN>`` (``conveyor.checkpoint.save``: model and optimizer under
+the unsplit model's names, plus each rank's random state); ``--resume`` loads the highest step
+there and continues with the same per-step batches, so the weights equal an uninterrupted run's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+
+from .workloads import WorkloadSpec, load_workload
+
+__all__ = ["TrainConfig", "latest_checkpoint", "run_train"]
+
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    spec: WorkloadSpec
+    ranks: int = 4
+    schedule: str = "1f1b"
+    microbatches: int = 8
+    chunks: int = 1            # stages per rank (interleaved-1f1b, zb-v: 2)
+    sizes: tuple[int, ...] | None = None  # blocks per stage (from the planner); None: balanced by parameters
+    steps: int = 100
+    batch_size: int | None = None
+    checkpoint_dir: str | None = None
+    checkpoint_every: int = 0  # 0: only at the end
+    keep: int = 2
+    resume: bool = False
+    timeline: str | None = None
+    progress: bool = True
+
+
+def latest_checkpoint(directory: str | os.PathLike) -> Path | None:
+    """The ``step-N`` folder with the highest ``N`` that holds a finished checkpoint (a manifest)."""
+    root = Path(directory)
+    if not root.is_dir():
+        return None
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name))
+             and (p / "manifest.json").is_file()]
+    return max(found)[1] if found else None
+
+
+def _prune(directory: Path, keep: int) -> None:
+    steps = sorted((int(m.group(1)), p) for p in directory.iterdir() if (m := _STEP_DIR.match(p.name)))
+    for _, path in steps[:-keep] if keep > 0 else []:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _worker(rank: int, world_size: int, config: TrainConfig) -> dict[str, Any]:
+    import conveyor
+    from conveyor import checkpoint
+    from conveyor.timeline import gather, measured_bubble
+
+    workload = load_workload(config.spec)
+    batch_size = config.batch_size or workload.batch_size
+    model = workload.build_model()
+    n_stages = len(config.sizes) if config.sizes else world_size * config.chunks
+    example, _ = workload.inputs(0, max(2, batch_size // config.microbatches))
+    pipe = conveyor.pipeline(model, n_stages=n_stages, balance=list(config.sizes) if config.sizes else "params",
+                             example_args=example)
+    runner = conveyor.PipelineRunner(pipe, schedule=config.schedule, n_microbatches=config.microbatches,
+                                     loss_fn=workload.loss_fn)
+    optimizer = workload.make_optimizer(runner.parameters())
+    first = 0
+    if config.resume:
+        latest = latest_checkpoint(config.checkpoint_dir or "")
+        if latest is None:
+            raise FileNotFoundError(f"--resume found no checkpoint under {config.checkpoint_dir}: train without "
+                                    "--resume first (with --checkpoint-dir)")
+        first = int(checkpoint.load(runner, latest, optimizer)["step"] or 0)
+    shows = config.progress and rank == runner.schedule.placement[-1]
+    from tqdm import tqdm
+
+    losses: list[float] = []
+    bubble = float("nan")
+    start = time.perf_counter()
+    with tqdm(total=config.steps, initial=first, disable=not shows, unit="step", dynamic_ncols=True) as bar:
+        for step in range(first, config.steps):
+            inputs, target = workload.inputs(step, batch_size)
+            optimizer.zero_grad()
+            loss = runner.step(*inputs, target=target)
+            optimizer.step()
+            done = step + 1
+            if done % 10 == 0 or done == config.steps:  # a collective: every rank decides alike
+                events = gather(runner)
+                bubble = measured_bubble(events, world_size)
+            if loss is not None:
+                losses.append(float(loss))
+                rate = len(losses) * batch_size / (time.perf_counter() - start)
+                bar.set_postfix(loss=f"{losses[-1]:.3f}", samples_s=f"{rate:,.1f}", bubble=f"{bubble:.2f}")
+            bar.update()
+            if config.checkpoint_dir and ((config.checkpoint_every and done % config.checkpoint_every == 0)
+                                          or done == config.steps):
+                path = Path(config.checkpoint_dir) / f"step-{done:06d}"
+                checkpoint.save(runner, path, optimizer, step=done)
+                dist.barrier()
+                if rank == 0:
+                    _prune(Path(config.checkpoint_dir), config.keep)
+    events = gather(runner) if first < config.steps else []
+    return {"losses": losses, "events": events if rank == 0 else None, "first_step": first,
+            "seconds": time.perf_counter() - start, "bubble": bubble, "summary": repr(pipe) if rank == 0 else None}
+
+
+def run_train(config: TrainConfig, *, timeout: float | None = None) -> dict[str, Any]:
+    """Train on local processes (``conveyor.launch``), or join torchrun's job when its
+    environment is set; print a summary and draw the last step's timeline."""
+    import conveyor
+
+    if config.resume and not config.checkpoint_dir:
+        raise ValueError("--resume needs --checkpoint-dir (where the checkpoints are)")
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # under torchrun: every rank reports its own share
+        per_rank = [conveyor.run(_worker, config)]
+    else:
+        per_rank = conveyor.launch(_worker, config.ranks, args=(config,), timeout=timeout)
+    trained = next((r for r in per_rank if r["losses"]), None)  # the last stage's rank
+    head = per_rank[0]
+    if head["summary"]:
+        print(head["summary"])
+    if trained is not None:
+        losses = trained["losses"]
+        print(f"steps {trained['first_step']}..{config.steps}: loss {losses[0]:.3f} -> {losses[-1]:.3f}, "
+              f"{len(losses) / trained['seconds']:.2f} steps/s, measured bubble {trained['bubble']:.2f}")
+    elif head["first_step"] >= config.steps:
+        print(f"nothing to do: the checkpoint is already at step {head['first_step']} of {config.steps}")
+    if config.timeline and head["events"]:
+        try:
+            print(f"wrote {conveyor.timeline.render(head['events'], config.timeline)}")
+        except ImportError:
+            print("no timeline picture: matplotlib is not installed (pip install matplotlib)")
+    if config.checkpoint_dir and head["summary"]:
+        print(f"checkpoint: {latest_checkpoint(config.checkpoint_dir)}")
+    return {"losses": trained["losses"] if trained else [], "first_step": head["first_step"]}
+
+
+def with_plan(config: TrainConfig, sizes: tuple[int, ...], schedule: str, microbatches: int) -> TrainConfig:
+    """The config with the planner's choice of split, schedule and micro-batch count."""
+    return replace(config, sizes=sizes, schedule=schedule, microbatches=microbatches, chunks=1)
+
+
+
+
+def _train(args: argparse.Namespace) -> None:
+    from .cli_plan import plan_workload, spec_from_args
+
+    spec = spec_from_args(args)
+    chunks = args.chunks or (2 if args.schedule in ("interleaved-1f1b", "zb-v") else 1)
+    config = TrainConfig(spec, ranks=args.stages, schedule=args.schedule, microbatches=args.microbatches,
+                         chunks=chunks, steps=args.steps, batch_size=args.batch_size,
+                         checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every, keep=args.keep,
+                         resume=args.resume, timeline=args.timeline)
+    if args.plan:
+        chosen = plan_workload(spec, args.stages, batch_size=args.batch_size, memory_per_rank=args.memory_per_rank)
+        best = chosen.best_runnable
+        if best is None:
+            raise ValueError("the planner found no runnable configuration that fits; raise --memory-per-rank")
+        print(f"plan: {best.label()} (split by {best.split}), predicted step {best.step_s * 1e3:.1f} ms")
+        config = with_plan(config, best.sizes, best.schedule, best.n_microbatches)
+    run_train(config, timeout=args.timeout)
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    from .cli_plan import add_workload_arguments, parse_bytes
+
+    parser = commands.add_parser("train", help="train a script, module, the demo or a transformers model on a pipeline",
+                                 description="Train on a pipeline of local processes (or under torchrun) with "
+                                             "checkpoints, --resume and a timeline picture. See docs/cli.md.")
+    add_workload_arguments(parser)
+    parser.add_argument("--stages", type=int, default=4, help="pipeline ranks = local processes (default 4)")
+    parser.add_argument("--schedule", default="1f1b", help="gpipe, 1f1b, interleaved-1f1b, zb-h1, zb-v (default 1f1b)")
+    parser.add_argument("--microbatches", type=int, default=8, help="micro-batches per step (default 8)")
+    parser.add_argument("--chunks", type=int, default=None,
+                        help="stages per rank (default 2 for interleaved-1f1b and zb-v, else 1)")
+    parser.add_argument("--steps", type=int, default=100, help="train up to this step (default 100)")
+    parser.add_argument("--plan", action="store_true", help="profile and plan first; use the top runnable choice")
+    parser.add_argument("--memory-per-rank", type=parse_bytes, default=None, help="with --plan: e.g. 8G")
+    parser.add_argument("--checkpoint-dir", default=None, help="save checkpoints here (step-NNNNNN folders)")
+    parser.add_argument("--checkpoint-every", type=int, default=0, help="save every K steps (default: at the end)")
+    parser.add_argument("--keep", type=int, default=2, help="checkpoints to keep (default 2)")
+    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --checkpoint-dir")
+    parser.add_argument("--timeline", default=None, help="draw the last step's timeline to this file (.png/.svg)")
+    parser.add_argument("--timeout", type=float, default=None, help="end the job after this many seconds")
+    parser.set_defaults(handler=_train)

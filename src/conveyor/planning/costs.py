@@ -1,0 +1,203 @@
+"""The planner's cost model: from a :class:`Profile` and a layout to per-stage action costs,
+step time (with shared cores), memory per rank, and the asynchronous schedules' throughput.
+
+- A stage costs the sum of its blocks at the micro-batch's rows (``fixed + per_row * rows``).
+  Stage 0 receives no input gradient to compute (its inputs are data), so its split backward
+  is all ``W``.
+- Every action also pays the runtime's own overhead (``profile.action_overhead_s``, measured on an
+  empty pipeline, which includes a hand-off's latency); a message then costs ``bytes /
+  link.bandwidth`` more (or ``link.latency + bytes / bandwidth`` when no overhead was measured).
+  The simulator takes one message time for all links, the largest boundary's.
+- Shared cores: ``launch`` gives each of ``n`` ranks ``cores // n`` threads (at least one); when
+  ``n * threads > cores``, the actions running at one moment share the cores equally
+  (:func:`shared_core_makespan`). With enough cores it equals ``simulate``'s makespan. Times
+  profiled by ``n`` processes at once are first brought back to one process's by the sharing
+  factor ``n * threads / cores``; what other load slowed them by stays in them.
+- Memory per rank: weights (one copy; PipeDream: ``n_stages - s`` versions on stage ``s``;
+  2BW: 2) + gradients + optimizer state (``optimizer_factor`` x weights: 2 for Adam) +
+  activations per micro-batch x the most micro-batches the schedule keeps alive at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from ..schedule.actions import Schedule
+from ..schedule.links import Message, outgoing, required_message
+from .profile import Profile
+
+__all__ = ["AsyncEstimate", "MemoryEstimate", "async_steady_state", "boundary_bytes", "compute_slots",
+           "message_time", "rank_memory", "shared_core_makespan", "sharing_factor", "stage_costs", "stage_ranges"]
+
+
+def stage_ranges(sizes: Sequence[int]) -> list[range]:
+    """``[2, 1]`` -> ``[range(0, 2), range(2, 3)]``: the blocks of each stage."""
+    starts = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+    return [range(starts[i], starts[i + 1]) for i in range(len(sizes))]
+
+
+def sharing_factor(profile: Profile) -> float:
+    """How much slower each profiling process ran because ``profile.concurrent`` of them shared the
+    cores: ``concurrent * threads / cores`` (at least 1). Any other load on the machine at the time
+    stays in the times."""
+    if profile.concurrent <= 1 or profile.cores <= 0:
+        return 1.0
+    return max(1.0, profile.concurrent * profile.threads / profile.cores)
+
+
+def stage_costs(profile: Profile, sizes: Sequence[int], rows: float) -> dict[str, list[float]]:
+    """Seconds of F, B, I and W of each stage for a micro-batch of ``rows`` rows, on a core of its
+    own (times profiled by several processes at once are divided by :func:`sharing_factor`)."""
+    table: dict[str, list[float]] = {"F": [], "B": [], "I": [], "W": []}
+    alone = 1.0 / sharing_factor(profile)
+    for index, blocks in enumerate(stage_ranges(sizes)):
+        chosen = [profile.blocks[b] for b in blocks]
+        forward = sum(b.forward.at(rows) for b in chosen) * alone
+        backward = sum(b.backward.at(rows) for b in chosen) * alone
+        input_grad = 0.0 if index == 0 else sum(b.input_grad.at(rows) for b in chosen) * alone
+        weight_grad = backward if index == 0 else sum(b.weight_grad.at(rows) for b in chosen) * alone
+        for key, value in zip("FBIW", (forward, backward, input_grad, weight_grad)):
+            table[key].append(value + profile.action_overhead_s)
+    return table
+
+
+def boundary_bytes(profile: Profile, sizes: Sequence[int], rows: float) -> list[float]:
+    """Bytes each stage but the last sends forward (and receives back as a gradient)."""
+    return [profile.blocks[blocks[-1]].output_bytes_per_row * rows for blocks in stage_ranges(sizes)[:-1]]
+
+
+def message_time(profile: Profile, sizes: Sequence[int], rows: float) -> float:
+    """The slowest boundary's message time (the simulator takes one value for every link)."""
+    latency = 0.0 if profile.action_overhead_s > 0 else profile.link.latency_s
+    return max((latency + n / profile.link.bandwidth_bytes_s for n in boundary_bytes(profile, sizes, rows)),
+               default=0.0)
+
+
+def compute_slots(profile: Profile, n_ranks: int) -> float:
+    """How many ranks can compute at full speed at once: ``cores / threads per rank`` (inf when
+    the profile does not know the cores)."""
+    if profile.cores <= 0:
+        return float("inf")
+    threads = max(1, profile.cores // n_ranks)
+    return profile.cores / threads
+
+
+def shared_core_makespan(program: Schedule, costs: dict[str, Sequence[float]], comm: float, slots: float) -> float:
+    """Step time of ``program`` when at most ``slots`` actions run at full speed at once: the
+    actions running at a moment share the cores equally (processor sharing). Otherwise the
+    simulator's rules: each rank runs its actions in order, an action waits for its input message,
+    a message between ranks arrives ``comm`` after the action that sends it."""
+    n_stages, training = program.n_stages, program.is_training
+    position = [0] * program.n_ranks
+    running: dict[int, list] = {}  # rank -> [action, remaining seconds at full speed]
+    arrival: dict[Message, float] = {}
+    now, eps = 0.0, 1e-12
+    while True:
+        for rank, actions in enumerate(program.ranks):
+            if rank in running or position[rank] >= len(actions):
+                continue
+            action = actions[position[rank]]
+            needed = required_message(action, n_stages)
+            if needed is None or arrival.get(needed, float("inf")) <= now + eps:
+                running[rank] = [action, costs[action.kind][action.stage]]
+        if not running:
+            if all(position[r] >= len(a) for r, a in enumerate(program.ranks)):
+                return now
+            later = [t for t in arrival.values() if t > now + eps]
+            if not later:
+                raise RuntimeError("the program deadlocks")  # validate() rules this out for real programs
+            now = min(later)
+            continue
+        speed = min(1.0, slots / len(running))
+        step = min(remaining for _, remaining in running.values()) / speed
+        step = min([step] + [t - now for t in arrival.values() if t > now + eps])
+        now += step
+        for rank in list(running):
+            running[rank][1] -= step * speed
+            if running[rank][1] <= eps:
+                action = running.pop(rank)[0]
+                position[rank] += 1
+                message = outgoing(action, n_stages, training)
+                if message is not None:
+                    same = program.placement[message.target_stage] == rank
+                    arrival[message] = now + (0.0 if same else comm)
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes one rank holds at its peak."""
+
+    weights: float       # all weight versions kept
+    gradients: float
+    optimizer: float
+    activations: float
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.gradients + self.optimizer + self.activations
+
+
+def weight_versions(schedule: str, stage: int, n_stages: int) -> int:
+    """Copies of a stage's weights a schedule keeps: PipeDream stashes one per micro-batch in
+    flight (``n_stages - stage``), 2BW two, the synchronous schedules one."""
+    if schedule == "pipedream":
+        return n_stages - stage
+    if schedule == "pipedream-2bw":
+        return 2
+    return 1
+
+
+def rank_memory(profile: Profile, sizes: Sequence[int], placement: Sequence[int], rows: float,
+                peak_microbatches: Sequence[int], schedule: str, optimizer_factor: float = 2.0,
+                n_ranks: int | None = None) -> list[MemoryEstimate]:
+    """Peak bytes per rank (see the module docstring). ``peak_microbatches[s]``: the most
+    micro-batches stage ``s`` keeps activations for at once."""
+    n_ranks = n_ranks or max(placement) + 1
+    totals = [[0.0, 0.0, 0.0, 0.0] for _ in range(n_ranks)]
+    for stage, blocks in enumerate(stage_ranges(sizes)):
+        params = float(sum(profile.blocks[b].param_bytes for b in blocks))
+        activations = sum(profile.blocks[b].activation_bytes_per_row for b in blocks) * rows
+        entry = totals[placement[stage]]
+        entry[0] += params * weight_versions(schedule, stage, len(sizes))
+        entry[1] += params
+        entry[2] += params * optimizer_factor
+        entry[3] += activations * peak_microbatches[stage]
+    return [MemoryEstimate(*entry) for entry in totals]
+
+
+# --- asynchronous schedules: an analytic model ----------------------------------------------------
+# PipeDream and 2BW are not in conveyor.schedule.SCHEDULES in this version, so they are priced
+# here in closed form. Once their generators exist, this function can be replaced by simulating
+# a long run of their programs.
+@dataclass(frozen=True)
+class AsyncEstimate:
+    seconds_per_microbatch: float
+    bottleneck: int          # the stage that sets the pace
+    stage_seconds: tuple[float, ...]  # per stage, per micro-batch, after dividing by its replicas
+
+
+def async_steady_state(profile: Profile, sizes: Sequence[int], rows: float, replicas: Sequence[int],
+                       schedule: str, slots: float = float("inf")) -> AsyncEstimate:
+    """PipeDream-style pipelines never flush: in steady state a micro-batch completes every
+    ``max_s t_s`` seconds, where ``t_s = (F_s + B_s + comm_s) / r_s + sync_s``; ``comm_s`` is the
+    time to send stage ``s``'s output and its input gradient; a stage with ``r_s > 1`` replicas
+    all-reduces its gradients (ring: ``2 (r-1)/r * params / bandwidth``) once per update, i.e.
+    every micro-batch for PipeDream, every ``n_stages`` micro-batches for 2BW, shared by its
+    ``r_s`` replicas. With shared cores the pace is at least the total work over ``slots``."""
+    costs = stage_costs(profile, sizes, rows)
+    sent = boundary_bytes(profile, sizes, rows)
+    window = 1 if schedule == "pipedream" else len(sizes)
+    per_stage: list[float] = []
+    work = 0.0
+    for stage, blocks in enumerate(stage_ranges(sizes)):
+        comm = (profile.link.time(sent[stage]) if stage < len(sizes) - 1 else 0.0) + \
+               (profile.link.time(sent[stage - 1]) if stage > 0 else 0.0)
+        r = replicas[stage]
+        params = sum(profile.blocks[b].param_bytes for b in blocks)
+        sync = 0.0 if r == 1 else (profile.link.latency_s + 2 * (r - 1) / r * params
+                                   / profile.link.bandwidth_bytes_s) / (r * window)
+        per_stage.append((costs["F"][stage] + costs["B"][stage] + comm) / r + sync)
+        work += costs["F"][stage] + costs["B"][stage]
+    pace = max(per_stage)
+    return AsyncEstimate(max(pace, work / slots), per_stage.index(pace), tuple(per_stage))

@@ -1,0 +1,303 @@
+"""``conveyor.profile``: what each cuttable block of a model costs, saved as JSON.
+
+Per block (see :mod:`.units`) it measures the forward, the full backward, and the backward's two
+halves as the zero-bubble runtime runs them (``I``: ``autograd.grad`` w.r.t. the block's input
+with the graph kept; ``W``: then w.r.t. its parameters), the parameter bytes, the bytes autograd
+saves for the backward (activation memory) and the bytes of the block's output (what crosses a
+boundary cut after it). Times are measured at two micro-batch sizes and stored as
+``fixed + per_row * rows``, so the planner can price any micro-batch size.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn as nn
+from torch.utils import _pytree as pytree
+
+from .units import cuttable_units
+
+__all__ = ["BlockProfile", "Cost", "Link", "Profile", "profile"]
+
+
+class Cost(NamedTuple):
+    """Seconds for a micro-batch of ``rows`` rows: ``fixed_s + per_row_s * rows``."""
+
+    fixed_s: float
+    per_row_s: float
+
+    def at(self, rows: float) -> float:
+        return self.fixed_s + self.per_row_s * rows
+
+
+@dataclass
+class BlockProfile:
+    """One cuttable block's costs (times as :class:`Cost`, memory in bytes)."""
+
+    name: str
+    forward: Cost
+    backward: Cost      # input and weight gradients in one pass (B)
+    input_grad: Cost    # the input-gradient half of a split backward (I)
+    weight_grad: Cost   # the weight-gradient half (W), after I
+    param_bytes: int
+    activation_bytes_per_row: float  # saved for the backward, per row of the micro-batch
+    output_bytes_per_row: float      # sent to the next stage if a cut follows this block
+
+    @staticmethod
+    def simple(name: str, forward_s: float, backward_s: float, *, param_bytes: int = 0,
+               activation_bytes: float = 0.0, output_bytes: float = 0.0) -> BlockProfile:
+        """A block whose costs are per row, with no fixed part; the backward split evenly into I and W."""
+        return BlockProfile(name, Cost(0.0, forward_s), Cost(0.0, backward_s), Cost(0.0, backward_s / 2),
+                            Cost(0.0, backward_s / 2), param_bytes, activation_bytes, output_bytes)
+
+
+@dataclass
+class Link:
+    """A point-to-point link: a message of ``n`` bytes takes ``latency_s + n / bandwidth_bytes_s``."""
+
+    latency_s: float = 50e-6
+    bandwidth_bytes_s: float = 1e9
+    source: str = "given"
+
+    def time(self, n_bytes: float) -> float:
+        return self.latency_s + n_bytes / self.bandwidth_bytes_s
+
+
+@dataclass
+class Profile:
+    """A model's per-block costs, the link between ranks, and where they were measured."""
+
+    blocks: list[BlockProfile]
+    link: Link = field(default_factory=Link)
+    rows: tuple[int, ...] = ()  # micro-batch sizes the times were measured at
+    threads: int = 1            # torch threads of the process that measured them
+    cores: int = 0              # CPU cores of the machine (0: unknown, no contention modelled)
+    units: str = ""
+    model: str = ""
+    concurrent: int = 1         # processes that were profiling at once (contention included in the times)
+    action_overhead_s: float = 0.0  # the runtime's own cost per action and hand-off (message latency included)
+
+    @property
+    def n_blocks(self) -> int:
+        return len(self.blocks)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1)
+
+    @staticmethod
+    def from_json(text: str) -> Profile:
+        data = json.loads(text)
+        blocks = [BlockProfile(b["name"], *(Cost(*b[k]) for k in ("forward", "backward", "input_grad", "weight_grad")),
+                               b["param_bytes"], b["activation_bytes_per_row"], b["output_bytes_per_row"])
+                  for b in data.pop("blocks")]
+        link = Link(**data.pop("link"))
+        return Profile(blocks, link, rows=tuple(data.pop("rows")), **data)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        Path(path).write_text(self.to_json())
+        return Path(path)
+
+    @staticmethod
+    def load(path: str | os.PathLike) -> Profile:
+        return Profile.from_json(Path(path).read_text())
+
+
+# --- measuring ---------------------------------------------------------------------------------------
+def _tensors(value: Any) -> list[torch.Tensor]:
+    return [t for t in pytree.tree_leaves(value) if isinstance(t, torch.Tensor)]
+
+
+def _as_stage_input(value: Any) -> Any:
+    """Detached copies, floating ones requiring grad: what a stage receives from its neighbour."""
+    def leaf(item: Any) -> Any:
+        if not isinstance(item, torch.Tensor):
+            return item
+        return item.detach().requires_grad_(True) if item.is_floating_point() else item.detach()
+    return pytree.tree_map(leaf, value)
+
+
+def _rows(value: Any, rows: int) -> Any:
+    return pytree.tree_map(lambda t: t[:rows] if isinstance(t, torch.Tensor) and t.dim() > 0 else t, value)
+
+
+class _Saved:
+    """Counts the bytes autograd saves for the backward (each storage once, parameters excluded)."""
+
+    def __init__(self, exclude: set[int]) -> None:
+        self.exclude, self.seen, self.bytes = exclude, set(), 0
+
+    def pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        key = storage.data_ptr()
+        if key not in self.exclude and key not in self.seen and storage.nbytes() > 0:
+            self.seen.add(key)
+            self.bytes += storage.nbytes()
+        return tensor
+
+
+def _timed(fn: Callable[[], Any]) -> tuple[float, Any]:
+    start = time.perf_counter()
+    result = fn()
+    return time.perf_counter() - start, result
+
+
+def _grad_seconds(outputs: list[torch.Tensor], wrt: list[torch.Tensor], grads: list[torch.Tensor], *,
+                  retain: bool) -> float:
+    start = time.perf_counter()
+    torch.autograd.grad(outputs, wrt, grads, retain_graph=retain, allow_unused=True)
+    return time.perf_counter() - start
+
+
+def _measure(modules: Sequence[nn.Module], args: tuple, kwargs: dict, target: Any,
+             loss_fn: Callable[[Any, Any], torch.Tensor] | None, runs: int) -> list[dict[str, float]]:
+    """Median seconds (F, B, I, W) and bytes (saved, output) of each module, chained as stages."""
+    samples: list[dict[str, list[float]]] = [{k: [] for k in "FBIW"} for _ in modules]
+    memory: list[dict[str, float]] = [{} for _ in modules]
+    for run in range(runs + 1):
+        value: Any = None
+        for index, module in enumerate(modules):
+            params = [p for p in module.parameters() if p.requires_grad]
+            inputs = (args, kwargs) if index == 0 else ((_as_stage_input(value),), {})
+            leaves = [t for t in _tensors(inputs) if t.requires_grad]
+            last = index == len(modules) - 1
+
+            def forward(a: tuple = inputs[0], k: dict = inputs[1], m: nn.Module = module, last: bool = last) -> Any:
+                output = m(*a, **k)
+                return output, [loss_fn(output, target)] if last and loss_fn else \
+                    [t for t in _tensors(output) if t.requires_grad]
+
+            saved = _Saved({p.untyped_storage().data_ptr() for p in module.parameters()})
+            with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t):
+                forward_s, (output, outs) = _timed(forward)
+            grads = [torch.ones_like(t) for t in outs]
+            input_s = weight_s = backward_s = 0.0
+            if outs and leaves:
+                input_s = _grad_seconds(outs, leaves, grads, retain=True)
+            if outs and params:
+                weight_s = _grad_seconds(outs, params, grads, retain=False)
+            _, (_, outs) = _timed(forward)
+            if outs and (leaves or params):
+                backward_s = _grad_seconds(outs, leaves + params, grads, retain=False)
+            if run > 0:
+                for key, seconds in zip("FBIW", (forward_s, backward_s, input_s, weight_s)):
+                    samples[index][key].append(seconds)
+            memory[index] = {"saved": float(saved.bytes),
+                             "output": float(sum(t.nbytes for t in _tensors(output))) if not last else 0.0}
+            value = output
+    return [{**{k: statistics.median(v) for k, v in s.items()}, **m} for s, m in zip(samples, memory)]
+
+
+def _fit(small: float, large: float, rows_small: int, rows_large: int) -> Cost:
+    """The line through two measurements, kept non-negative (noise can tilt it)."""
+    if rows_large == rows_small:
+        return Cost(0.0, large / rows_large)
+    per_row = (large - small) / (rows_large - rows_small)
+    fixed = large - per_row * rows_large
+    if per_row < 0 or fixed < 0:
+        return Cost(0.0, large / rows_large)
+    return Cost(fixed, per_row)
+
+
+def _profile_rank(rank: int, world_size: int, model: Any, args: tuple, kwargs: dict, target: Any,
+                  loss_fn: Any, runs: int, threads: int | None) -> Profile:
+    return profile(model, args, kwargs, target=target, loss_fn=loss_fn, runs=runs, threads=threads, link=None)
+
+
+def _median_profile(profiles: Sequence[Profile]) -> Profile:
+    """Field by field, the median over profiles of the same model."""
+    def median_cost(costs: Sequence[Cost]) -> Cost:
+        return Cost(statistics.median(c.fixed_s for c in costs), statistics.median(c.per_row_s for c in costs))
+    blocks = []
+    for same in zip(*(p.blocks for p in profiles)):
+        first = same[0]
+        blocks.append(BlockProfile(first.name, *(median_cost([getattr(b, k) for b in same])
+                                                 for k in ("forward", "backward", "input_grad", "weight_grad")),
+                                   first.param_bytes, first.activation_bytes_per_row, first.output_bytes_per_row))
+    head = profiles[0]
+    return Profile(blocks, head.link, head.rows, head.threads, head.cores, head.units, head.model, len(profiles),
+                   head.action_overhead_s)
+
+
+def profile(model: nn.Module | Sequence[nn.Module], example_args: Any, example_kwargs: dict | None = None, *,
+            target: Any = None, loss_fn: Callable[[Any, Any], torch.Tensor] | None = None, runs: int = 3,
+            threads: int | None = None, link: Link | str | None = "measure", name: str = "",
+            concurrent: int = 1, timeout: float = 600.0) -> Profile:
+    """Measure ``model``'s cuttable blocks on ``example_args`` (one micro-batch) and the link.
+
+    ``target`` and ``loss_fn`` add the loss to the last block, as the last stage runs it.
+    ``threads`` sets ``torch.set_num_threads`` while timing (use what each rank will get, e.g.
+    ``cores // ranks``). ``link``: ``"measure"`` (a gloo ping-pong between two local
+    processes), a :class:`Link` (for a cluster), or None (the default :class:`Link`). The batch is
+    timed at its size and at a quarter of it, to separate fixed from per-row costs. Gradients,
+    buffers and the random state are left as they were.
+
+    With ``link="measure"`` the runtime's overhead per action is measured too (an empty 1F1B
+    pipeline on ``max(2, concurrent)`` ranks). ``concurrent=n`` profiles in ``n`` local processes
+    at once (the model and ``loss_fn`` are pickled to them) and keeps the median: the times then
+    include whatever else loads the machine; the planner divides out the ``n`` processes' own
+    sharing of the cores (``costs.sharing_factor``) and models it where ranks really overlap.
+    """
+    from .link import measure_action_overhead, measure_link
+
+    if concurrent > 1:
+        from ..launch import launch
+
+        profiles = launch(_profile_rank, concurrent, timeout=timeout, threads_per_rank=threads,
+                          args=(model, example_args, example_kwargs, target, loss_fn, runs, threads))
+        merged = _median_profile(profiles)
+        merged.link = measure_link(processes=concurrent) if link == "measure" else \
+            link if isinstance(link, Link) else Link()
+        if link == "measure":
+            merged.action_overhead_s = measure_action_overhead(concurrent)
+        merged.model = name or merged.model
+        return merged
+
+    args = example_args if isinstance(example_args, tuple) else (example_args,)
+    kwargs = dict(example_kwargs or {})
+    units = cuttable_units(model, args, kwargs)
+    rows_large = next((t.shape[0] for t in _tensors((args, kwargs)) if t.dim() > 0), 1)
+    rows_small = max(1, rows_large // 4)
+    parameters = {id(p): p for m in units.modules for p in m.parameters()}
+    buffers = {id(b): b for m in units.modules for b in m.buffers()}
+    if any(t.is_meta for t in [*parameters.values(), *buffers.values()]):
+        raise ValueError("cannot profile a model on the meta device: build it on a real device")
+    saved_buffers = {k: b.detach().clone() for k, b in buffers.items()}
+    old_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        with torch.random.fork_rng():
+            large = _measure(units.modules, args, kwargs, target, loss_fn, runs)
+            small = large if rows_small == rows_large else _measure(
+                units.modules, _rows(args, rows_small), _rows(kwargs, rows_small), _rows(target, rows_small),
+                loss_fn, runs)
+    finally:
+        torch.set_num_threads(old_threads)
+        with torch.no_grad():
+            for key, buffer in buffers.items():
+                buffer.copy_(saved_buffers[key])
+    blocks = []
+    for unit_name, module, s, big in zip(units.names, units.modules, small, large):
+        costs = [_fit(s[k], big[k], rows_small, rows_large) for k in "FBIW"]
+        param_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
+        blocks.append(BlockProfile(unit_name, *costs, param_bytes, big["saved"] / rows_large,
+                                   big["output"] / rows_large))
+    overhead = 0.0
+    if link == "measure":
+        link = measure_link()
+        overhead = measure_action_overhead(2)
+    elif link is None:
+        link = Link()
+    elif not isinstance(link, Link):
+        raise ValueError(f"link={link!r}: pass 'measure', a conveyor.planning.Link or None")
+    return Profile(blocks, link, rows=tuple(sorted({rows_small, rows_large})), threads=threads or old_threads,
+                   cores=os.cpu_count() or 1, units=units.kind, model=name or type(model).__name__,
+                   action_overhead_s=overhead)

@@ -1,0 +1,130 @@
+"""The ``conveyor`` command: each subcommand runs (tiny sizes, 2 ranks, a few steps), errors are one
+line, and ``train --resume`` continues bit-identically."""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+import conveyor
+from conveyor.cli import main
+
+TINY = ["--layers", "2", "--width", "32", "--heads", "2", "--seq-len", "16", "--batch-size", "8"]
+TRAIN = ["train", "demo", *TINY, "--stages", "2", "--microbatches", "2"]
+
+
+@pytest.mark.parametrize("command", ["demo", "train", "plan", "bench", "timeline"])
+def test_every_subcommand_has_help(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    assert f"usage: conveyor {command}" in capsys.readouterr().out
+
+
+def test_plan_prints_a_table_and_its_reasons(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["plan", *TINY, "--ranks", "2", "--no-link", "--runs", "1", "--top", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "samples/s" in out and "Choice:" in out and "memory: rank" in out
+
+
+def test_plan_json_lists_candidates_with_predictions(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["plan", *TINY, "--ranks", "2", "--no-link", "--runs", "1", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["n_ranks"] == 2 and data["candidates"][0]["step_s"] > 0
+
+
+def test_plan_verify_runs_the_top_runnable_candidate(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["plan", *TINY, "--ranks", "2", "--no-link", "--runs", "1", "--top", "1", "--verify",
+                 "--runnable-only", "--steps", "1", "--timeout", "60"]) == 0
+    verified = capsys.readouterr().out.split("local processes ...")[1]
+    assert "predicted ms" in verified and "%" in verified.splitlines()[-1]
+
+
+def test_train_with_plan_draws_a_timeline(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    picture = tmp_path / "timeline.png"
+    assert main([*TRAIN, "--steps", "2", "--plan", "--timeline", str(picture)]) == 0
+    out = capsys.readouterr().out
+    assert "plan: " in out and "loss" in out and picture.stat().st_size > 0
+
+
+def test_train_resumed_after_two_steps_equals_four_steps_straight(tmp_path: Path) -> None:
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    assert main([*TRAIN, "--steps", "4", "--checkpoint-dir", str(straight)]) == 0
+    assert main([*TRAIN, "--steps", "2", "--checkpoint-dir", str(interrupted)]) == 0
+    assert main([*TRAIN, "--steps", "4", "--checkpoint-dir", str(interrupted), "--resume"]) == 0
+    expected = conveyor.load_full(straight / "step-000004")
+    resumed = conveyor.load_full(interrupted / "step-000004")
+    assert expected.keys() == resumed.keys()
+    assert all(torch.equal(expected[name], resumed[name]) for name in expected)
+    after_two = conveyor.load_full(interrupted / "step-000002")
+    assert not all(torch.equal(expected[name], after_two[name]) for name in expected)  # it did train on
+
+
+def test_train_runs_a_user_script(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    example = Path(__file__).resolve().parents[1] / "examples" / "train_mlp.py"
+    assert main(["train", str(example), "--stages", "2", "--microbatches", "2", "--steps", "2",
+                 "--checkpoint-dir", str(tmp_path)]) == 0
+    assert "loss" in capsys.readouterr().out and (tmp_path / "step-000002" / "manifest.json").is_file()
+
+
+def test_resume_without_a_checkpoint_is_one_readable_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([*TRAIN, "--steps", "2", "--checkpoint-dir", str(tmp_path / "none"), "--resume"]) == 1
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and "no checkpoint" in error and "Traceback" not in error
+
+
+def test_unknown_model_source_is_one_readable_line(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["plan", "no_such_model_xyz", "--no-link"]) == 1
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and "no_such_model_xyz" in error
+
+
+def test_bench_passes_its_flags_through(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[list[str]] = []
+    fake = types.ModuleType("bench.__main__")
+    fake.main = lambda argv: seen.append(argv) or 0  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "bench.__main__", fake)
+    assert main(["bench", "--quick", "--only", "overhead", "memory"]) == 0
+    assert seen == [["--quick", "--only", "overhead", "memory"]]
+
+
+def test_bench_without_the_repository_says_so(monkeypatch: pytest.MonkeyPatch,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setitem(sys.modules, "bench.__main__", None)  # import fails as if bench/ were absent
+    assert main(["bench", "--quick"]) == 1
+    assert "not importable" in capsys.readouterr().err
+
+
+def test_demo_and_timeline_still_run(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["timeline", "--ranks", "2", "--microbatches", "2"]) == 0
+    assert main(["demo", "--stages", "2", "--steps", "2", "--batch-size", "4", "--microbatches", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "simulated bubble" in out and "validation loss" in out
+
+
+def test_demo_resumed_after_one_step_equals_two_steps_straight(tmp_path: Path) -> None:
+    demo = ["demo", "--stages", "2", "--batch-size", "4", "--microbatches", "2"]
+    assert main([*demo, "--steps", "2", "--checkpoint-dir", str(tmp_path / "straight")]) == 0
+    assert main([*demo, "--steps", "1", "--checkpoint-dir", str(tmp_path / "resumed")]) == 0
+    assert main([*demo, "--steps", "2", "--checkpoint-dir", str(tmp_path / "resumed"), "--resume"]) == 0
+    expected = conveyor.load_full(tmp_path / "straight" / "step-000002")
+    resumed = conveyor.load_full(tmp_path / "resumed" / "step-000002")
+    assert all(torch.equal(expected[name], resumed[name]) for name in expected)
+
+
+def test_train_under_torchrun_joins_its_job(tmp_path: Path) -> None:
+    import os
+    import subprocess
+
+    source = str(Path(conveyor.__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": source, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "-m", "conveyor.cli", *TRAIN, "--steps", "2", "--checkpoint-dir", str(tmp_path)]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert (tmp_path / "step-000002" / "manifest.json").is_file() and "loss" in result.stdout

@@ -1,0 +1,227 @@
+"""The planner on profiles with known costs: it must pick what the closed forms say is best.
+
+Profiles are built directly (no timing noise), except the profiler tests, which time sleeping
+blocks whose costs are known.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+from conveyor.planning import BlockProfile, Cost, Link, Profile, plan, profile
+from conveyor.planning.costs import async_steady_state, shared_core_makespan, stage_costs
+from conveyor.schedule import simulate
+from conveyor.testing import SleepStage
+
+FREE_LINK = Link(latency_s=0.0, bandwidth_bytes_s=float("inf"))
+
+
+def uniform(n_blocks: int, forward_s: float = 1e-3, backward_s: float = 2e-3, **kwargs: float) -> Profile:
+    blocks = [BlockProfile.simple(f"b{i}", forward_s, backward_s, **kwargs) for i in range(n_blocks)]
+    return Profile(blocks, FREE_LINK, rows=(1,))
+
+
+def test_time_balanced_split_beats_parameter_balanced_split_on_an_uneven_model() -> None:
+    # block 0 holds most parameters but is cheap (an embedding); the others cost the time
+    blocks = [BlockProfile.simple("embedding", 1e-4, 2e-4, param_bytes=10_000_000)]
+    blocks += [BlockProfile.simple(f"block{i}", 1e-3, 2e-3, param_bytes=100_000) for i in range(1, 6)]
+    result = plan(Profile(blocks, FREE_LINK, rows=(1,)), 2, batch_size=8, schedules=["1f1b"], microbatches=[8])
+    by_split = {c.split: c for c in result.candidates}
+    assert by_split["params"].sizes == (1, 5)
+    assert result.best.split == "time" and result.best.sizes == (3, 3)
+    assert result.best.step_s < by_split["params"].step_s
+
+
+def test_memory_limit_rules_out_gpipe_in_favour_of_1f1b() -> None:
+    p, m, rows, activation = 4, 8, 2, 1_000_000
+    prof = uniform(4, param_bytes=1000, activation_bytes=activation)
+    free = plan(prof, p, batch_size=m * rows, schedules=["gpipe", "1f1b"], microbatches=[m])
+    gpipe = next(c for c in free.candidates if c.schedule == "gpipe")
+    one_f_one_b = next(c for c in free.candidates if c.schedule == "1f1b")
+    # GPipe keeps all m micro-batches alive on every stage; 1F1B at most p - s on stage s
+    assert gpipe.peak_memory == 4 * 1000 + m * rows * activation
+    assert one_f_one_b.peak_memory == 4 * 1000 + p * rows * activation
+    limited = plan(prof, p, batch_size=m * rows, schedules=["gpipe", "1f1b"], microbatches=[m],
+                   memory_per_rank=(gpipe.peak_memory + one_f_one_b.peak_memory) / 2)
+    assert limited.best.schedule == "1f1b" and limited.best.fits
+    assert not next(c for c in limited.candidates if c.schedule == "gpipe").fits
+
+
+@pytest.mark.parametrize("m", [1, 2, 4, 8, 16])
+def test_more_microbatches_shrink_the_bubble_as_p_minus_1_over_m_plus_p_minus_1(m: int) -> None:
+    p, rows = 4, 2
+    result = plan(uniform(p), p, batch_size=16 * rows, schedules=["1f1b"], microbatches=[m])
+    candidate = result.best
+    assert candidate.bubble == pytest.approx((p - 1) / (m + p - 1))
+    micro_rows = 16 * rows / m
+    assert candidate.step_s == pytest.approx((m + p - 1) * 3e-3 * micro_rows)
+
+
+def test_without_fixed_costs_the_planner_takes_the_most_microbatches() -> None:
+    result = plan(uniform(4), 4, batch_size=16, schedules=["1f1b"])
+    assert result.best.n_microbatches == 16
+
+
+def test_a_fixed_cost_per_action_gives_the_closed_form_optimum_of_microbatches() -> None:
+    # step(m) = (m + p - 1) * (a + c * B / m) is smallest at m = sqrt((p - 1) * c * B / a) = 4 here
+    blocks = [BlockProfile("b", Cost(0.012, 1e-3), Cost(0.024, 2e-3), Cost(0.0, 0.0), Cost(0.0, 0.0), 0, 0.0, 0.0)
+              for _ in range(4)]
+    result = plan(Profile(blocks, FREE_LINK, rows=(1,)), 4, batch_size=64, schedules=["1f1b"],
+                  microbatches=[1, 2, 4, 8, 16, 32, 64])
+    assert result.best.n_microbatches == 4
+
+
+def test_slow_links_are_charged_per_message() -> None:
+    link = Link(latency_s=1e-3, bandwidth_bytes_s=1e6)
+    prof = Profile([BlockProfile.simple(f"b{i}", 1e-3, 2e-3, output_bytes=1000) for i in range(2)], link, rows=(1,))
+    candidate = plan(prof, 2, batch_size=2, schedules=["gpipe"], microbatches=[1]).best
+    # F0, message, F1, B1, message, B0 with 2 rows and 2000 bytes per message
+    assert candidate.step_s == pytest.approx(2 * (2e-3 + 4e-3) + 2 * (1e-3 + 2000 / 1e6))
+
+
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b", "zb-h1"])
+def test_shared_core_makespan_equals_the_simulator_with_a_core_per_rank(schedule: str) -> None:
+    costs = {"F": [1.0, 2.0, 1.5], "B": [2.0, 3.0, 2.5], "I": [0.0, 1.5, 1.0], "W": [2.0, 1.5, 1.5]}
+    result = simulate(schedule, 3, 5, costs, comm=0.25)
+    assert shared_core_makespan(result.schedule, costs, 0.25, slots=3) == pytest.approx(result.makespan)
+
+
+def test_one_core_for_all_ranks_serialises_every_action() -> None:
+    costs = {"F": [1.0, 2.0], "B": [2.0, 3.0], "I": [0.0, 0.0], "W": [0.0, 0.0]}
+    program = simulate("1f1b", 2, 4, costs).schedule
+    assert shared_core_makespan(program, costs, 0.0, slots=1) == pytest.approx(4 * (1 + 2 + 2 + 3))
+
+
+def test_four_ranks_on_two_cores_are_planned_slower_than_with_a_core_each() -> None:
+    prof = uniform(4)
+    own = plan(prof, 4, batch_size=8, schedules=["1f1b"], microbatches=[8], cores=0).best
+    shared = plan(prof, 4, batch_size=8, schedules=["1f1b"], microbatches=[8], cores=2).best
+    total_work = 4 * 8 * 3e-3  # 4 stages x 8 micro-batches x (F + B), shared by 2 cores
+    assert shared.step_s >= total_work / 2 > own.step_s
+
+
+def test_pipedream_throughput_is_set_by_the_slowest_stage_and_replicas_divide_it() -> None:
+    blocks = [BlockProfile.simple("a", 1e-3, 2e-3), BlockProfile.simple("b", 2e-3, 4e-3)]
+    prof = Profile(blocks, FREE_LINK, rows=(1,))
+    alone = async_steady_state(prof, (1, 1), 4, (1, 1), "pipedream")
+    replicated = async_steady_state(prof, (1, 1), 4, (1, 2), "pipedream")
+    assert alone.seconds_per_microbatch == pytest.approx(4 * 6e-3) and alone.bottleneck == 1
+    assert replicated.seconds_per_microbatch == pytest.approx(4 * 3e-3)
+
+
+def test_pipedream_stashes_n_stages_minus_s_weight_versions_and_2bw_two() -> None:
+    prof = uniform(3, param_bytes=100)
+    result = plan(prof, 3, batch_size=3, schedules=["pipedream", "pipedream-2bw"], microbatches=[3])
+    pipedream = next(c for c in result.candidates if c.schedule == "pipedream" and c.replicas is None)
+    two_bw = next(c for c in result.candidates if c.schedule == "pipedream-2bw" and c.replicas is None)
+    assert [m.weights for m in pipedream.memory] == [300, 200, 100]
+    assert [m.weights for m in two_bw.memory] == [200, 200, 200]
+    assert not pipedream.runnable and "not runnable" in result.explain()
+
+
+def test_interleaved_and_zb_v_place_several_stages_per_rank() -> None:
+    result = plan(uniform(8), 2, batch_size=8, schedules=["interleaved-1f1b", "zb-v"], microbatches=[4])
+    zb_v = next(c for c in result.candidates if c.schedule == "zb-v")
+    assert zb_v.placement == (0, 1, 1, 0)
+    interleaved = {c.n_stages: c.placement for c in result.candidates if c.schedule == "interleaved-1f1b"}
+    assert interleaved[4] == (0, 1, 0, 1) and set(interleaved) == {4, 6, 8}
+
+
+def test_stage_zero_has_no_input_gradient_so_its_split_backward_is_all_weight_gradient() -> None:
+    costs = stage_costs(uniform(2), (1, 1), 1)
+    assert costs["I"][0] == 0 and costs["W"][0] == costs["B"][0] and costs["I"][1] > 0
+
+
+def test_profile_round_trips_through_json(tmp_path: Path) -> None:
+    blocks = [BlockProfile("x", Cost(1e-4, 2e-3), Cost(0.0, 4e-3), Cost(0.0, 2e-3), Cost(1e-5, 2e-3), 10, 5.5, 3.0)]
+    original = Profile(blocks, Link(1e-5, 2e9, "given"), rows=(2, 8), threads=1, cores=2, units="u", model="m")
+    assert Profile.load(original.save(tmp_path / "p.json")) == original
+
+
+def test_explain_names_the_choice_and_the_memory_it_needs() -> None:
+    result = plan(uniform(4, param_bytes=1 << 20), 2, batch_size=8, schedules=["gpipe", "1f1b"],
+                  memory_per_rank=1 << 30)
+    text = result.explain()
+    assert result.best.schedule in text.splitlines()[1] and "fits 1.00 GiB" in text
+    first_row = result.table().splitlines()[1]
+    assert result.best.schedule in first_row and str(list(result.best.sizes)) in first_row
+
+
+# --- the profiler -----------------------------------------------------------------------------------
+def test_profile_times_forward_and_both_backward_halves_of_sleeping_blocks() -> None:
+    model = nn.Sequential(SleepStage(0.01, 0.02, 0.03), SleepStage(0.01, 0.02, 0.03))
+    prof = profile(model, (torch.zeros(4, 2),), runs=2, link=None)
+    second = prof.blocks[1]
+    assert second.forward.at(4) == pytest.approx(0.01, abs=0.006)
+    assert second.input_grad.at(4) == pytest.approx(0.02, abs=0.006)
+    assert second.weight_grad.at(4) == pytest.approx(0.03, abs=0.006)
+    assert second.backward.at(4) == pytest.approx(0.05, abs=0.008)
+
+
+def test_profile_counts_saved_activations_and_boundary_bytes_but_not_weights() -> None:
+    model = nn.Sequential(nn.Linear(16, 32), nn.Linear(32, 8))
+    prof = profile(model, (torch.zeros(8, 16),), runs=1, link=None)
+    first, second = prof.blocks
+    assert first.activation_bytes_per_row == 16 * 4  # the input the weight gradient needs
+    assert second.activation_bytes_per_row == 32 * 4
+    assert first.output_bytes_per_row == 32 * 4
+    assert first.param_bytes == (16 * 32 + 32) * 4
+    assert all(p.grad is None for p in model.parameters())  # profiling leaves no gradients behind
+
+
+def test_times_profiled_by_processes_sharing_the_cores_are_divided_by_their_sharing_factor() -> None:
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+    prof = profile(model, (torch.zeros(4, 8),), runs=1, link=None, threads=1, concurrent=2)
+    assert prof.concurrent == 2 and len(prof.blocks) == 2 and prof.blocks[0].forward.at(4) > 0
+    blocks = [BlockProfile.simple("b", 4e-3, 8e-3)]
+    shared = Profile(blocks, threads=1, cores=2, concurrent=4)  # 4 processes on 2 cores: each at half speed
+    assert stage_costs(shared, (1,), 1)["F"] == [pytest.approx(2e-3)]
+    assert stage_costs(Profile(blocks, threads=1, cores=4, concurrent=4), (1,), 1)["F"] == [pytest.approx(4e-3)]
+
+
+def test_measured_link_has_positive_latency_and_bandwidth() -> None:
+    from conveyor.planning.link import measure_link
+
+    link = measure_link(sizes=(4 << 10, 1 << 20), repeats=2, processes=3)
+    assert link.latency_s > 0 and link.bandwidth_bytes_s > 0 and "1 computing" in link.source
+
+
+def test_runtime_overhead_is_paid_by_every_action_on_the_critical_path() -> None:
+    p, m, overhead = 4, 8, 5e-4
+    blocks = [BlockProfile.simple(f"b{i}", 1e-3, 2e-3) for i in range(p)]
+    prof = Profile(blocks, Link(latency_s=1.0, bandwidth_bytes_s=float("inf")), rows=(1,), action_overhead_s=overhead)
+    candidate = plan(prof, p, batch_size=m, schedules=["1f1b"], microbatches=[m]).best
+    # the measured overhead includes the hand-off, so the link's latency is not charged again
+    assert candidate.step_s == pytest.approx((m + p - 1) * (3e-3 + 2 * overhead))
+
+
+def test_verify_reports_asynchronous_candidates_as_not_runnable_without_running_them() -> None:
+    from conveyor.planning.verify import format_verified, verify
+    from conveyor.workloads import WorkloadSpec
+
+    result = plan(uniform(2), 2, batch_size=4, schedules=["pipedream"], microbatches=[2])
+    verified = verify(result, WorkloadSpec("demo"), top=1)
+    assert verified[0].measured_step_s is None and "not runnable in this version" in format_verified(verified)
+
+
+def test_a_concurrently_measured_profile_is_used_as_measured_unless_reshared() -> None:
+    p, m = 4, 8
+    blocks = [BlockProfile.simple(f"b{i}", 1e-3, 2e-3) for i in range(p)]
+    measured = Profile(blocks, FREE_LINK, rows=(1,), threads=1, cores=2, concurrent=p)
+    kept = plan(measured, p, batch_size=m, schedules=["1f1b"], microbatches=[m]).best
+    assert kept.step_s == pytest.approx((m + p - 1) * 3e-3)  # every rank assumed busy, as when profiled
+    reshared = plan(measured, p, batch_size=m, schedules=["1f1b"], microbatches=[m], reshare=True).best
+    halved = {k: [v / 2 for v in vals] for k, vals in stage_costs(replace_concurrent(measured), (1,) * p, 1).items()}
+    program = simulate("1f1b", p, m).schedule
+    assert reshared.step_s == pytest.approx(shared_core_makespan(program, halved, 0.0, slots=2))
+    assert reshared.step_s < kept.step_s  # the bubbles leave cores free to the busy ranks
+
+
+def replace_concurrent(profile: Profile) -> Profile:
+    from dataclasses import replace
+
+    return replace(profile, concurrent=1)
