@@ -71,3 +71,10 @@ def test_a_replicated_slow_stage_shortens_the_simulated_stream() -> None:
     plain = simulate("pipedream", 3, 24, costs, n_ranks=3).makespan
     replicated = simulate("pipedream", 3, 24, costs, n_ranks=4, replicas=[2, 1, 1]).makespan
     assert replicated < 0.6 * plain
+
+
+def test_a_long_pipedream_stream_settles_at_the_slowest_stage_per_microbatch() -> None:
+    """The steady state the planner prices in closed form: max over stages of F + B."""
+    costs = {"F": [1.0, 1.5, 1.0], "B": [2.0, 3.0, 2.0]}
+    short, long = (simulate("pipedream", 3, m, costs).makespan for m in (40, 80))
+    assert (long - short) / 40 == pytest.approx(4.5)

@@ -65,6 +65,18 @@ def test_train_resumed_after_two_steps_equals_four_steps_straight(tmp_path: Path
     assert not all(torch.equal(expected[name], after_two[name]) for name in expected)  # it did train on
 
 
+def test_pipedream_train_resumed_equals_the_straight_run_that_drains_at_the_same_step(tmp_path: Path) -> None:
+    """Asynchronous training streams chunks of --checkpoint-every batches, draining at each save."""
+    async_train = [*TRAIN, "--schedule", "pipedream", "--checkpoint-every", "2"]
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    assert main([*async_train, "--steps", "4", "--checkpoint-dir", str(straight)]) == 0
+    assert main([*async_train, "--steps", "2", "--checkpoint-dir", str(interrupted)]) == 0
+    assert main([*async_train, "--steps", "4", "--checkpoint-dir", str(interrupted), "--resume"]) == 0
+    expected = conveyor.load_full(straight / "step-000004")
+    resumed = conveyor.load_full(interrupted / "step-000004")
+    assert all(torch.equal(expected[name], resumed[name]) for name in expected)
+
+
 def test_train_runs_a_user_script(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     example = Path(__file__).resolve().parents[1] / "examples" / "train_mlp.py"
     assert main(["train", str(example), "--stages", "2", "--microbatches", "2", "--steps", "2",

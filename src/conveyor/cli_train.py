@@ -88,28 +88,46 @@ def _worker(rank: int, world_size: int, config: TrainConfig) -> dict[str, Any]:
     losses: list[float] = []
     bubble = float("nan")
     start = time.perf_counter()
+    def save(done: int) -> None:
+        if config.checkpoint_dir and ((config.checkpoint_every and done % config.checkpoint_every == 0)
+                                      or done == config.steps):
+            path = Path(config.checkpoint_dir) / f"step-{done:06d}"
+            checkpoint.save(runner, path, optimizer, step=done)
+            dist.barrier()
+            if rank == 0:
+                _prune(Path(config.checkpoint_dir), config.keep)
+
     with tqdm(total=config.steps, initial=first, disable=not shows, unit="step", dynamic_ncols=True) as bar:
-        for step in range(first, config.steps):
-            inputs, target = workload.inputs(step, batch_size)
-            optimizer.zero_grad()
-            loss = runner.step(*inputs, target=target)
-            optimizer.step()
-            done = step + 1
-            if done % 10 == 0 or done == config.steps:  # a collective: every rank decides alike
-                events = gather(runner)
-                bubble = measured_bubble(events, world_size)
-            if loss is not None:
-                losses.append(float(loss))
-                rate = len(losses) * batch_size / (time.perf_counter() - start)
-                bar.set_postfix(loss=f"{losses[-1]:.3f}", samples_s=f"{rate:,.1f}", bubble=f"{bubble:.2f}")
-            bar.update()
-            if config.checkpoint_dir and ((config.checkpoint_every and done % config.checkpoint_every == 0)
-                                          or done == config.steps):
-                path = Path(config.checkpoint_dir) / f"step-{done:06d}"
-                checkpoint.save(runner, path, optimizer, step=done)
-                dist.barrier()
-                if rank == 0:
-                    _prune(Path(config.checkpoint_dir), config.keep)
+        if runner.schedule.is_streaming:  # asynchronous: stream chunks that drain at each checkpoint
+            chunk = config.checkpoint_every or 10
+            for chunk_start in range(first, config.steps, chunk):
+                steps = range(chunk_start, min(config.steps, chunk_start + chunk))
+                batches = ((tuple(inputs), target) for inputs, target in
+                           (workload.inputs(step, batch_size) for step in steps))
+                for index, loss in enumerate(runner.stream(batches, optimizer), 1):
+                    losses.append(float(loss))
+                    if index % config.microbatches == 0:
+                        rate = len(losses) / config.microbatches * batch_size / (time.perf_counter() - start)
+                        bar.set_postfix(loss=f"{losses[-1]:.3f}", samples_s=f"{rate:,.1f}", bubble=f"{bubble:.2f}")
+                        bar.update()
+                bubble = measured_bubble(gather(runner), world_size)
+                save(steps[-1] + 1)
+        else:
+            for step in range(first, config.steps):
+                inputs, target = workload.inputs(step, batch_size)
+                optimizer.zero_grad()
+                loss = runner.step(*inputs, target=target)
+                optimizer.step()
+                done = step + 1
+                if done % 10 == 0 or done == config.steps:  # a collective: every rank decides alike
+                    events = gather(runner)
+                    bubble = measured_bubble(events, world_size)
+                if loss is not None:
+                    losses.append(float(loss))
+                    rate = len(losses) * batch_size / (time.perf_counter() - start)
+                    bar.set_postfix(loss=f"{losses[-1]:.3f}", samples_s=f"{rate:,.1f}", bubble=f"{bubble:.2f}")
+                bar.update()
+                save(done)
     events = gather(runner) if first < config.steps else []
     return {"losses": losses, "events": events if rank == 0 else None, "first_step": first,
             "seconds": time.perf_counter() - start, "bubble": bubble, "summary": repr(pipe) if rank == 0 else None}

@@ -167,9 +167,8 @@ def rank_memory(profile: Profile, sizes: Sequence[int], placement: Sequence[int]
 
 
 # --- asynchronous schedules: an analytic model ----------------------------------------------------
-# PipeDream and 2BW are not in conveyor.schedule.SCHEDULES in this version, so they are priced
-# here in closed form. Once their generators exist, this function can be replaced by simulating
-# a long run of their programs.
+# PipeDream and 2BW are priced by their steady state in closed form: the simulator agrees on a
+# long stream (tests/test_async_schedules.py), and the closed form costs nothing to evaluate.
 @dataclass(frozen=True)
 class AsyncEstimate:
     seconds_per_microbatch: float

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 
 from ..partition.balance import partition_min_max
-from ..schedule import SCHEDULES, ScheduleError, simulate
+from ..schedule import SCHEDULES, ScheduleError, simulate, supports_replicas
 from .costs import (
     MemoryEstimate,
     async_steady_state,
@@ -65,8 +65,13 @@ class Candidate:
 
     @property
     def runnable(self) -> bool:
-        """Whether this version's runtime can run it (its schedule is registered, no replicas)."""
-        return self.schedule in SCHEDULES and self.replicas is None
+        """Whether the runtime can run it: a registered schedule, and replicas only where the
+        schedule takes them and every replica gets the same number of micro-batches."""
+        if self.schedule not in SCHEDULES:
+            return False
+        if self.replicas is None or all(r == 1 for r in self.replicas):
+            return True
+        return supports_replicas(self.schedule) and all(self.n_microbatches % r == 0 for r in self.replicas)
 
     @property
     def peak_memory(self) -> float:
@@ -131,7 +136,7 @@ class Plan:
         lines += self._why(best)
         runnable = self.best_runnable
         if runnable is not None and runnable is not best:
-            lines.append(f"{best.schedule} is not runnable in this version; best runnable: {runnable.label()} "
+            lines.append(f"{best.label()} is not runnable here; best runnable: {runnable.label()} "
                          f"(split by {runnable.split}): {runnable.step_s * 1e3:.1f} ms, "
                          f"{runnable.throughput:.1f} samples/s.")
             lines += self._why(runnable)
@@ -181,7 +186,7 @@ class Plan:
             if c is None:
                 continue
             why = "does not fit" if not c.fits else f"{c.throughput / chosen.throughput:.0%} of the throughput"
-            extra = "" if c.runnable else " (not runnable in this version)"
+            extra = "" if c.runnable else " (not runnable: see Candidate.runnable)"
             lines.append(f"  best {name}: {c.label()}: {c.step_s * 1e3:.1f} ms, {_mb(c.peak_memory)} peak; "
                          f"{why}{extra}.")
         for m in sorted({c.n_microbatches for c in self.candidates if c.schedule == chosen.schedule}):

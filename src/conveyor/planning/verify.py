@@ -3,7 +3,9 @@
 A measured step is what the planner predicts: ``runner.step`` (forward and backward of the whole
 batch) from a barrier that starts every rank together until the last rank finishes, on
 ``perf_counter``'s system-wide clock; the optimizer step is not included. The first step warms up
-and is not counted; the median of the rest is reported.
+and is not counted; the median of the rest is reported. An asynchronous candidate streams
+``steps + 2`` batches; its step is the time between the last losses of consecutive batches on
+the last stage's rank, after the first batch (the fill), updates included.
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ from dataclasses import dataclass
 
 import torch.distributed as dist
 
-from ..schedule import SCHEDULES
 from ..workloads import WorkloadSpec, load_workload
 from .search import Candidate, Plan
 
@@ -37,15 +38,23 @@ class Verified:
 
 
 def _worker(rank: int, world_size: int, spec: WorkloadSpec, schedule: str, sizes: tuple[int, ...],
-            n_microbatches: int, batch_size: int, steps: int) -> list[tuple[float, float]]:
+            n_microbatches: int, batch_size: int, steps: int,
+            replicas: tuple[int, ...] | None = None) -> list[tuple[float, float]]:
     import conveyor
 
     workload = load_workload(spec)
     model = workload.build_model()
     example, _ = workload.inputs(0, max(2, batch_size // n_microbatches))
     pipe = conveyor.pipeline(model, n_stages=len(sizes), balance=list(sizes), example_args=example)
-    runner = conveyor.PipelineRunner(pipe, schedule=schedule, n_microbatches=n_microbatches, loss_fn=workload.loss_fn)
+    runner = conveyor.PipelineRunner(pipe, schedule=schedule, n_microbatches=n_microbatches, loss_fn=workload.loss_fn,
+                                     replicas=list(replicas) if replicas else None)
     optimizer = workload.make_optimizer(runner.parameters())
+    if runner.schedule.is_streaming:
+        batches = [(tuple(inputs), target) for inputs, target in
+                   (workload.inputs(step, batch_size) for step in range(steps + 2))]
+        stamps = [time.perf_counter() for _ in runner.stream(batches, optimizer)]
+        ends = stamps[n_microbatches - 1::n_microbatches]
+        return [(a, b) for a, b in zip(ends[1:], ends[2:])]  # on the last stage's rank only
     spans = []
     for step in range(steps + 1):
         inputs, target = workload.inputs(step, batch_size)
@@ -61,20 +70,22 @@ def _worker(rank: int, world_size: int, spec: WorkloadSpec, schedule: str, sizes
 def verify(plan: Plan, spec: WorkloadSpec, *, top: int = 3, steps: int = 3, timeout: float = 600.0,
            threads_per_rank: int | None = None,
            on_result: Callable[[int, Verified], None] | None = None) -> list[Verified]:
-    """Run each of the plan's ``top`` synchronous candidates (asynchronous ones are listed as not
-    runnable unless their schedule is registered) for ``steps`` measured steps on
+    """Run each of the plan's ``top`` runnable candidates for ``steps`` measured steps on
     ``plan.n_ranks`` local processes. ``on_result(index, result)`` is called as each one finishes."""
     from ..launch import launch
 
     results = []
     for index, candidate in enumerate(plan.candidates[:top], 1):
-        if candidate.schedule not in SCHEDULES or candidate.replicas:
-            result = Verified(candidate, None, "not runnable in this version")
+        if not candidate.runnable:
+            result = Verified(candidate, None, "not runnable (replicas this schedule cannot take)")
         else:
             per_rank = launch(_worker, plan.n_ranks, timeout=timeout, threads_per_rank=threads_per_rank,
                               args=(spec, candidate.schedule, candidate.sizes, candidate.n_microbatches,
-                                    plan.batch_size, steps))
-            spans = [max(r[i][1] for r in per_rank) - min(r[i][0] for r in per_rank) for i in range(steps)]
+                                    plan.batch_size, steps, candidate.replicas))
+            if candidate.is_async:
+                spans = [b - a for r in per_rank for a, b in r]
+            else:
+                spans = [max(r[i][1] for r in per_rank) - min(r[i][0] for r in per_rank) for i in range(steps)]
             result = Verified(candidate, statistics.median(spans))
         results.append(result)
         if on_result is not None:

@@ -27,6 +27,7 @@ __all__ = [
     "ScheduleError",
     "SimulationResult",
     "make_schedule",
+    "supports_replicas",
     "simulate",
     "validate",
 ]
@@ -42,6 +43,12 @@ SCHEDULES: dict[str, Generator] = {
     "pipedream": pipedream,
     "pipedream-2bw": pipedream_2bw,
 }
+
+
+def supports_replicas(name: str) -> bool:
+    """Whether the named schedule's generator takes ``replicas=[...]`` (replicated stages)."""
+    generator = SCHEDULES.get(name)
+    return generator is not None and "replicas" in inspect.signature(generator).parameters
 
 
 def make_schedule(
@@ -65,8 +72,8 @@ def make_schedule(
             raise ValueError(
                 f"unknown schedule {schedule!r}; choose one of {sorted(SCHEDULES)} or pass a conveyor.Schedule"
             ) from None
-        if options.get("replicas") is not None and "replicas" not in inspect.signature(generator).parameters:
-            supported = sorted(name for name, g in SCHEDULES.items() if "replicas" in inspect.signature(g).parameters)
+        if options.get("replicas") is not None and not supports_replicas(schedule):
+            supported = sorted(name for name in SCHEDULES if supports_replicas(name))
             raise ValueError(f"schedule {schedule!r} does not support replicated stages; use one of {supported}")
         if options.get("replicas", 0) is None:
             options = {k: v for k, v in options.items() if k != "replicas"}
