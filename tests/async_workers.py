@@ -50,11 +50,12 @@ def first_gradients(rank: int, world_size: int, schedule: str, n_batches: int) -
     return grads
 
 
-def replicated_stream(rank: int, world_size: int, replicas: list[int], n_batches: int) -> dict:
+def replicated_stream(rank: int, world_size: int, replicas: list[int], n_batches: int,
+                      admitted: int | None = None) -> dict:
     """1F1B-RR: pipedream over len(replicas) stages with replicas[s] ranks for stage s."""
     pipe = conveyor.pipeline(mlp(), n_stages=len(replicas))
     runner = conveyor.PipelineRunner(pipe, schedule="pipedream", n_microbatches=N_MICROBATCHES, loss_fn=mse,
-                                     replicas=replicas)
+                                     replicas=replicas, admitted=admitted)
     optimizer = torch.optim.Adam(runner.parameters(), lr=LR)
     losses = list(runner.stream(stream_batches(n_batches), optimizer))
     return {"weights": runner.state_dict(), "losses": losses, "stages": sorted(runner.stages)}

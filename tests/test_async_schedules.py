@@ -66,11 +66,20 @@ def test_pipedream_2bw_updates_once_per_window_and_uses_one_stale_version() -> N
     assert versions == [0, 0, 0, 0, 1, 1, 2, 2]
 
 
-def test_a_replicated_slow_stage_shortens_the_simulated_stream() -> None:
+def _per_microbatch(**options: object) -> float:
+    """Steady-state time per micro-batch of a pipedream stream (stage 0 twice as slow)."""
     costs = {"F": [2.0, 1.0, 1.0], "B": [4.0, 2.0, 2.0]}
-    plain = simulate("pipedream", 3, 24, costs, n_ranks=3).makespan
-    replicated = simulate("pipedream", 3, 24, costs, n_ranks=4, replicas=[2, 1, 1]).makespan
-    assert replicated < 0.6 * plain
+    short, long = (simulate("pipedream", 3, m, costs, **options).makespan for m in (48, 96))
+    return (long - short) / 48
+
+
+def test_replicas_waiting_for_each_other_at_updates_cost_a_third_of_the_gain() -> None:
+    assert _per_microbatch(n_ranks=3) == pytest.approx(6.0)
+    assert _per_microbatch(n_ranks=4, replicas=[2, 1, 1]) == pytest.approx(4.5)
+
+
+def test_one_more_admitted_microbatch_lets_replicas_reach_the_slowest_unreplicated_stage() -> None:
+    assert _per_microbatch(n_ranks=4, replicas=[2, 1, 1], admitted=3) == pytest.approx(3.0)
 
 
 def test_a_long_pipedream_stream_settles_at_the_slowest_stage_per_microbatch() -> None:

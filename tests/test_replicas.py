@@ -15,12 +15,13 @@ from async_workers import N_MICROBATCHES, make_optimizer, stream_batches
 from models import batch, mlp, mse
 
 
-def test_1f1b_rr_weights_equal_the_reference_after_20_microbatches() -> None:
+@pytest.mark.parametrize("admitted", [None, 3], ids=["noam", "admitted-3"])
+def test_1f1b_rr_weights_equal_the_reference_after_20_microbatches(admitted: int | None) -> None:
     replicas = [2, 1, 1]
-    per_rank = conveyor.launch(async_workers.replicated_stream, 4, args=(replicas, 10), timeout=120)
+    per_rank = conveyor.launch(async_workers.replicated_stream, 4, args=(replicas, 10, admitted), timeout=120)
     pipe = conveyor.pipeline(mlp(), n_stages=3)
     reference = AsyncReference([pipe.stage_module(i) for i in range(3)], mse, make_optimizer,
-                               replicas=replicas)
+                               replicas=replicas, admitted=admitted)
     losses = reference.run(stream_batches(10), N_MICROBATCHES)
     expected = reference.state_dict()
     for rank_result in per_rank:

@@ -43,11 +43,12 @@ class AsyncReference:
     def __init__(self, stages: Sequence[nn.Module], loss_fn: Callable[[Any, Any], torch.Tensor],
                  make_optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer], *,
                  schedule: str = "pipedream", vertical_sync: bool = False, window: int | None = None,
-                 replicas: Sequence[int] | None = None) -> None:
+                 replicas: Sequence[int] | None = None, admitted: int | None = None) -> None:
         if schedule not in ("pipedream", "pipedream-2bw"):
             raise ValueError(f"no asynchronous reference for {schedule!r}")
         self.stages = list(stages)
         self.replicas = list(replicas) if replicas is not None else [1] * len(self.stages)
+        self.admitted = admitted  # micro-batches in flight per input-stage worker (default: NOAM)
         self.loss_fn = loss_fn
         self.schedule = schedule
         self.vertical_sync = vertical_sync
@@ -74,6 +75,8 @@ class AsyncReference:
         # replicas), and a replicated stage updates once per round of its replicas
         replicas = self.replicas[stage]
         admitted = -(-sum(self.replicas[stage:]) // replicas)
+        if stage == 0 and self.admitted is not None:
+            admitted = self.admitted
         return max(0, microbatch // replicas - (admitted - 1))
 
     def updates_after(self, stage: int, microbatch: int, is_last: bool) -> bool:

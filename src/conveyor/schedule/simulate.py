@@ -1,7 +1,8 @@
 """Event-driven timing of a schedule: makespan, bubble, busy time, peak live activations.
 
 Each rank runs its actions in program order. An action starts when its rank is free and the
-message it needs (:func:`links.required_message`) has arrived. A message between two different
+message it needs (:func:`links.required_message`) has arrived; the replicas of a stage start an
+update together, when the last of them is ready. A message between two different
 ranks arrives ``comm`` after the action that produced it ends; a hand-off between two stages on
 the same rank is immediate. Sending overlaps compute and links never contend (a latency model),
 so with ``comm=0`` the result is the schedule's ideal.
@@ -119,9 +120,17 @@ def simulate(
     arrival: dict[Message, float] = {}
     timing: dict[Action, tuple[float, float]] = {}
     events: list[Event] = []
-    for rank, action in execution_order(program):  # a legal order: every message is sent before it is needed
+    order = execution_order(program)  # a legal order: every message is sent before it is needed
+    barrier: dict[int, float] = {}  # position in ``order`` -> start of a replicated update
+    for position, (rank, action) in enumerate(order):
+        group = program.replicas[action.stage]
+        if action.kind == UPDATE and len(group) > 1 and position not in barrier:
+            # execution_order lists a replicated update's replicas together, after all their earlier
+            # actions: they start it when the last of them is free
+            members = range(position, position + len(group))
+            barrier.update(dict.fromkeys(members, max(free[order[i][0]] for i in members)))
         needed = required_message(action, program.n_stages)
-        start = max(free[rank], arrival[needed] if needed is not None else 0.0)
+        start = max(free[rank], arrival[needed] if needed is not None else 0.0, barrier.get(position, 0.0))
         end = start + table[action.kind][action.stage]
         free[rank] = end
         timing[action] = (start, end)

@@ -62,9 +62,13 @@ def worker_actions(stage: int, admitted: int, exists: Callable[[int], bool], *, 
 
 
 def streaming_schedule(name: str, n_ranks: int, n_stages: int, n_microbatches: int, version: VersionRule,
-                       update: UpdateRule, replicas: Sequence[int] | None = None) -> Schedule:
-    """A :class:`Schedule` of ``n_microbatches`` whose ``stream`` runs the same rules unbounded."""
+                       update: UpdateRule, replicas: Sequence[int] | None = None,
+                       admitted: int | None = None) -> Schedule:
+    """A :class:`Schedule` of ``n_microbatches`` whose ``stream`` runs the same rules unbounded.
+    ``admitted`` overrides how many micro-batches each input-stage worker has in flight."""
     groups = replica_groups(name, n_ranks, n_stages, replicas)
+    if admitted is not None and admitted < 1:
+        raise ValueError(f"admitted={admitted}: an input-stage worker needs at least 1 micro-batch in flight")
     for stage, group in enumerate(groups):
         if n_microbatches % len(group):
             raise ValueError(f"stage {stage} has {len(group)} replicas, which must update together, so "
@@ -73,7 +77,8 @@ def streaming_schedule(name: str, n_ranks: int, n_stages: int, n_microbatches: i
 
     def stream(rank: int, exists: Callable[[int], bool]) -> Iterator[Action]:
         stage, replica, n_replicas = owner[rank]
-        return worker_actions(stage, in_flight(groups, stage), exists, replica=replica, n_replicas=n_replicas,
+        limit = admitted if stage == 0 and admitted is not None else in_flight(groups, stage)
+        return worker_actions(stage, limit, exists, replica=replica, n_replicas=n_replicas,
                               version=version, update=update)
 
     ranks = tuple(tuple(stream(rank, lambda k: k < n_microbatches)) for rank in range(n_ranks))
