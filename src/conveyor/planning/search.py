@@ -264,12 +264,31 @@ def _replica_layouts(profile: Profile, n_ranks: int, rows: float) -> Iterable[tu
         yield sizes, tuple(replicas)
 
 
+def _replica_wait_steady_state(profile: Profile, schedule: str, sizes: tuple[int, ...], rows: float,
+                               replicas: tuple[int, ...] | None, m: int) -> float:
+    """For a runnable replicated layout, the simulator's steady state per micro-batch, which also
+    models replicas waiting for each other at every update (the closed form does not: with NOAM
+    admission that wait can cost a third of the replicas' gain, docs/async.md); 0 otherwise."""
+    if not replicas or all(r == 1 for r in replicas) or not supports_replicas(schedule) \
+            or any(m % r for r in replicas):
+        return 0.0
+    costs = stage_costs(profile, sizes, rows)
+    message = message_time(profile, sizes, rows)
+    table = {"F": [f + message for f in costs["F"]], "B": [b + message for b in costs["B"]]}
+    length = 12 * max(replicas) * m
+    short, long = (simulate(schedule, len(sizes), n, table, n_ranks=sum(replicas), replicas=list(replicas)).makespan
+                   for n in (length, 2 * length))
+    return (long - short) / length
+
+
 def _async_candidate(profile: Profile, schedule: str, sizes: tuple[int, ...], split: str, m: int, batch_size: int,
                      n_ranks: int, replicas: tuple[int, ...] | None, slots: float,
                      optimizer_factor: float) -> Candidate:
     rows = batch_size / m
     estimate = async_steady_state(profile, sizes, rows, replicas or (1,) * len(sizes), schedule, slots)
-    step = estimate.seconds_per_microbatch * m
+    per_microbatch = max(estimate.seconds_per_microbatch,
+                         _replica_wait_steady_state(profile, schedule, sizes, rows, replicas, m))
+    step = per_microbatch * m
     n_stages = len(sizes)
     peaks = tuple(n_stages - s for s in range(n_stages))  # 1F1B-like stash in steady state
     placement = tuple(range(n_stages))  # one replica's view: memory per replica rank
