@@ -13,6 +13,7 @@ stage steps or every stage skips, and every copy of the scale changes the same w
 from __future__ import annotations
 
 import contextlib
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager
 from typing import Any
@@ -97,7 +98,7 @@ class LossScaler:
         self.scale, self.clean_steps = float(state["scale"]), int(state["clean_steps"])
 
 
-class ScaledStep:
+class ScaledStep(ABC):
     """The optimizer-step half of mixed precision, shared by PipelineRunner and LocalPipeline.
 
     The host class provides ``parameters()``, ``scaler`` (a :class:`LossScaler` or None) and
@@ -108,11 +109,13 @@ class ScaledStep:
     _unscaled: bool = False
     _found_inf: bool = False
 
+    @abstractmethod
     def parameters(self) -> Iterator[nn.Parameter]:
-        raise NotImplementedError
+        """This process's parameters (the host class's own method)."""
 
+    @abstractmethod
     def _any_overflow(self, local: bool) -> bool:
-        raise NotImplementedError
+        """Whether ``local`` is true on any process of the pipeline (a collective MAX)."""
 
     @property
     def loss_scale(self) -> float:

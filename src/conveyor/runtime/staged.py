@@ -23,6 +23,7 @@ copy, optionally reported late) so the same ordering logic runs and is tested on
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections import deque
 from typing import Any
 
@@ -43,21 +44,26 @@ def _keep_flag(copy: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
     return copy
 
 
-class Stager:
+class Stager(ABC):
     """Moves tensors between the compute device and host memory; ``to_host`` returns a ticket
-    that :meth:`ready` polls and :meth:`wait` blocks on."""
+    that :meth:`ready` polls and :meth:`wait` blocks on. Implemented by :class:`CudaStager` (the
+    GPU path) and :class:`CpuStager` (the same protocol on CPU, for the tests)."""
 
+    @abstractmethod
     def to_host(self, tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], Any]:
-        raise NotImplementedError
+        """Start copying ``tensors`` to host memory: (the host tensors, a ticket)."""
 
+    @abstractmethod
     def ready(self, ticket: Any) -> bool:
-        raise NotImplementedError
+        """Whether the copy behind ``ticket`` has finished (never blocks)."""
 
+    @abstractmethod
     def wait(self, ticket: Any) -> None:
-        raise NotImplementedError
+        """Block until the copy behind ``ticket`` has finished."""
 
+    @abstractmethod
     def to_device(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-        raise NotImplementedError
+        """Received host tensors on the compute device, ordered before the compute that uses them."""
 
 
 class CudaStager(Stager):
