@@ -12,7 +12,7 @@ gradients equal the unsplit model's exactly as in the multi-process runtime.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -30,6 +30,7 @@ from .local_ties import LocalTies, separate_shared
 from .microbatch import loss_weights, merge, split_batch, split_value
 from .precision import LossScaler, ScaledStep, autocast_for, check_precision
 from .stage import LossFn, StageExecutor
+from .stage_modules import StageModules
 
 __all__ = ["LocalPipeline"]
 
@@ -42,7 +43,7 @@ def _default_devices(n_ranks: int) -> list[torch.device]:
     return [torch.device("cpu")] * n_ranks
 
 
-class LocalPipeline(ScaledStep):
+class LocalPipeline(StageModules, ScaledStep):
     """Runs a :class:`Pipe` in this process on a schedule: PipelineRunner's API without processes.
 
     ``devices`` lists one device per rank of the schedule (``n_ranks`` of them; default: one rank
@@ -113,45 +114,6 @@ class LocalPipeline(ScaledStep):
     @property
     def modules(self) -> list[nn.Module]:
         return [stage.module for stage in self.stages]
-
-    def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
-        """Every parameter under the unsplit model's names; a tied parameter held as separate
-        copies (stages on different devices) appears once per copy: the copies get the same
-        gradient, so any optimizer keeps them equal."""
-        seen: set[int] = set()
-        for module in self.modules:
-            for name, parameter in module.named_parameters():
-                if id(parameter) not in seen:
-                    seen.add(id(parameter))
-                    yield name, parameter
-
-    def parameters(self) -> Iterator[nn.Parameter]:
-        for _, parameter in self.named_parameters():
-            yield parameter
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """All parameters and buffers under the unsplit model's names (the first copy of a tie)."""
-        state: dict[str, torch.Tensor] = {}
-        for module in self.modules:
-            for name, value in module.state_dict().items():
-                state.setdefault(name, value)
-        return state
-
-    def load_state_dict(self, state_dict: dict[str, torch.Tensor], strict: bool = True) -> None:
-        for module in self.modules:
-            own = module.state_dict().keys()
-            missing = [name for name in own if name not in state_dict]
-            if strict and missing:
-                raise KeyError(f"state_dict lacks {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-            module.load_state_dict({k: v for k, v in state_dict.items() if k in own}, strict=strict)
-
-    def train(self, mode: bool = True) -> LocalPipeline:
-        for module in self.modules:
-            module.train(mode)
-        return self
-
-    def eval(self) -> LocalPipeline:
-        return self.train(False)
 
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
         """Clip every gradient by the norm over all stages (a tied parameter counted once)."""

@@ -24,6 +24,7 @@ from .microbatch import loss_weights, merge, split_batch, split_value
 from .precision import LossScaler, ScaledStep, autocast_for, check_precision, overflow_in_group
 from .replicas import ReplicaGroup
 from .stage import LossFn, StageExecutor
+from .stage_modules import StageModules
 from .ties import TiedGradients
 from .versions import WeightVersions
 
@@ -50,7 +51,7 @@ def _default_device(group: dist.ProcessGroup | None) -> torch.device:
     return default_device(group)  # devices.py: cuda:<local rank> when GPUs exist
 
 
-class PipelineRunner(ScaledStep):
+class PipelineRunner(StageModules, ScaledStep):
     """Runs a :class:`Pipe` on the ranks of ``group`` (default: the whole job) on a schedule.
 
     Every rank constructs the runner and makes the same calls. ``schedule`` is a name from
@@ -137,36 +138,8 @@ class PipelineRunner(ScaledStep):
         """The stage modules held by this rank, in stage order."""
         return [self.stages[index].module for index in sorted(self.stages)]
 
-    def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
-        """This rank's parameters under the unsplit model's names (a parameter shared by two of
-        its stages appears once)."""
-        seen: set[int] = set()
-        for module in self.modules:
-            for name, parameter in module.named_parameters():
-                if id(parameter) not in seen:
-                    seen.add(id(parameter))
-                    yield name, parameter
-
-    def parameters(self) -> Iterator[nn.Parameter]:
-        for _, parameter in self.named_parameters():
-            yield parameter
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """This rank's parameters and buffers under the unsplit model's names."""
-        state: dict[str, torch.Tensor] = {}
-        for module in self.modules:
-            state.update(module.state_dict())
-        return state
-
-    def load_state_dict(self, state_dict: dict[str, torch.Tensor], strict: bool = True) -> None:
-        """Load the entries of ``state_dict`` that belong to this rank's stages (others ignored)."""
-        for module in self.modules:
-            own = module.state_dict().keys()
-            missing = [name for name in own if name not in state_dict]
-            if strict and missing:
-                raise KeyError(f"rank {self.rank}: state_dict lacks {missing[:5]}"
-                               f"{' ...' if len(missing) > 5 else ''}")
-            module.load_state_dict({k: v for k, v in state_dict.items() if k in own}, strict=strict)
+    def _where(self) -> str:
+        return f"rank {self.rank}: "
 
     def save(self, path: str, optimizer: torch.optim.Optimizer | None = None, *, step: int | None = None,
              extra: Any = None) -> dict[str, Any]:
@@ -181,14 +154,6 @@ class PipelineRunner(ScaledStep):
         from ..checkpoint import load
 
         return load(self, path, optimizer, strict=strict)
-
-    def train(self, mode: bool = True) -> PipelineRunner:
-        for module in self.modules:
-            module.train(mode)
-        return self
-
-    def eval(self) -> PipelineRunner:
-        return self.train(False)
 
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
         """Clip gradients by their norm over every stage of the pipeline (a tied parameter counted

@@ -1,0 +1,63 @@
+"""What PipelineRunner and LocalPipeline share about the stage modules they hold: parameters and
+state under the unsplit model's names, and the train/eval switch."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+__all__ = ["StageModules"]
+
+
+class StageModules:
+    """A mixin over ``modules`` (the stage modules held here, in stage order)."""
+
+    @property
+    def modules(self) -> list[nn.Module]:
+        raise AttributeError(f"{type(self).__name__} must define the stage modules it holds")
+
+    def _where(self) -> str:
+        """A prefix for messages that name this holder (e.g. ``"rank 2: "``)."""
+        return ""
+
+    def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """Parameters under the unsplit model's names; one shared by two stage modules appears
+        once (separate copies of a tie, on different devices, appear once per copy)."""
+        seen: set[int] = set()
+        for module in self.modules:
+            for name, parameter in module.named_parameters():
+                if id(parameter) not in seen:
+                    seen.add(id(parameter))
+                    yield name, parameter
+
+    def parameters(self) -> Iterator[nn.Parameter]:
+        for _, parameter in self.named_parameters():
+            yield parameter
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Parameters and buffers under the unsplit model's names (the first copy of a tie)."""
+        state: dict[str, torch.Tensor] = {}
+        for module in self.modules:
+            for name, value in module.state_dict().items():
+                state.setdefault(name, value)
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, torch.Tensor], strict: bool = True) -> None:
+        """Load the entries of ``state_dict`` that belong to the stages held here (others ignored)."""
+        for module in self.modules:
+            own = module.state_dict().keys()
+            missing = [name for name in own if name not in state_dict]
+            if strict and missing:
+                raise KeyError(f"{self._where()}state_dict lacks {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+            module.load_state_dict({k: v for k, v in state_dict.items() if k in own}, strict=strict)
+
+    def train(self, mode: bool = True) -> Any:
+        for module in self.modules:
+            module.train(mode)
+        return self
+
+    def eval(self) -> Any:
+        return self.train(False)
