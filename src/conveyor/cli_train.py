@@ -182,7 +182,8 @@ def _train(args: argparse.Namespace) -> None:
                          resume=args.resume, timeline=args.timeline)
     if args.plan:
         chosen = plan_workload(spec, args.stages, batch_size=args.batch_size, memory_per_rank=args.memory_per_rank)
-        best = chosen.best_runnable
+        # conveyor train lays out one stage per rank (or chunks per rank): no replicated layouts
+        best = next((c for c in chosen.candidates if c.fits and c.runnable and not c.replicas), None)
         if best is None:
             raise ValueError("the planner found no runnable configuration that fits; raise --memory-per-rank")
         print(f"plan: {best.label()} (split by {best.split}), predicted step {best.step_s * 1e3:.1f} ms")
@@ -198,7 +199,8 @@ def register(commands: argparse._SubParsersAction) -> None:
                                              "checkpoints, --resume and a timeline picture. See docs/cli.md.")
     add_workload_arguments(parser)
     parser.add_argument("--stages", type=int, default=4, help="pipeline ranks = local processes (default 4)")
-    parser.add_argument("--schedule", default="1f1b", help="gpipe, 1f1b, interleaved-1f1b, zb-h1, zb-v (default 1f1b)")
+    parser.add_argument("--schedule", default="1f1b",
+                        help="gpipe, 1f1b, interleaved-1f1b, zb-h1, zb-v, pipedream, pipedream-2bw (default 1f1b)")
     parser.add_argument("--microbatches", type=int, default=8, help="micro-batches per step (default 8)")
     parser.add_argument("--chunks", type=int, default=None,
                         help="stages per rank (default 2 for interleaved-1f1b and zb-v, else 1)")
