@@ -52,11 +52,17 @@ def test_train_with_plan_draws_a_timeline(tmp_path: Path, capsys: pytest.Capture
     assert "plan: " in out and "loss" in out and picture.stat().st_size > 0
 
 
-def test_train_resumed_after_two_steps_equals_four_steps_straight(tmp_path: Path) -> None:
+def _straight_and_resumed(tmp_path: Path, command: list[str]) -> tuple[Path, Path]:
+    """Train 4 steps straight, and 2 steps then --resume to 4; return both checkpoint dirs."""
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
-    assert main([*TRAIN, "--steps", "4", "--checkpoint-dir", str(straight)]) == 0
-    assert main([*TRAIN, "--steps", "2", "--checkpoint-dir", str(interrupted)]) == 0
-    assert main([*TRAIN, "--steps", "4", "--checkpoint-dir", str(interrupted), "--resume"]) == 0
+    assert main([*command, "--steps", "4", "--checkpoint-dir", str(straight)]) == 0
+    assert main([*command, "--steps", "2", "--checkpoint-dir", str(interrupted)]) == 0
+    assert main([*command, "--steps", "4", "--checkpoint-dir", str(interrupted), "--resume"]) == 0
+    return straight, interrupted
+
+
+def test_train_resumed_after_two_steps_equals_four_steps_straight(tmp_path: Path) -> None:
+    straight, interrupted = _straight_and_resumed(tmp_path, TRAIN)
     expected = conveyor.load_full(straight / "step-000004")
     resumed = conveyor.load_full(interrupted / "step-000004")
     assert expected.keys() == resumed.keys()
@@ -67,11 +73,8 @@ def test_train_resumed_after_two_steps_equals_four_steps_straight(tmp_path: Path
 
 def test_pipedream_train_resumed_equals_the_straight_run_that_drains_at_the_same_step(tmp_path: Path) -> None:
     """Asynchronous training streams chunks of --checkpoint-every batches, draining at each save."""
-    async_train = [*TRAIN, "--schedule", "pipedream", "--checkpoint-every", "2"]
-    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
-    assert main([*async_train, "--steps", "4", "--checkpoint-dir", str(straight)]) == 0
-    assert main([*async_train, "--steps", "2", "--checkpoint-dir", str(interrupted)]) == 0
-    assert main([*async_train, "--steps", "4", "--checkpoint-dir", str(interrupted), "--resume"]) == 0
+    straight, interrupted = _straight_and_resumed(
+        tmp_path, [*TRAIN, "--schedule", "pipedream", "--checkpoint-every", "2"])
     expected = conveyor.load_full(straight / "step-000004")
     resumed = conveyor.load_full(interrupted / "step-000004")
     assert all(torch.equal(expected[name], resumed[name]) for name in expected)

@@ -355,7 +355,8 @@ class PipelineRunner(StageModules, ScaledStep):
             elif action.kind == UPDATE:
                 self._update(action)
             elif action.kind in (BACKWARD, INPUT_GRAD):
-                self._accumulated[action.stage] = self._accumulated.get(action.stage, 0) + 1
+                if stage.versions is not None:  # counted for the next update of an asynchronous schedule
+                    self._accumulated[action.stage] = self._accumulated.get(action.stage, 0) + 1
                 grads = None if stage.is_last else self._receive(Message(GRADIENT, action.stage + 1, microbatch),
                                                                  program)
                 run = stage.backward if action.kind == BACKWARD else stage.backward_input
