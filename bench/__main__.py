@@ -25,6 +25,7 @@ BENCHMARKS: dict[str, Runner] = {
 }
 
 PACKAGE = Path(__file__).resolve().parent
+RECORDED_GPU = PACKAGE / "gpu_results.md"  # bench/gpu_check.py output from a lent GPU machine
 
 
 def _settle(limit: float, threshold: float = 0.15) -> None:
@@ -69,6 +70,9 @@ def main(argv: list[str] | None = None) -> int:
         section = BENCHMARKS[name](plan, figures)
         print(f"bench: {name} done in {section.seconds:.0f} s", file=sys.stderr, flush=True)
         sections.append(section)
+    if RECORDED_GPU.exists() and not args.quick and args.only is None:
+        sections.append(Section("gpu", "8. GPU (recorded on a lent machine, not by this command)",
+                                text=[RECORDED_GPU.read_text().strip()]))
     command = "python -m bench " + " ".join(sys.argv[1:] if argv is None else argv)
     write_report(out, sections, quick=args.quick, command=command.strip(), seconds=time.perf_counter() - started)
     print(f"bench: wrote {out}", file=sys.stderr)

@@ -177,16 +177,20 @@ def _workload(kind: str, settings: Settings, n_stages: int | None) -> tuple[Any,
     return pipe, model, gpt2_small.lm_loss, (ids,), labels, "bf16"
 
 
-def unsplit_times(kind: str, settings: Settings) -> list[float]:
+def unsplit_times(kind: str, settings: Settings, accumulate: bool = False) -> list[float]:
+    """The unsplit model on the whole batch, or (``accumulate``) on the pipeline's micro-batches one
+    after another: the fair baseline for a pipeline on one GPU, which runs micro-batch kernels too."""
     _, model, loss_fn, inputs, target, precision = _workload(kind, settings, None)
     model = model.to(settings.device)
     context = torch.autocast(torch.device(settings.device).type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    chunks = N_MICROBATCHES if accumulate else 1
 
     def step() -> None:
         _zero(model.parameters())
-        with context:
-            loss = loss_fn(model(*inputs), target)
-        loss.backward()
+        for part_inputs, part_target in zip(zip(*(x.chunk(chunks) for x in inputs)), target.chunk(chunks)):
+            with context:
+                loss = loss_fn(model(*part_inputs), part_target) / chunks
+            loss.backward()
 
     return timed(step, settings.device, settings.warmup, settings.steps)
 
@@ -219,7 +223,10 @@ def process_times(rank: int, world_size: int, kind: str, settings: Settings) -> 
 
 def time_workload(kind: str, settings: Settings) -> list[str]:
     base = statistics.median(unsplit_times(kind, settings))
-    measured = {"unsplit": base, "local (1 process, 2 streams)": statistics.median(local_times(kind, settings))}
+    measured = {"unsplit": base,
+                f"unsplit, {N_MICROBATCHES} micro-batches accumulated": statistics.median(
+                    unsplit_times(kind, settings, accumulate=True)),
+                "local (1 process, 2 streams)": statistics.median(local_times(kind, settings))}
     per_rank = conveyor.launch(process_times, 2, args=(kind, settings), backend="gloo", timeout=400)
     measured["2 processes, host-staged"] = statistics.median(per_rank[0])
     return [f"| {kind} | {mode} | {value:.2f} | {value - base:+.2f} |" for mode, value in measured.items()]
@@ -265,8 +272,10 @@ def report(settings: Settings, equality_rows: list[str], ok: bool, timing_rows: 
         f"no-work: stages `x * w` on an (8, 4) batch, fp32. gpt2: {gpt2}, {shape.n_layer} layers, width "
         f"{shape.n_embd}, vocab {shape.vocab_size}, random init, batch {settings.tokens[0]} x {settings.tokens[1]} "
         "tokens, bf16 autocast with fp32 master weights; the step is forward + backward (no optimizer). "
-        "Overhead = mode - unsplit. With two processes a tied embedding (Hugging Face's wte/lm_head) also "
-        f"exchanges its gradient through host memory after each step. {settings.note}".rstrip(),
+        "Overhead = mode - unsplit (whole batch); the accumulated row is the fair baseline for one GPU, where a "
+        "pipeline runs micro-batch-sized kernels one after another. With two processes a tied embedding "
+        "(Hugging Face's wte/lm_head) also exchanges its gradient through host memory after each step. "
+        f"{settings.note}".rstrip(),
         "",
         "| workload | mode | ms per step | overhead ms |",
         "|---|---|---|---|",

@@ -32,6 +32,7 @@ class TiedGradients:
             if rank in holders and len(holders) > 1:
                 self._ties.append((name, parameters[name], holders))
         self._previous: dict[str, torch.Tensor | None] = {}
+        self._host: dict[tuple[str, int], torch.Tensor] = {}  # reused host buffers (through_host)
 
     @property
     def names(self) -> list[str]:
@@ -47,7 +48,8 @@ class TiedGradients:
                 pending += [dist.isend(self._wire(parameter.detach()), self._global(peer), group=self.group)
                             for peer in holders[1:]]
             else:
-                buffer = torch.empty_like(self._wire(parameter.detach()))
+                buffer = torch.empty(parameter.shape, dtype=parameter.dtype,
+                                     device="cpu" if self.through_host else parameter.device)
                 dist.irecv(buffer, self._global(source), group=self.group).wait()
                 with torch.no_grad():
                     parameter.copy_(buffer)
@@ -68,12 +70,13 @@ class TiedGradients:
         for name, parameter, holders in self._ties:
             mine = parameter.grad if parameter.grad is not None else torch.zeros_like(parameter)
             parameter.grad = mine
+            outgoing = self._wire(mine, (name, self.rank))  # one host copy, sent to every peer
             for peer in holders:
                 if peer == self.rank:
                     continue
-                buffer = torch.empty_like(self._wire(mine))
+                buffer = self._host_buffer((name, peer), mine) if self.through_host else torch.empty_like(outgoing)
                 received[(name, peer)] = buffer
-                pending.append(dist.P2POp(dist.isend, self._wire(mine), self._global(peer), group=self.group))
+                pending.append(dist.P2POp(dist.isend, outgoing, self._global(peer), group=self.group))
                 pending.append(dist.P2POp(dist.irecv, buffer, self._global(peer), group=self.group))
         if pending and dist.get_backend(self.group) == "nccl":  # both directions at once, as one group
             pending = dist.batch_isend_irecv(pending)
@@ -84,13 +87,29 @@ class TiedGradients:
         for name, parameter, holders in self._ties:
             total = None
             for holder in holders:
-                part = parameter.grad if holder == self.rank else received[(name, holder)].to(parameter.device)
+                part = (parameter.grad if holder == self.rank
+                        else received[(name, holder)].to(parameter.device))  # the buffer is reused: no async copy
                 total = part.clone() if total is None else total + part
             previous = self._previous.get(name)
             parameter.grad = total if previous is None else previous + total
 
-    def _wire(self, tensor: torch.Tensor) -> torch.Tensor:
-        return tensor.cpu().contiguous() if self.through_host else tensor.contiguous()
+    def _wire(self, tensor: torch.Tensor, key: tuple[str, int] | None = None) -> torch.Tensor:
+        """What goes on the wire: the tensor itself, or (gloo with CUDA parameters) its copy in a
+        host buffer kept for ``key`` (pinned, so the copy runs at full speed and is reused)."""
+        if not self.through_host:
+            return tensor.contiguous()
+        if key is None or not tensor.is_cuda:
+            return tensor.cpu().contiguous()
+        host = self._host_buffer(key, tensor)
+        host.copy_(tensor)  # into pinned memory: a direct DMA copy, synchronous
+        return host
+
+    def _host_buffer(self, key: tuple[str, int], like: torch.Tensor) -> torch.Tensor:
+        buffer = self._host.get(key)
+        if buffer is None or buffer.shape != like.shape or buffer.dtype != like.dtype:
+            buffer = torch.empty(like.shape, dtype=like.dtype, pin_memory=like.is_cuda)
+            self._host[key] = buffer
+        return buffer
 
     def _global(self, group_rank: int) -> int:
         return group_rank if self.group is None else dist.get_global_rank(self.group, group_rank)
