@@ -45,26 +45,61 @@ def flatten(value: Any, where: str = "boundary value") -> tuple[Any, list[torch.
     ran, which defeated re-materialisation.
     """
     tensors: list[torch.Tensor] = []
-    return _visit(value, tensors, where, "output"), tensors
+    try:
+        return _visit(value, tensors), tensors
+    except _Unsupported:
+        path, item = _find_unsupported(value, "output")
+        raise TypeError(
+            f"{where} contains a {type(item).__name__} at {path}: only tensors (in tuples, lists and "
+            "dicts) and constants (None, numbers, strings) can cross a stage boundary; return tensors"
+        ) from None
 
 
-def _visit(item: Any, tensors: list[torch.Tensor], where: str, path: str) -> Any:
+class _Unsupported(Exception):
+    pass
+
+
+def _visit(item: Any, tensors: list[torch.Tensor]) -> Any:
+    # runs on every boundary crossing, so it builds no path strings: _find_unsupported names the culprit
     if isinstance(item, torch.Tensor):
         tensors.append(item)
         return Leaf(len(tensors) - 1)
     if isinstance(item, _CONSTANTS):
         return item
     if isinstance(item, tuple):
-        items = [_visit(x, tensors, where, f"{path}[{i}]") for i, x in enumerate(item)]
+        items = [_visit(x, tensors) for x in item]
         return type(item)(*items) if hasattr(item, "_fields") else tuple(items)
     if isinstance(item, list):
-        return [_visit(x, tensors, where, f"{path}[{i}]") for i, x in enumerate(item)]
+        return [_visit(x, tensors) for x in item]
     if isinstance(item, dict):
-        return {key: _visit(x, tensors, where, f"{path}[{key!r}]") for key, x in item.items()}
-    raise TypeError(
-        f"{where} contains a {type(item).__name__} at {path}: only tensors (in tuples, lists and "
-        "dicts) and constants (None, numbers, strings) can cross a stage boundary; return tensors"
-    )
+        return {key: _visit(x, tensors) for key, x in item.items()}
+    raise _Unsupported
+
+
+def _find_unsupported(item: Any, path: str) -> tuple[str, Any]:
+    """(path, item) of the first value in ``item`` that cannot cross a boundary, or ("", None)."""
+    if isinstance(item, (tuple, list)):
+        children = [(f"{path}[{i}]", x) for i, x in enumerate(item)]
+    elif isinstance(item, dict):
+        children = [(f"{path}[{key!r}]", x) for key, x in item.items()]
+    elif isinstance(item, (torch.Tensor, *_CONSTANTS)):
+        return "", None
+    else:
+        return path, item
+    for child_path, child in children:
+        found = _find_unsupported(child, child_path)
+        if found[0]:
+            return found
+    return "", None
+
+
+def detached_leaves(value: Any, where: str) -> tuple[Any, list[torch.Tensor]]:
+    """``value`` with every tensor detached into a fresh leaf that keeps its requires-grad flag
+    (floating point only), and the list of those leaves."""
+    structure, tensors = flatten(value, where)
+    leaves = [t.detach().requires_grad_(t.requires_grad) if t.is_floating_point() or t.is_complex()
+              else t.detach() for t in tensors]
+    return unflatten(structure, leaves), leaves
 
 
 def unflatten(structure: Any, tensors: list[torch.Tensor]) -> Any:

@@ -344,8 +344,8 @@ class PipelineRunner(StageModules, ScaledStep):
                     args, kwargs = (received,), {}
                 target, weight = data.target(microbatch) if stage.is_last and data.training else (None, 1.0)
                 weight *= self.loss_scale  # fp16 (precision.py): the last stage's loss is scaled
-                result = stage.forward(microbatch, args, kwargs, target=target, weight=weight,
-                                       training=data.training, version=action.version)
+                result = stage.forward(microbatch, args, kwargs, target=target, weight=weight, training=data.training,
+                                       version=action.version, fresh=received is not None)
                 if stage.is_last:
                     if self.detect_anomaly and data.training:
                         _require_finite("the loss", [result])

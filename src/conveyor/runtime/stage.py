@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 from torch.func import functional_call
 
-from .bundle import flatten, unflatten
+from .bundle import detached_leaves, flatten
 from .versions import WeightVersions
 
 __all__ = ["StageExecutor"]
@@ -43,14 +43,6 @@ def _replayed_rng(state: tuple, device: torch.device) -> Iterator[None]:
         if state[1] is not None:
             torch.cuda.set_rng_state(state[1], device)
         yield
-
-
-def _as_leaves(value: Any) -> tuple[Any, list[torch.Tensor]]:
-    """Detach every tensor of ``value`` into a fresh leaf that keeps its requires-grad flag."""
-    structure, tensors = flatten(value, "stage input")
-    leaves = [t.detach().requires_grad_(t.requires_grad) if t.is_floating_point() or t.is_complex()
-              else t.detach() for t in tensors]
-    return unflatten(structure, leaves), leaves
 
 
 class StageExecutor:
@@ -96,9 +88,11 @@ class StageExecutor:
         return flatten(output, f"stage {self.index} output")[1]
 
     def _check_differentiable(self, outputs: list[torch.Tensor], stashed: _Stashed) -> None:
+        if any(t.requires_grad for t in outputs):  # the usual case, decided without walking the module
+            return
         trainable = (any(p.requires_grad for p in self.module.parameters())
                      or any(leaf.requires_grad for leaf in stashed.input_leaves))
-        if trainable and not any(t.requires_grad for t in outputs):
+        if trainable:
             what = "loss" if self.is_last else "output"
             raise RuntimeError(f"the stage's {what} does not require grad, so no gradient can flow back: "
                                "do not detach it or compute it under torch.no_grad()")
@@ -116,15 +110,20 @@ class StageExecutor:
 
     # --- actions -----------------------------------------------------------------------------
     def forward(self, microbatch: int, args: tuple, kwargs: dict, *, target: Any = None,
-                weight: float = 1.0, training: bool = True, version: int | None = None) -> Any:
+                weight: float = 1.0, training: bool = True, version: int | None = None,
+                fresh: bool = False) -> Any:
         """Run the forward of ``microbatch`` (on weight ``version`` when weights are stashed).
         Returns the output to send downstream, or (last stage, training) the unweighted loss,
-        detached."""
+        detached. ``fresh``: ``args`` already are leaves of their own (received from the
+        transport) and ``kwargs`` is empty, so nothing needs detaching."""
         if not training:
             with torch.no_grad():
                 return self._call(args, kwargs)
-        args, input_leaves = _as_leaves(args)
-        kwargs, kwarg_leaves = _as_leaves(kwargs)
+        if fresh:
+            input_leaves, kwarg_leaves = flatten(args, "stage input")[1], []
+        else:
+            args, input_leaves = detached_leaves(args, "stage input")
+            kwargs, kwarg_leaves = detached_leaves(kwargs, "stage input")
         stashed = _Stashed(args, kwargs, input_leaves + kwarg_leaves, target=target, weight=weight)
         if self.recompute:
             stashed.rng_state = self._rng_state()
