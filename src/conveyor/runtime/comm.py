@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import pickle
 import struct
+from collections import deque
 from collections.abc import Iterable
 from typing import Any
 
@@ -33,6 +34,7 @@ from .bundle import detached_leaves, flatten, unflatten
 __all__ = ["Transport", "MIN_CAPACITY"]
 
 MIN_CAPACITY = 4096
+DATA_TAG = 2  # gloo: data too large to travel inline (tag 1 carries replicas' gradient sums)
 _ALIGN = 16
 _PREFIX = struct.Struct("<qqq")  # metadata length, 1 if the data is inline, data bytes
 
@@ -188,37 +190,79 @@ def _unpack(structure: Any, specs: list, data: torch.Tensor | None, device: torc
     return unflatten(structure, tensors)
 
 
+class _Capacities:
+    """The capacities of one link's messages, derived alike at both ends without asking: the
+    message at position j of the link gets what the messages up to j - ``lag`` taught, where
+    ``lag`` is how many receives the receiver keeps posted ahead. Positions restart each step."""
+
+    def __init__(self, known: dict[Key, int], lag: int) -> None:
+        self.known, self.lag = known, lag
+        self.position = 0
+        self._pending: deque[tuple[int, Key, int]] = deque()
+
+    def next(self, key: Key) -> tuple[int, int]:
+        """(position, capacity) of the link's next message; called once per message, in order."""
+        while self._pending and self._pending[0][0] <= self.position - self.lag:
+            _, learned, capacity = self._pending.popleft()
+            self.known[learned] = capacity
+        self.position += 1
+        return self.position - 1, self.known.get(key, MIN_CAPACITY)
+
+    def learn(self, position: int, key: Key, needed: int) -> None:
+        self._pending.append((position, key, _capacity(needed)))
+
+    def settle(self) -> None:
+        """End of a step: everything learned counts from now on."""
+        for _, key, capacity in self._pending:
+            self.known[key] = capacity
+        self._pending.clear()
+        self.position = 0
+
+
+class _Posted:
+    __slots__ = ("message", "position", "buffer", "work")
+
+    def __init__(self, message: Message, position: int, buffer: torch.Tensor, work: Any) -> None:
+        self.message, self.position, self.buffer, self.work = message, position, buffer, work
+
+
 class _Inbound:
     """The messages expected from one source rank, received strictly in order.
 
-    ``messages`` may be a lazy iterator (a stream whose length is not known in advance). The
-    next message is always posted before it is needed; a separate data buffer is posted the
-    moment its message has been read.
+    ``messages`` may be a lazy iterator (a stream whose length is not known in advance). Up to
+    ``transport.lag`` receives are posted ahead: the one needed next always, the one after it
+    while the rank would otherwise sit waiting, so that posting (a hundred µs with cold caches)
+    stays off the path from a message's arrival to the stage's compute. A data transfer too large
+    to travel inline follows its message with its own tag.
     """
 
-    def __init__(self, transport: Transport, source: int, messages: Iterable[Message]) -> None:
+    def __init__(self, transport: Transport, source: int, messages: Iterable[Message],
+                 capacities: _Capacities) -> None:
         self.transport = transport
         self.source = source
         self.messages = iter(messages)
-        self.current: Message | None = None
-        self.buffer = torch.empty(0, dtype=torch.uint8)
-        self.work: Any = None
-        self._post_next()
+        self.capacities = capacities
+        self.posted: deque[_Posted] = deque()
+        self._ended = False
+        self._post(1)
 
     def _key(self, message: Message) -> Key:
         return self.source, message.kind, message.stage
 
-    def _post_next(self) -> None:
-        self.current = next(self.messages, None)
-        if self.current is not None:
-            capacity = self.transport.capacities.get(self._key(self.current), MIN_CAPACITY)
-            self.buffer = torch.empty(capacity, dtype=torch.uint8, device=self.transport.wire_device,
-                                      pin_memory=self.transport.pin_memory)
-            self.work = self.transport.link_pg(self.source, self.transport.rank).recv([self.buffer], self.source, 0)
+    def _post(self, depth: int) -> None:
+        """Post receives until ``depth`` are outstanding (or the link has no more messages)."""
+        while len(self.posted) < depth and not self._ended:
+            message = next(self.messages, None)
+            if message is None:
+                self._ended = True
+                return
+            position, capacity = self.capacities.next(self._key(message))
+            buffer = torch.empty(capacity, dtype=torch.uint8, device=self.transport.wire_device,
+                                 pin_memory=self.transport.pin_memory)
+            work = self.transport.link_pg(self.source, self.transport.rank).recv([buffer], self.source, 0)
+            self.posted.append(_Posted(message, position, buffer, work))
 
-    def _wait(self, work: Any) -> None:
-        message = self.current
-        assert message is not None
+    def _wait(self, work: Any, message: Message) -> None:
         try:
             work.wait()  # bounded by the process group's timeout; wait(timeout) spins in gloo
         except RuntimeError as error:
@@ -228,23 +272,27 @@ class _Inbound:
 
     def next(self) -> tuple[Message, Any]:
         """Block until the next message on this link has arrived; return it."""
-        message = self.current
-        if message is None:
+        if not self.posted:
             raise RuntimeError(f"no more messages are expected from rank {self.source} in this step")
-        self._wait(self.work)
-        structure, specs, inline, data_bytes, needed = _decode_prefix(self.buffer.cpu(),  # NCCL: waits for it
+        head = self.posted[0]
+        if self.transport.lag > 1 and not head.work.is_completed():
+            self._post(self.transport.lag)  # about to wait anyway
+        self._wait(head.work, head.message)
+        self.posted.popleft()
+        structure, specs, inline, data_bytes, needed = _decode_prefix(head.buffer.cpu(),  # NCCL: waits for it
                                                                       self.transport.known_meta)
-        self.transport.capacities[self._key(message)] = _capacity(needed)
+        self.capacities.learn(head.position, self._key(head.message), needed)
         data: torch.Tensor | None = None
         if inline:
-            data = self.buffer[needed - data_bytes:needed]
+            data = head.buffer[needed - data_bytes:needed]
         elif data_bytes:
             data = torch.empty(data_bytes, dtype=torch.uint8, device=self.transport.device,
                                pin_memory=self.transport.pin_memory)
-            data_work = self.transport.link_pg(self.source, self.transport.rank).recv([data], self.source, 0)
-            self._wait(data_work)
-        self._post_next()
-        return message, _unpack(structure, specs, data, self.transport.device)
+            data_work = self.transport.link_pg(self.source, self.transport.rank).recv(
+                [data], self.source, self.transport.data_tag)
+            self._wait(data_work, head.message)
+        self._post(1)
+        return head.message, _unpack(structure, specs, data, self.transport.device)
 
 
 class _InFlight:
@@ -278,8 +326,13 @@ class Transport:
         # own communicators, so an early receive never waits in front of a send (docs/gpu.md)
         self._downward = self.pg if self.wire_device.type == "cpu" else dist.new_group(
             dist.get_process_group_ranks(self.pg), use_local_synchronization=True)
-        self.capacities: dict[Key, int] = {}  # inbound, learned from the previous message
+        # receives posted ahead per link (gloo); NCCL keeps one, and with it the tag-free order
+        self.lag = 2 if self.wire_device.type == "cpu" else 1
+        self.data_tag = DATA_TAG if self.lag > 1 else 0
+        self.capacities: dict[Key, int] = {}  # inbound, learned from earlier messages (_Capacities)
         self._send_capacities: dict[Key, int] = {}
+        self._inbound_links: dict[int, _Capacities] = {}
+        self._outbound_links: dict[int, _Capacities] = {}
         self._described: dict[Key, _Described] = {}  # outbound, the previous value's metadata
         self.known_meta: dict[bytes, tuple[Any, list]] = {}  # inbound, unpickled metadata
         self._arrived: dict[Message, Any] = {}
@@ -297,7 +350,15 @@ class Transport:
         """Post the first receive of every inbound link: ``incoming[source]`` lists (or lazily
         yields) the messages that rank sends here, in its sending order."""
         self._arrived = {}
-        self._inbound = {source: _Inbound(self, source, messages) for source, messages in incoming.items()}
+        for link in self._inbound_links.values():
+            link.settle()
+        self._inbound = {source: _Inbound(self, source, messages, self._inbound_link(source))
+                         for source, messages in incoming.items()}
+
+    def _inbound_link(self, source: int) -> _Capacities:
+        if source not in self._inbound_links:
+            self._inbound_links[source] = _Capacities(self.capacities, self.lag)
+        return self._inbound_links[source]
 
     def receive(self, message: Message, source: int) -> Any:
         """The value of ``message`` from rank ``source``, waiting for it if it has not arrived."""
@@ -319,10 +380,13 @@ class Transport:
     def send(self, destination: int, message: Message, value: Any) -> None:
         """Post the transfers of ``value`` to ``destination`` (a rank of the group) without waiting."""
         key = (destination, message.kind, message.stage)
-        capacity = self._send_capacities.get(key, MIN_CAPACITY)
+        if destination not in self._outbound_links:
+            self._outbound_links[destination] = _Capacities(self._send_capacities, self.lag)
+        link = self._outbound_links[destination]
+        position, capacity = link.next(key)
         encoded, data, needed, self._described[key] = _encode(value, f"stage {message.stage} {message.kind}",
                                                               capacity, self._described.get(key))
-        self._send_capacities[key] = _capacity(needed)
+        link.learn(position, key, needed)
         slot = encoded if isinstance(encoded, _Slot) else None
         buffer = encoded.message if isinstance(encoded, _Slot) else encoded
         if self.wire_device.type == "cuda":  # NCCL: a pinned copy, so the host does not wait for the GPU
@@ -330,7 +394,7 @@ class Transport:
         pg = self.link_pg(self.rank, destination)
         works = [pg.send([buffer], destination, 0)]
         if data is not None:
-            works.append(pg.send([data], destination, 0))
+            works.append(pg.send([data], destination, self.data_tag))
         self.bytes_sent += buffer.numel() + (data.numel() if data is not None else 0)
         self.transfers += len(works)
         self._pending_sends.append(_InFlight(works, [buffer, data], slot))
@@ -347,4 +411,6 @@ class Transport:
                 work.wait()
             sent.done()
         self._pending_sends.clear()
+        for link in self._outbound_links.values():
+            link.settle()
         self._inbound = {}
