@@ -336,3 +336,35 @@ def bf16_stream(rank: int, world_size: int) -> dict:
     losses = list(runner.stream([batch32() for _ in range(3)], optimizer))
     return {"losses": losses, "moved": all(not torch.equal(p, before[n]) for n, p in runner.named_parameters()),
             "dtypes": {p.dtype for p in runner.parameters()}}
+
+
+def transport_sequence(rank: int, world_size: int, sizes_per_step: list[list[int]], late: str) -> list:
+    """Rank 0 sends rank 1, over the plain transport, values whose sizes jump around within and
+    between steps (two message keys, two messages each in turn); rank 1 returns what it received, per step.
+    ``late``: "sender" (the receiver waits for each message, posting the next one meanwhile) or
+    "receiver" (every send is posted before the first receive)."""
+    import time
+
+    from conveyor.runtime.comm import Transport
+    from conveyor.schedule.links import ACTIVATION, GRADIENT, Message
+
+    transport = Transport(None, torch.device("cpu"))
+    received: list = []
+    for step, sizes in enumerate(sizes_per_step):
+        messages = [Message(ACTIVATION if i // 2 % 2 == 0 else GRADIENT, 0, i) for i in range(len(sizes))]
+        if rank == 0:
+            transport.expect({})
+            for i, (message, size) in enumerate(zip(messages, sizes)):
+                value = torch.arange(size, dtype=torch.float32) + 1000 * step + i
+                if late == "sender":
+                    time.sleep(0.02)
+                transport.send(1, message, (value, {"mask": value > 3}) if i % 3 == 0 else value)
+                value.zero_()  # the transport must have taken its own copy
+            transport.finish()
+        else:
+            transport.expect({0: messages})
+            if late == "receiver":
+                time.sleep(0.3)  # every send is posted before the first receive
+            received.append([transport.receive(message, 0) for message in messages])
+            transport.finish()
+    return received

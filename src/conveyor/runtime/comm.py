@@ -3,17 +3,25 @@
 A message is a byte buffer: a prefix (metadata length, an inline flag, the data size), the
 pickled metadata (the value's structure and each tensor's shape, dtype and requires-grad flag),
 then the tensors packed at 16-byte offsets. Its size, the *capacity*, is agreed without asking:
-both ends derive it from the previous message with the same key (peer, kind, producing stage),
-rounded up to 4 KiB. When a value outgrows the capacity the message carries only the metadata
-and the data follows as a second transfer; the next capacity grows to fit. So in steady state
-every value is one transfer, and shapes may still change from step to step.
+both ends derive it from the earlier messages of the same key (peer, kind, producing stage) on
+the link, up to two positions back (one on NCCL), rounded up to 4 KiB. When a value outgrows the
+capacity the message carries only the metadata and the data follows as a second transfer (its
+own tag on gloo); the next capacity grows to fit. So in steady state every value is one
+transfer, and shapes may still change from step to step.
 
 For each inbound link the receiver knows, from the program (``schedule.links``), the order in
-which messages arrive and receives them strictly in that order: the next message is posted
-before it is needed, and no point-to-point tags are used. Values that arrive before their stage
-asks for them wait in a mailbox. Everything runs on the calling thread: gloo cannot poll a
-pending receive, and a receiving thread fights the compute thread for the GIL (we measured
-several hundred microseconds a message that way).
+which messages arrive and receives them strictly in that order. On gloo two receives stay posted
+per link: the next, and the one after it, posted while the rank waits anyway, so posting stays
+off the path from a message's arrival to the stage's compute. Values that arrive before their
+stage asks for them wait in a mailbox. Inline messages on CPU reuse their link's buffers once
+sent. Everything runs on the calling thread: gloo cannot poll a pending receive, and a receiving
+thread fights the compute thread for the GIL (we measured several hundred microseconds a message
+that way).
+
+Why so frugal: after a stage's compute the interpreter and torch run with cold caches (on the
+2-core benchmark VM a torch call costs about 20 µs for a while after 10 ms of other work, 1 µs
+warm), so each call between a message's arrival and the compute, or the compute and the send,
+lengthens every hop of the pipeline.
 """
 
 from __future__ import annotations
@@ -68,8 +76,6 @@ class _Described:
 
     It also keeps the link's spare message buffers for such values: the head already written
     and a typed view of each tensor's place, so packing a value is one ``copy_`` per tensor.
-    Every torch call counts here: after a stage's compute the interpreter and torch run with
-    cold caches (about 20 µs a call on the benchmark machine against 1 µs warm).
     """
 
     __slots__ = ("structure", "specs", "meta", "heads", "spare")
