@@ -1,5 +1,6 @@
-"""The point-to-point transport on its own: values of any size arrive intact and in order while
-two receives stay posted ahead and message buffers are reused."""
+"""The point-to-point transports on their own: values of any size arrive intact and in order
+(over gloo while two receives stay posted ahead; over sockets with data beyond the inline limit
+going through gloo), with message buffers reused."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import pytest
 import torch
 
 import conveyor
+from conveyor.runtime.sockets import INLINE_LIMIT
 
 import workers
 
@@ -14,6 +16,7 @@ import workers
 # the link's keys go A A B B A A ...: a big value followed by a small one of the same key catches
 # ends that disagree on a message's capacity while the next receive is already posted
 SIZES = [[300_000, 4, 8, 250_000, 600_000, 1, 2], [600_000, 3, 3, 700_000, 5, 5, 900_000, 7]]
+assert max(max(sizes) for sizes in SIZES) * 4 > INLINE_LIMIT  # sockets: some data goes through gloo
 
 
 def _expected(step: int, index: int, size: int) -> object:
@@ -21,9 +24,10 @@ def _expected(step: int, index: int, size: int) -> object:
     return (value, {"mask": value > 3}) if index % 3 == 0 else value
 
 
+@pytest.mark.parametrize("kind", ["direct", "sockets"])
 @pytest.mark.parametrize("late", ["sender", "receiver"])
-def test_values_of_changing_size_arrive_intact_and_in_order(late: str) -> None:
-    per_rank = conveyor.launch(workers.transport_sequence, 2, args=(SIZES, late), timeout=120)
+def test_values_of_changing_size_arrive_intact_and_in_order(late: str, kind: str) -> None:
+    per_rank = conveyor.launch(workers.transport_sequence, 2, args=(SIZES, late, kind), timeout=120)
     received = per_rank[1]
     assert len(received) == len(SIZES)
     for step, sizes in enumerate(SIZES):

@@ -17,8 +17,8 @@ CPU, GPU = torch.device("cpu"), torch.device("cuda", 0)
 
 
 @pytest.mark.parametrize(("backend", "device", "chosen"), [
-    ("nccl", GPU, "direct"), ("gloo", GPU, "host-staged"), ("gloo", CPU, "direct")])
-def test_auto_picks_nccl_direct_and_host_staging_for_cuda_over_gloo(backend: str, device: torch.device,
+    ("nccl", GPU, "direct"), ("gloo", GPU, "host-staged"), ("gloo", CPU, "sockets")])
+def test_auto_picks_nccl_direct_host_staging_for_cuda_over_gloo_and_sockets_for_cpu(backend: str, device: torch.device,
                                                                     chosen: str) -> None:
     assert choose_transport("auto", backend, device) == chosen
 
@@ -27,6 +27,7 @@ def test_auto_picks_nccl_direct_and_host_staging_for_cuda_over_gloo(backend: str
     ("direct", "gloo", GPU, "gloo cannot send CUDA tensors"),
     ("host-staged", "nccl", GPU, "launch with backend='gloo'"),
     ("direct", "nccl", CPU, "NCCL group carries only CUDA tensors"),
+    ("sockets", "gloo", GPU, "carries CPU tensors"),
     ("fast", "gloo", CPU, "is not one of")])
 def test_impossible_transports_are_rejected_with_the_fix(requested: str, backend: str, device: torch.device,
                                                          message: str) -> None:

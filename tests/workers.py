@@ -338,17 +338,18 @@ def bf16_stream(rank: int, world_size: int) -> dict:
             "dtypes": {p.dtype for p in runner.parameters()}}
 
 
-def transport_sequence(rank: int, world_size: int, sizes_per_step: list[list[int]], late: str) -> list:
+def transport_sequence(rank: int, world_size: int, sizes_per_step: list[list[int]], late: str,
+                       kind: str = "direct") -> list:
     """Rank 0 sends rank 1, over the plain transport, values whose sizes jump around within and
     between steps (two message keys, two messages each in turn); rank 1 returns what it received, per step.
     ``late``: "sender" (the receiver waits for each message, posting the next one meanwhile) or
-    "receiver" (every send is posted before the first receive)."""
+    "receiver" (every send is posted before the first receive). ``kind``: the transport."""
     import time
 
-    from conveyor.runtime.comm import Transport
+    from conveyor.runtime.devices import make_transport
     from conveyor.schedule.links import ACTIVATION, GRADIENT, Message
 
-    transport = Transport(None, torch.device("cpu"))
+    transport = make_transport(kind, None, torch.device("cpu"))
     received: list = []
     for step, sizes in enumerate(sizes_per_step):
         messages = [Message(ACTIVATION if i // 2 % 2 == 0 else GRADIENT, 0, i) for i in range(len(sizes))]

@@ -129,11 +129,12 @@ class _Slot:
         self.owner.spare.setdefault(self.capacity, []).append(self)
 
 
-def _encode(value: Any, where: str, capacity: int, previous: _Described | None = None
+def _encode(value: Any, where: str, capacity: int, previous: _Described | None = None, fit_limit: int = 0
             ) -> tuple[torch.Tensor | _Slot, torch.Tensor | None, int, _Described]:
     """(message of ``capacity`` bytes, separate data buffer or None, bytes the value needs, its
     description, reusing ``previous`` when the value is described the same way). An inline
-    value on CPU comes as a filled :class:`_Slot` (release it when its send completes)."""
+    value on CPU comes as a filled :class:`_Slot` (release it when its send completes).
+    ``fit_limit``: instead of ``capacity``, size the message to fit values up to that many bytes."""
     structure, originals = flatten(value, where)
     specs = [(tuple(t.shape), t.dtype, t.requires_grad) for t in originals]
     same = previous is not None and previous.specs == specs and previous.structure == structure
@@ -141,6 +142,8 @@ def _encode(value: Any, where: str, capacity: int, previous: _Described | None =
     start = _pad(_PREFIX.size + len(described.meta))
     data_bytes = sum(_pad(_nbytes(shape, dtype)) for shape, dtype, _ in specs)
     needed = start + data_bytes
+    if fit_limit:
+        capacity = _capacity(needed if needed <= fit_limit else start)
     if start > capacity:
         raise ValueError(f"{where} has too many tensors ({len(originals)}) to describe in {capacity} bytes; "
                          "merge them into fewer tensors")

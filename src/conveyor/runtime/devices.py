@@ -7,24 +7,29 @@ count>`` when CUDA is present (several ranks may share one GPU), else the CPU.
 Transport: ``"direct"`` hands tensors to the process group as they are (CPU tensors over gloo,
 CUDA tensors over NCCL); ``"host-staged"`` copies CUDA tensors into pinned host memory on a
 side stream and sends those over gloo (NCCL refuses two ranks on one GPU, and gloo cannot send
-CUDA tensors). ``"auto"`` picks direct for NCCL and for CPU stages, host-staged for CUDA stages
-on a gloo group. Both ends of a gloo link see the same bytes either way, so a host-staged GPU
-rank and a direct CPU rank talk to each other unchanged.
+CUDA tensors); ``"sockets"`` joins each pair of CPU ranks on one host by a loopback TCP socket
+written and read by the calling thread (sockets.py: no gloo call per message, the large data of
+a value excepted). ``"auto"`` picks direct for NCCL, host-staged for CUDA stages on a gloo
+group, and sockets for CPU stages when every rank of the group chose them and runs on this host
+(else direct). Both ends of a gloo link see the same bytes either way, so a host-staged GPU rank
+and a direct CPU rank talk to each other unchanged.
 """
 
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from .comm import Transport
+from .sockets import SocketTransport, connect_peers
 from .staged import HostStagedTransport
 
 __all__ = ["TRANSPORTS", "default_device", "choose_transport", "local_rank", "make_transport"]
 
-TRANSPORTS = ("auto", "direct", "host-staged")
+TRANSPORTS = ("auto", "direct", "host-staged", "sockets")
 
 
 def local_rank(group: dist.ProcessGroup | None = None) -> int:
@@ -43,11 +48,18 @@ def default_device(group: dist.ProcessGroup | None) -> torch.device:
 
 
 def choose_transport(requested: str, backend: str, device: torch.device) -> str:
-    """Resolve ``requested`` (one of :data:`TRANSPORTS`) to ``"direct"`` or ``"host-staged"``."""
+    """Resolve ``requested`` (one of :data:`TRANSPORTS`) to ``"direct"``, ``"host-staged"`` or
+    ``"sockets"`` (CPU stages over gloo: sockets when every rank of the group is on one host,
+    decided by :func:`make_transport`)."""
     if requested not in TRANSPORTS:
         raise ValueError(f"transport={requested!r} is not one of {TRANSPORTS}")
     if requested == "auto":
-        return "host-staged" if backend != "nccl" and device.type == "cuda" else "direct"
+        if backend == "nccl":
+            return "direct"
+        return "host-staged" if device.type == "cuda" else "sockets"
+    if requested == "sockets" and (backend == "nccl" or device.type != "cpu"):
+        raise ValueError("transport='sockets' carries CPU tensors between ranks of a gloo group: use 'auto' "
+                         "(or 'host-staged' for CUDA stages over gloo)")
     if backend == "nccl" and device.type != "cuda":
         raise ValueError(f"an NCCL group carries only CUDA tensors, but this rank's stages are on {device}: "
                          "pass device='cuda' or launch with backend='gloo'")
@@ -61,7 +73,19 @@ def choose_transport(requested: str, backend: str, device: torch.device) -> str:
 
 
 def make_transport(requested: str, group: dist.ProcessGroup | None, device: torch.device) -> Transport:
-    """The transport for this rank: ``requested`` resolved by :func:`choose_transport`."""
-    if choose_transport(requested, dist.get_backend(group), device) == "host-staged":
+    """The transport for this rank: ``requested`` resolved by :func:`choose_transport`. Sockets
+    need every rank of the group to choose them and to run on one host (agreed collectively);
+    otherwise such ranks use the group's own point-to-point ("direct")."""
+    chosen = choose_transport(requested, dist.get_backend(group), device)
+    if dist.get_backend(group) != "nccl":
+        everyone: list[Any] = [None] * dist.get_world_size(group)
+        dist.all_gather_object(everyone, chosen, group=group)
+        if chosen == "sockets" and all(choice == "sockets" for choice in everyone):
+            sockets = connect_peers(group)
+            if sockets is not None:
+                return SocketTransport(group, device, sockets)
+        if chosen == "sockets":
+            chosen = "direct"
+    if chosen == "host-staged":
         return HostStagedTransport(group, device)
     return Transport(group, device)
