@@ -37,3 +37,14 @@ def test_values_of_changing_size_arrive_intact_and_in_order(late: str, kind: str
                 assert torch.equal(got[0], want[0]) and torch.equal(got[1]["mask"], want[1]["mask"])
             else:
                 assert torch.equal(got, want), f"step {step}, message {index} ({size} floats)"
+
+
+def test_a_sender_never_blocks_on_a_receiver_that_reads_late() -> None:
+    # 100 values of 800 KB: more than loopback's socket buffers hold, so most sends are queued
+    # and written at later transport calls (here: finish), while the receiver is not yet reading
+    count, floats = 100, 200_000
+    assert floats * 4 < INLINE_LIMIT
+    sender, receiver = conveyor.launch(workers.socket_backlog, 2, args=(count, floats), timeout=120)
+    assert sender["transport"] == "SocketTransport"
+    assert sender["queued"] > 0
+    assert receiver["intact"]

@@ -369,3 +369,26 @@ def transport_sequence(rank: int, world_size: int, sizes_per_step: list[list[int
             received.append([transport.receive(message, 0) for message in messages])
             transport.finish()
     return received
+
+
+def socket_backlog(rank: int, world_size: int, count: int, floats: int) -> dict:
+    """Rank 0 sends ``count`` values of ``floats`` floats (inline over the socket) to rank 1,
+    which starts reading only after rank 0 has queued them all."""
+    from conveyor.runtime.devices import make_transport
+    from conveyor.schedule.links import ACTIVATION, Message
+
+    transport = make_transport("sockets", None, torch.device("cpu"))
+    messages = [Message(ACTIVATION, 0, i) for i in range(count)]
+    if rank == 0:
+        transport.expect({})
+        for message in messages:
+            transport.send(1, message, torch.full((floats,), float(message.microbatch)))
+        dist.barrier()  # every send has returned before rank 1 reads anything
+        transport.finish()
+        return {"queued": transport.queued_sends, "transport": type(transport).__name__}
+    transport.expect({0: messages})
+    dist.barrier()
+    values = [transport.receive(message, 0) for message in messages]
+    transport.finish()
+    return {"intact": all(bool((value == index).all()) and value.numel() == floats
+                          for index, value in enumerate(values))}

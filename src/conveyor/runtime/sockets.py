@@ -90,8 +90,12 @@ class SocketTransport(Transport):
         self.data_tag = DATA_TAG
         self._peers = {rank: _Peer(rank, sock) for rank, sock in sockets.items()}
         self._timeout = _group_timeout(self.pg)
+        self._poller = select.poll()  # every open peer, for reading
+        for peer in self._peers.values():
+            self._poller.register(peer.sock, select.POLLIN)
         self._messages: dict[int, Iterable[Message]] = {}
         self._data_works: list[tuple[Any, torch.Tensor]] = []
+        self.queued_sends = 0  # sends that did not fit the socket at once (for tests and tuning)
 
     # --- receiving ---------------------------------------------------------------------------
     def expect(self, incoming: dict[int, Iterable[Message]]) -> None:
@@ -130,12 +134,22 @@ class SocketTransport(Transport):
                 return
             if wanted.closed:
                 raise self._lost(wanted.rank, message, wanted.closed)
-            readers = [peer.sock for peer in self._peers.values() if not peer.closed]
-            writers = [peer.sock for peer in self._peers.values() if peer.outgoing]
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise self._lost(wanted.rank, message, f"nothing arrived in {self._timeout:.0f} s")
-            select.select(readers, writers, [], remaining)
+            self._sleep(remaining)
+
+    def _sleep(self, seconds: float) -> None:
+        """Block until a socket is readable, or writable where bytes wait to go (poll: no limit
+        on descriptor numbers, unlike select)."""
+        poller = self._poller
+        if any(peer.outgoing for peer in self._peers.values()):
+            poller = select.poll()
+            for peer in self._peers.values():
+                events = (0 if peer.closed else select.POLLIN) | (select.POLLOUT if peer.outgoing else 0)
+                if events:
+                    poller.register(peer.sock, events)
+        poller.poll(max(1, min(int(seconds * 1000), 60_000)))
 
     def _pump(self, message: Message | None = None) -> None:
         for peer in self._peers.values():
@@ -146,6 +160,8 @@ class SocketTransport(Transport):
                     raise self._lost(peer.rank, message, f"sending to it failed: {error}") from None
             if not peer.closed:
                 self._read(peer)
+                if peer.closed:
+                    self._poller.unregister(peer.sock)
 
     def _read(self, peer: _Peer) -> None:
         """Read what ``peer``'s socket holds without blocking; queue complete messages. The end
@@ -219,6 +235,8 @@ class SocketTransport(Transport):
             raise PeerLostError(f"sending {message.kind} of stage {message.stage} to rank {destination} failed: "
                                 f"{error}", rank=self.rank, stage=message.stage,
                                 microbatch=message.microbatch) from None
+        if peer.outgoing:
+            self.queued_sends += 1  # the socket was full: the rest goes out at later transport calls
 
     def flush(self) -> None:
         """Write what the sockets take now (nothing is held back for later)."""
@@ -234,8 +252,7 @@ class SocketTransport(Transport):
                 break
             if time.monotonic() > deadline:
                 raise PeerLostError(f"rank {stuck[0].rank} read nothing for {self._timeout:.0f} s", rank=self.rank)
-            readers = [peer.sock for peer in self._peers.values() if not peer.closed]  # a writer may wait on us
-            select.select(readers, [peer.sock for peer in stuck], [], 1.0)
+            self._sleep(1.0)  # readable sockets wake it too: a writer may wait on us
         for work, _ in self._data_works:
             work.wait()
         self._data_works.clear()
