@@ -12,6 +12,7 @@ import argparse
 import os
 import re
 import shutil
+import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -84,6 +85,7 @@ def _worker(rank: int, world_size: int, config: TrainConfig) -> dict[str, Any]:
         first = int(checkpoint.load(runner, latest, optimizer)["step"] or 0)
     shows = config.progress and rank == runner.schedule.placement[-1]
     from tqdm import tqdm
+    tqdm.set_lock(threading.RLock())  # its default multiprocessing lock leaks a semaphore per rank
 
     losses: list[float] = []
     bubble = float("nan")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import asdict, dataclass
 
@@ -33,6 +34,7 @@ class DemoConfig:
 
 def _worker(rank: int, world_size: int, config: DemoConfig) -> dict:
     from tqdm import tqdm
+    tqdm.set_lock(threading.RLock())  # its default multiprocessing lock leaks a semaphore per rank
 
     train_set, val_set = CharDataset(load_text(), "train"), CharDataset(load_text(), "val")
     torch.manual_seed(config.seed)
