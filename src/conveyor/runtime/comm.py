@@ -37,7 +37,7 @@ import torch.distributed as dist
 
 from ..errors import PeerLostError
 from ..schedule.links import Message
-from .bundle import detached_leaves, flatten, unflatten
+from .bundle import Leaf, detached_leaves, flatten, unflatten
 
 __all__ = ["Transport", "MIN_CAPACITY"]
 
@@ -78,13 +78,23 @@ class _Described:
     and a typed view of each tensor's place, so packing a value is one ``copy_`` per tensor.
     """
 
-    __slots__ = ("structure", "specs", "meta", "heads", "spare")
+    __slots__ = ("structure", "specs", "meta", "heads", "spare", "start", "data_bytes", "single")
 
     def __init__(self, structure: Any, specs: list) -> None:
         self.structure, self.specs = structure, specs
         self.meta = pickle.dumps((structure, specs), protocol=pickle.HIGHEST_PROTOCOL)
         self.heads: dict[tuple[bool, int], torch.Tensor] = {}
         self.spare: dict[int, list[_Slot]] = {}  # by capacity: inline message buffers not in flight
+        self.start = _pad(_PREFIX.size + len(self.meta))  # where the data begins in an inline message
+        self.data_bytes = sum(_pad(_nbytes(shape, dtype)) for shape, dtype, _ in specs)
+        self.single = specs[0] if isinstance(structure, Leaf) else None  # a bare tensor's spec
+
+    def describes(self, value: Any) -> bool:
+        """Whether ``value`` is a bare tensor described by this (the common case, decided
+        without flattening)."""
+        single = self.single
+        return (single is not None and isinstance(value, torch.Tensor) and value.shape == single[0]
+                and value.dtype is single[1] and value.requires_grad == single[2])
 
     def head(self, inline: bool, data_bytes: int) -> torch.Tensor:
         key = (inline, data_bytes)
@@ -135,19 +145,21 @@ def _encode(value: Any, where: str, capacity: int, previous: _Described | None =
     description, reusing ``previous`` when the value is described the same way). An inline
     value on CPU comes as a filled :class:`_Slot` (release it when its send completes).
     ``fit_limit``: instead of ``capacity``, size the message to fit values up to that many bytes."""
-    structure, originals = flatten(value, where)
-    specs = [(tuple(t.shape), t.dtype, t.requires_grad) for t in originals]
-    same = previous is not None and previous.specs == specs and previous.structure == structure
-    described = previous if same and previous is not None else _Described(structure, specs)
-    start = _pad(_PREFIX.size + len(described.meta))
-    data_bytes = sum(_pad(_nbytes(shape, dtype)) for shape, dtype, _ in specs)
+    if previous is not None and previous.describes(value):
+        described, originals = previous, [value]
+    else:
+        structure, originals = flatten(value, where)
+        specs = [(tuple(t.shape), t.dtype, t.requires_grad) for t in originals]
+        same = previous is not None and previous.specs == specs and previous.structure == structure
+        described = previous if same and previous is not None else _Described(structure, specs)
+    start, data_bytes = described.start, described.data_bytes
     needed = start + data_bytes
     if fit_limit:
         capacity = _capacity(needed if needed <= fit_limit else start)
     if start > capacity:
         raise ValueError(f"{where} has too many tensors ({len(originals)}) to describe in {capacity} bytes; "
                          "merge them into fewer tensors")
-    on_cpu = all(t.device.type == "cpu" for t in originals)
+    on_cpu = all(t.is_cpu for t in originals)
     if on_cpu and needed <= capacity:
         slot = described.slot(capacity, data_bytes)
         slot.fill(originals)

@@ -31,6 +31,7 @@ import time
 from collections import deque
 from collections.abc import Iterable
 from datetime import timedelta
+from itertools import islice
 from typing import Any
 
 import torch
@@ -44,6 +45,7 @@ __all__ = ["SocketTransport", "INLINE_LIMIT", "connect_peers"]
 
 INLINE_LIMIT = 1 << 20  # bytes of a message sent whole over its socket; larger data goes over gloo
 _LENGTH = struct.Struct("<q")
+_GATHER = 32  # buffers per sendmsg call
 
 
 class _Peer:
@@ -65,19 +67,23 @@ class _Peer:
         self.closed = ""  # why the peer's side ended (it finished, or died): read no more
 
     def write(self) -> None:
-        """Write queued bytes until the socket would block."""
-        while self.outgoing:
-            view, slot = self.outgoing[0]
+        """Write queued bytes (gathered, one system call for a whole message) until the socket
+        would block."""
+        outgoing = self.outgoing
+        while outgoing:
             try:
-                written = self.sock.send(view)
+                written = self.sock.sendmsg([view for view, _ in islice(outgoing, _GATHER)])
             except BlockingIOError:
                 return
-            if written < len(view):
-                self.outgoing[0] = (view[written:], slot)
-                continue
-            self.outgoing.popleft()
-            if slot is not None:
-                slot.release()
+            while written:
+                view, slot = outgoing[0]
+                if written < len(view):
+                    outgoing[0] = (view[written:], slot)
+                    break
+                written -= len(view)
+                outgoing.popleft()
+                if slot is not None:
+                    slot.release()
 
 
 class SocketTransport(Transport):
