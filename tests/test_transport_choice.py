@@ -82,3 +82,15 @@ def test_a_host_staged_rank_talks_to_a_direct_rank() -> None:
     per_rank = conveyor.launch(workers.host_staged, 2, args=("1f1b", 1, ["host-staged", "direct"]), timeout=120)
     assert [result["staged"] for result in per_rank] == [True, False]
     _assert_equal_to_reference(per_rank)
+
+
+def test_an_auto_cpu_rank_beside_a_host_staged_rank_uses_gloo_not_sockets() -> None:
+    per_rank = conveyor.launch(workers.host_staged, 2, args=("1f1b", 1, ["host-staged", "auto"]), timeout=120)
+    assert [result["transport"] for result in per_rank] == ["HostStagedTransport", "Transport"]
+    _assert_equal_to_reference(per_rank)
+
+
+def test_auto_cpu_ranks_on_one_host_use_sockets() -> None:
+    per_rank = conveyor.launch(workers.host_staged, 2, args=("1f1b", 0, ["auto", "auto"]), timeout=120)
+    assert [result["transport"] for result in per_rank] == ["SocketTransport"] * 2
+    _assert_equal_to_reference(per_rank)

@@ -310,7 +310,7 @@ def host_staged(rank: int, world_size: int, schedule: str, late: int, transports
         runner.step(x, target=y)
         grads[step] = {n: p.grad.clone() for n, p in runner.named_parameters()}
     return {"grads": grads, "staged": staged, "deferred": runner.transport.deferred if staged else 0,
-            "copies": runner.transport.stager.copies if staged else 0}
+            "copies": runner.transport.stager.copies if staged else 0, "transport": type(runner.transport).__name__}
 
 
 def gpu_host_staged(rank: int, world_size: int) -> dict:

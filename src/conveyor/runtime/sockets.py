@@ -295,7 +295,7 @@ def connect_peers(group: dist.ProcessGroup | None) -> dict[int, socket.socket] |
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     listener.bind(("127.0.0.1", 0))
     listener.listen(size)
-    mine = (socket.gethostname(), listener.getsockname()[1])
+    mine = (_this_host(), listener.getsockname()[1])
     everyone: list[Any] = [None] * size
     dist.all_gather_object(everyone, mine, group=group)
     if len({host for host, _ in everyone}) != 1:
@@ -314,6 +314,16 @@ def connect_peers(group: dist.ProcessGroup | None) -> dict[int, socket.socket] |
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.setblocking(False)
     return sockets
+
+
+def _this_host() -> tuple[str, str]:
+    """This machine: its name and its boot id (two machines may share a name, not a boot id)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as file:
+            boot = file.read().strip()
+    except OSError:
+        boot = ""
+    return socket.gethostname(), boot
 
 
 def _read_rank(sock: socket.socket) -> int:
