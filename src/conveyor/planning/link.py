@@ -1,4 +1,5 @@
-"""Measure the link between two local ranks: a gloo ping-pong of a few message sizes."""
+"""Measure the link between two local ranks: a ping-pong of a few message sizes over the
+runtime's own transport (what a pipeline's messages will cost, headers included)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import time
 import torch
 import torch.distributed as dist
 
+from ..runtime.devices import make_transport
+from ..schedule.links import ACTIVATION, GRADIENT, Message
 from .profile import Link
 
 __all__ = ["measure_link"]
@@ -25,29 +28,34 @@ def _busy_until_told(rank: int) -> None:
             a = torch.tanh(a @ a)
 
 
-def _ping_pong(rank: int, world_size: int, sizes: tuple[int, ...], repeats: int) -> dict[int, float]:
-    """Median one-way seconds per size (half a round trip), seen from rank 0. Ranks beyond 1 compute
+def _ping_pong(rank: int, world_size: int, sizes: tuple[int, ...], repeats: int) -> tuple[dict[int, float], str]:
+    """Median one-way seconds per size (half a round trip) over the transport a pipeline would use
+    (sockets on one host), seen from rank 0, and that transport's name. Ranks beyond 1 compute
     meanwhile, so that the two ranks exchanging messages share the cores as pipeline ranks do."""
+    transport = make_transport("auto", None, torch.device("cpu"))  # collective: every rank makes one
     if rank >= 2:
         _busy_until_told(rank)
-        return {}
+        return {}, ""
     one_way: dict[int, float] = {}
     for size in sizes:
-        buffer = torch.zeros(size // 4, dtype=torch.float32)
+        value = torch.zeros(size // 4, dtype=torch.float32)
         times = []
-        for _ in range(repeats + 1):
+        for repeat in range(repeats + 1):
+            ping, pong = Message(ACTIVATION, 0, repeat), Message(GRADIENT, 1, repeat)
             start = time.perf_counter()
             if rank == 0:
-                dist.send(buffer, 1)
-                dist.recv(buffer, 1)
+                transport.expect({1: [pong]})
+                transport.send(1, ping, value)
+                transport.receive(pong, 1)
             else:
-                dist.recv(buffer, 0)
-                dist.send(buffer, 0)
+                transport.expect({0: [ping]})
+                transport.send(0, pong, transport.receive(ping, 0))
+            transport.finish()
             times.append((time.perf_counter() - start) / 2)
         one_way[size] = statistics.median(times[1:])
     if rank == 0:
         dist.distributed_c10d._get_default_store().set(_DONE, "1")
-    return one_way
+    return one_way, type(transport).__name__
 
 
 def measure_link(sizes: tuple[int, ...] = SIZES, repeats: int = 5, timeout: float = 60.0, processes: int = 2) -> Link:
@@ -57,13 +65,13 @@ def measure_link(sizes: tuple[int, ...] = SIZES, repeats: int = 5, timeout: floa
     machine)."""
     from ..launch import launch
 
-    one_way = launch(_ping_pong, max(2, processes), args=(tuple(sizes), repeats), timeout=timeout)[0]
+    one_way, transport = launch(_ping_pong, max(2, processes), args=(tuple(sizes), repeats), timeout=timeout)[0]
     small, large = min(sizes), max(sizes)
     slope = max((one_way[large] - one_way[small]) / (large - small), 1e-12)
     latency = max(one_way[small] - small * slope, 1e-7)
     busy = max(2, processes) - 2
     return Link(latency_s=latency, bandwidth_bytes_s=1.0 / slope,
-                source=f"measured (gloo, 2 local processes, {busy} computing beside them)")
+                source=f"measured ({transport}, 2 local processes, {busy} computing beside them)")
 
 
 def _empty_pipeline(rank: int, world_size: int, n_microbatches: int, steps: int) -> float:
