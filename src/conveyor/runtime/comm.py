@@ -385,12 +385,15 @@ class Transport:
         """The value of ``message`` from rank ``source``, waiting for it if it has not arrived."""
         if message in self._arrived:
             return self._arrived.pop(message)
-        link = self._inbound[source]
         while True:
-            arrived, value = link.next()
+            arrived, value = self._next(source)
             if arrived == message:
                 return value
             self._arrived[arrived] = value
+
+    def _next(self, source: int) -> tuple[Message, Any]:
+        """The next message from ``source`` in link order, waiting for it."""
+        return self._inbound[source].next()
 
     def deliver_local(self, message: Message, value: Any) -> None:
         """Hand a value to a stage on this same rank (detached: like a received value, a leaf of

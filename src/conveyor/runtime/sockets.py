@@ -29,7 +29,7 @@ import socket
 import struct
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from datetime import timedelta
 from itertools import islice
 from typing import Any
@@ -63,7 +63,8 @@ class _Peer:
         self.message: torch.Tensor | None = None
         self.view: memoryview | None = None
         self.got = 0
-        self.complete: deque[tuple[torch.Tensor, Any]] = deque()  # (message, data work or None)
+        self.complete: deque[tuple[torch.Tensor, tuple, Any]] = deque()  # (message, its decoded prefix,
+        #                                                                    data receive or None)
         self.closed = ""  # why the peer's side ended (it finished, or died): read no more
 
     def write(self) -> None:
@@ -92,14 +93,13 @@ class SocketTransport(Transport):
     def __init__(self, group: dist.ProcessGroup | None, device: torch.device,
                  sockets: dict[int, socket.socket]) -> None:
         super().__init__(group, device)
-        self.lag = 1
         self.data_tag = DATA_TAG
         self._peers = {rank: _Peer(rank, sock) for rank, sock in sockets.items()}
         self._timeout = _group_timeout(self.pg)
         self._poller = select.poll()  # every open peer, for reading
         for peer in self._peers.values():
             self._poller.register(peer.sock, select.POLLIN)
-        self._messages: dict[int, Iterable[Message]] = {}
+        self._messages: dict[int, Iterator[Message]] = {}
         self._data_works: list[tuple[Any, torch.Tensor]] = []
         self.queued_sends = 0  # sends that did not fit the socket at once (for tests and tuning)
 
@@ -108,18 +108,16 @@ class SocketTransport(Transport):
         """Name the messages each peer will send, in order (``incoming[source]``, may be lazy)."""
         self._arrived = {}
         self._messages = {source: iter(messages) for source, messages in incoming.items()}
-        self._inbound = {source: _Link(self, source) for source in incoming}  # type: ignore[misc]
 
-    def next_from(self, source: int) -> tuple[Message, Any]:
+    def _next(self, source: int) -> tuple[Message, Any]:
         """The next message from ``source`` in link order, waiting for it."""
         peer = self._peers[source]
-        message = next(self._messages[source], None)  # type: ignore[call-overload]
+        message = next(self._messages[source], None)
         if message is None:
             raise RuntimeError(f"no more messages are expected from rank {source} in this step")
         if not peer.complete:
             self._progress(peer, message)
-        raw, data_work = peer.complete.popleft()
-        structure, specs, inline, data_bytes, needed = _decode_prefix(raw, self.known_meta)
+        raw, (structure, specs, inline, data_bytes, needed), data_work = peer.complete.popleft()
         data: torch.Tensor | None = None
         if inline:
             data = raw[needed - data_bytes:needed]
@@ -195,16 +193,17 @@ class SocketTransport(Transport):
                     peer.got += got
                 if peer.got == len(peer.view):
                     assert peer.message is not None
-                    peer.complete.append((peer.message, self._post_data(peer.rank, peer.message)))
+                    prefix = _decode_prefix(peer.message, self.known_meta)
+                    peer.complete.append((peer.message, prefix, self._post_data(peer.rank, prefix)))
                     peer.message, peer.view = None, None
         except BlockingIOError:
             return
         except OSError as error:
             peer.closed = f"the connection failed: {error}"
 
-    def _post_data(self, source: int, raw: torch.Tensor) -> Any:
+    def _post_data(self, source: int, prefix: tuple) -> Any:
         """Post the gloo receive of a large value's data as soon as its metadata is read."""
-        _, _, inline, data_bytes, _ = _decode_prefix(raw, self.known_meta)
+        _, _, inline, data_bytes, _ = prefix
         if inline or not data_bytes:
             return None
         data = torch.empty(data_bytes, dtype=torch.uint8)
@@ -262,23 +261,10 @@ class SocketTransport(Transport):
         for work, _ in self._data_works:
             work.wait()
         self._data_works.clear()
-        self._inbound = {}
 
     def close(self) -> None:
         for peer in self._peers.values():
             peer.sock.close()
-
-
-class _Link:
-    """What :meth:`Transport.receive` calls ``next()`` on: messages from one source."""
-
-    __slots__ = ("transport", "source")
-
-    def __init__(self, transport: SocketTransport, source: int) -> None:
-        self.transport, self.source = transport, source
-
-    def next(self) -> tuple[Message, Any]:
-        return self.transport.next_from(self.source)
 
 
 def _group_timeout(pg: dist.ProcessGroup) -> float:
