@@ -177,9 +177,10 @@ def _workload(kind: str, settings: Settings, n_stages: int | None) -> tuple[Any,
     return pipe, model, gpt2_small.lm_loss, (ids,), labels, "bf16"
 
 
-def unsplit_times(kind: str, settings: Settings, accumulate: bool = False) -> list[float]:
-    """The unsplit model on the whole batch, or (``accumulate``) on the pipeline's micro-batches one
-    after another: the fair baseline for a pipeline on one GPU, which runs micro-batch kernels too."""
+def unsplit_step(kind: str, settings: Settings, accumulate: bool = False) -> Callable[[], None]:
+    """A step of the unsplit model on the whole batch, or (``accumulate``) on the pipeline's
+    micro-batches one after another: the fair baseline for a pipeline on one GPU, which runs
+    micro-batch kernels too."""
     _, model, loss_fn, inputs, target, precision = _workload(kind, settings, None)
     model = model.to(settings.device)
     context = torch.autocast(torch.device(settings.device).type, dtype=torch.bfloat16, enabled=precision == "bf16")
@@ -192,10 +193,11 @@ def unsplit_times(kind: str, settings: Settings, accumulate: bool = False) -> li
                 loss = loss_fn(model(*part_inputs), part_target) / chunks
             loss.backward()
 
-    return timed(step, settings.device, settings.warmup, settings.steps)
+    return step
 
 
-def local_times(kind: str, settings: Settings) -> list[float]:
+def local_step(kind: str, settings: Settings) -> Callable[[], None]:
+    """A step of LocalPipeline (1f1b, both stages in this process)."""
     pipe, _, loss_fn, inputs, target, precision = _workload(kind, settings, 2)
     pipeline = conveyor.LocalPipeline(pipe, schedule="1f1b", n_microbatches=N_MICROBATCHES, loss_fn=loss_fn,
                                       devices=settings.device, precision=precision)
@@ -204,10 +206,11 @@ def local_times(kind: str, settings: Settings) -> list[float]:
         _zero(pipeline.parameters())
         pipeline.step(*inputs, target=target)
 
-    return timed(step, settings.device, settings.warmup, settings.steps)
+    return step
 
 
-def process_times(rank: int, world_size: int, kind: str, settings: Settings) -> list[float] | None:
+def process_step(kind: str, settings: Settings, world_size: int) -> Callable[[], None]:
+    """A step of this rank's PipelineRunner (1f1b, one stage per process, settings.transport)."""
     pipe, _, loss_fn, inputs, target, precision = _workload(kind, settings, world_size)
     runner = conveyor.PipelineRunner(pipe, schedule="1f1b", n_microbatches=N_MICROBATCHES, loss_fn=loss_fn,
                                      device=settings.device, transport=settings.transport, precision=precision)
@@ -216,17 +219,25 @@ def process_times(rank: int, world_size: int, kind: str, settings: Settings) -> 
         _zero(runner.parameters())
         runner.step(*inputs, target=target)
 
+    return step
+
+
+def process_times(rank: int, world_size: int, kind: str, settings: Settings) -> list[float] | None:
+    step = process_step(kind, settings, world_size)
     dist.barrier()
     times = timed(step, settings.device, settings.warmup, settings.steps)
     return times if rank == 0 else None
 
 
 def time_workload(kind: str, settings: Settings) -> list[str]:
-    base = statistics.median(unsplit_times(kind, settings))
+    def median_ms(step: Callable[[], None]) -> float:
+        return statistics.median(timed(step, settings.device, settings.warmup, settings.steps))
+
+    base = median_ms(unsplit_step(kind, settings))
     measured = {"unsplit": base,
-                f"unsplit, {N_MICROBATCHES} micro-batches accumulated": statistics.median(
-                    unsplit_times(kind, settings, accumulate=True)),
-                "local (1 process, 2 streams)": statistics.median(local_times(kind, settings))}
+                f"unsplit, {N_MICROBATCHES} micro-batches accumulated": median_ms(
+                    unsplit_step(kind, settings, accumulate=True)),
+                "local (1 process, 2 streams)": median_ms(local_step(kind, settings))}
     per_rank = conveyor.launch(process_times, 2, args=(kind, settings), backend="gloo", timeout=400)
     measured["2 processes, host-staged"] = statistics.median(per_rank[0])
     return [f"| {kind} | {mode} | {value:.2f} | {value - base:+.2f} |" for mode, value in measured.items()]

@@ -32,10 +32,7 @@ from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 import conveyor  # noqa: E402
 
-from bench import gpt2_small  # noqa: E402
-from bench.gpu_check import Settings, _zero, timed, token_batch  # noqa: E402
-
-N_MICROBATCHES = 4
+from bench.gpu_check import N_MICROBATCHES, Settings, local_step, process_step, timed, unsplit_step  # noqa: E402
 
 
 def profile_table(step: Any, device: str, label: str) -> str:
@@ -59,24 +56,7 @@ def profile_table(step: Any, device: str, label: str) -> str:
 
 
 def unsplit_rows(settings: Settings) -> tuple[list[str], str]:
-    ids, labels = token_batch(settings)
-    _, model = gpt2_small.build(settings.shape, None, ids[:2, :8].cpu(), settings.gpt2_kind)
-    model = model.to(settings.device)
-    context = torch.autocast(torch.device(settings.device).type, dtype=torch.bfloat16)
-
-    def whole() -> None:
-        _zero(model.parameters())
-        with context:
-            loss = gpt2_small.lm_loss(model(ids), labels)
-        loss.backward()
-
-    def accumulated() -> None:
-        _zero(model.parameters())
-        for chunk_ids, chunk_labels in zip(ids.chunk(N_MICROBATCHES), labels.chunk(N_MICROBATCHES)):
-            with context:
-                loss = gpt2_small.lm_loss(model(chunk_ids), chunk_labels) / N_MICROBATCHES
-            loss.backward()
-
+    whole, accumulated = unsplit_step("gpt2", settings), unsplit_step("gpt2", settings, accumulate=True)
     rows = [f"unsplit, whole batch: {statistics.median(timed(whole, settings.device, 3, 10)):.2f} ms",
             f"unsplit, {N_MICROBATCHES} micro-batches accumulated: "
             f"{statistics.median(timed(accumulated, settings.device, 3, 10)):.2f} ms"]
@@ -84,30 +64,13 @@ def unsplit_rows(settings: Settings) -> tuple[list[str], str]:
 
 
 def local_rows(settings: Settings) -> tuple[list[str], str]:
-    ids, labels = token_batch(settings)
-    pipe, _ = gpt2_small.build(settings.shape, 2, ids[:2, :8].cpu(), settings.gpt2_kind)
-    pipeline = conveyor.LocalPipeline(pipe, schedule="1f1b", n_microbatches=N_MICROBATCHES,
-                                      loss_fn=gpt2_small.lm_loss, devices=settings.device, precision="bf16")
-
-    def step() -> None:
-        _zero(pipeline.parameters())
-        pipeline.step(ids, target=labels)
-
+    step = local_step("gpt2", settings)
     rows = [f"local pipeline: {statistics.median(timed(step, settings.device, 3, 10)):.2f} ms"]
     return rows, profile_table(step, settings.device, "local pipeline")
 
 
 def process_profile(rank: int, world_size: int, settings: Settings) -> tuple[float, str]:
-    ids, labels = token_batch(settings)
-    pipe, _ = gpt2_small.build(settings.shape, world_size, ids[:2, :8].cpu(), settings.gpt2_kind)
-    runner = conveyor.PipelineRunner(pipe, schedule="1f1b", n_microbatches=N_MICROBATCHES,
-                                     loss_fn=gpt2_small.lm_loss, device=settings.device,
-                                     transport="host-staged", precision="bf16")
-
-    def step() -> None:
-        _zero(runner.parameters())
-        runner.step(ids, target=labels)
-
+    step = process_step("gpt2", settings, world_size)
     dist.barrier()
     median = statistics.median(timed(step, settings.device, 3, 10))
     dist.barrier()

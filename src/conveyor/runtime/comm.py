@@ -411,8 +411,7 @@ class Transport:
         encoded, data, needed, self._described[key] = _encode(value, f"stage {message.stage} {message.kind}",
                                                               capacity, self._described.get(key))
         link.learn(position, key, needed)
-        slot = encoded if isinstance(encoded, _Slot) else None
-        buffer = encoded.message if isinstance(encoded, _Slot) else encoded
+        slot, buffer = (encoded, encoded.message) if isinstance(encoded, _Slot) else (None, encoded)
         if self.wire_device.type == "cuda":  # NCCL: a pinned copy, so the host does not wait for the GPU
             buffer = buffer.pin_memory().to(self.wire_device, non_blocking=True)
         pg = self.link_pg(self.rank, destination)
