@@ -15,26 +15,32 @@ def _figure(width: float, height: float):  # noqa: ANN202 - matplotlib's Figure,
     return Figure(figsize=(width, height))
 
 
-def ratio_bars(rows: Sequence[tuple[str, float, float]], path: Path, ylabel: str,
+_SERIES = (("conveyor", "tab:blue"), ("torch.distributed.pipelining", "tab:orange"),
+           ("hand-written floor", "tab:grey"))
+
+
+def ratio_bars(rows: Sequence[tuple[float | str, ...]], path: Path, ylabel: str,
                targets: Sequence[float] | None = None, reference: float = 1.0, base: float = 0.0) -> str | None:
-    """Grouped bars ``(label, conveyor, torch)`` rising from ``base``, a line at ``reference`` and
-    markers at ``targets``."""
+    """Grouped bars ``(label, conveyor, torch[, floor])`` rising from ``base``, a line at
+    ``reference`` and markers at ``targets``."""
     try:
         figure = _figure(max(4.0, 1.4 * len(rows) + 1.5), 3.2)
     except ImportError:
         return None
     axes = figure.add_subplot()
     xs = range(len(rows))
-    axes.bar([x - 0.2 for x in xs], [r[1] - base for r in rows], width=0.4, bottom=base, label="conveyor",
-             color="tab:blue")
-    axes.bar([x + 0.2 for x in xs], [r[2] - base for r in rows], width=0.4, bottom=base,
-             label="torch.distributed.pipelining", color="tab:orange")
+    count = len(rows[0]) - 1 if rows else 0
+    width = 0.8 / max(count, 1)
+    for index, (label, colour) in enumerate(_SERIES[:count]):
+        offset = (index - (count - 1) / 2) * width
+        axes.bar([x + offset for x in xs], [float(r[index + 1]) - base for r in rows], width=width, bottom=base,
+                 label=label, color=colour)
     if targets:
         axes.scatter(list(xs), list(targets), marker="_", s=600, color="black", label="target", zorder=3)
     axes.axhline(reference, color="grey", linewidth=0.8)
-    values = [v for r in rows for v in r[1:]] + list(targets or []) + [reference]
+    values = [float(v) for r in rows for v in r[1:]] + list(targets or []) + [reference]
     axes.set_ylim(min([base, *values]), max(values) * 1.08)
-    axes.set_xticks(list(xs), [r[0] for r in rows])
+    axes.set_xticks(list(xs), [str(r[0]) for r in rows])
     axes.set_ylabel(ylabel)
     axes.legend(fontsize=7, loc="best")
     figure.tight_layout()
