@@ -48,3 +48,36 @@ def test_a_sender_never_blocks_on_a_receiver_that_reads_late() -> None:
     assert sender["transport"] == "SocketTransport"
     assert sender["queued"] > 0
     assert receiver["intact"]
+
+
+def _layouts() -> list:
+    generator = torch.Generator().manual_seed(0)
+    wide = torch.randn(6, 40_000, generator=generator)  # 960 KB: more than a socket read takes at once
+    return [
+        torch.randn(3, generator=generator),  # 12 bytes: padded in a multi-tensor layout
+        (torch.randn(4, 5, generator=generator).t(), torch.arange(7), torch.zeros(0, 3)),  # not contiguous, int, empty
+        {"ids": torch.tensor([[1, 2], [3, 4]]), "mask": torch.tensor([True, False, True]), "scale": 0.5, "tag": None},
+        wide,
+        (torch.randn(6, 4000, generator=generator)[:, :1000], torch.randn(2, generator=generator)),  # strided
+        torch.zeros(0),
+    ]
+
+
+def _same(got: object, want: object) -> bool:
+    if isinstance(want, torch.Tensor):
+        return isinstance(got, torch.Tensor) and got.dtype == want.dtype and torch.equal(got, want)
+    if isinstance(want, (tuple, list)):
+        return type(got) is type(want) and len(got) == len(want) and all(map(_same, got, want))
+    if isinstance(want, dict):
+        return isinstance(got, dict) and got.keys() == want.keys() and all(_same(got[k], want[k]) for k in want)
+    return got == want
+
+
+@pytest.mark.parametrize("kind", ["direct", "sockets"])
+def test_values_of_every_layout_arrive_intact(kind: str) -> None:
+    # strided, integer, bool, empty and odd-sized tensors, constants, and data larger than one read
+    received = conveyor.launch(workers.transport_values, 2, args=(_layouts(), kind), timeout=120)[1]
+    expected = _layouts()
+    assert len(received) == len(expected)
+    for index, (got, want) in enumerate(zip(received, expected)):
+        assert _same(got, want), f"value {index} arrived changed"

@@ -371,9 +371,33 @@ def transport_sequence(rank: int, world_size: int, sizes_per_step: list[list[int
     return received
 
 
+def transport_values(rank: int, world_size: int, values: list, kind: str) -> list:
+    """Rank 0 sends ``values`` to rank 1 over the transport ``kind``, one message each, zeroing
+    every tensor once its send has returned; rank 1 returns what it received."""
+    from conveyor.runtime.bundle import flatten
+    from conveyor.runtime.devices import make_transport
+    from conveyor.schedule.links import ACTIVATION, Message
+
+    transport = make_transport(kind, None, torch.device("cpu"))
+    messages = [Message(ACTIVATION, 0, i) for i in range(len(values))]
+    if rank == 0:
+        transport.expect({})
+        for message, value in zip(messages, values):
+            transport.send(1, message, value)
+            for tensor in flatten(value)[1]:
+                tensor.zero_()
+        transport.finish()
+        return []
+    transport.expect({0: messages})
+    received = [transport.receive(message, 0) for message in messages]
+    transport.finish()
+    return received
+
+
 def socket_backlog(rank: int, world_size: int, count: int, floats: int) -> dict:
     """Rank 0 sends ``count`` values of ``floats`` floats (inline over the socket) to rank 1,
-    which starts reading only after rank 0 has queued them all."""
+    which starts reading only after rank 0 has queued them all; rank 0 overwrites each value
+    once its send has returned."""
     from conveyor.runtime.devices import make_transport
     from conveyor.schedule.links import ACTIVATION, Message
 
@@ -382,7 +406,9 @@ def socket_backlog(rank: int, world_size: int, count: int, floats: int) -> dict:
     if rank == 0:
         transport.expect({})
         for message in messages:
-            transport.send(1, message, torch.full((floats,), float(message.microbatch)))
+            value = torch.full((floats,), float(message.microbatch))
+            transport.send(1, message, value)
+            value.zero_()  # a queued send must have taken its own copy
         dist.barrier()  # every send has returned before rank 1 reads anything
         transport.finish()
         return {"queued": transport.queued_sends, "transport": type(transport).__name__}

@@ -78,7 +78,7 @@ class _Described:
     and a typed view of each tensor's place, so packing a value is one ``copy_`` per tensor.
     """
 
-    __slots__ = ("structure", "specs", "meta", "heads", "spare", "start", "data_bytes", "single")
+    __slots__ = ("structure", "specs", "meta", "heads", "spare", "start", "data_bytes", "single", "encodings")
 
     def __init__(self, structure: Any, specs: list) -> None:
         self.structure, self.specs = structure, specs
@@ -88,6 +88,12 @@ class _Described:
         self.start = _pad(_PREFIX.size + len(self.meta))  # where the data begins in an inline message
         self.data_bytes = sum(_pad(_nbytes(shape, dtype)) for shape, dtype, _ in specs)
         self.single = specs[0] if isinstance(structure, Leaf) else None  # a bare tensor's spec
+        self.encodings: dict[Any, Any] = {}  # a transport's own encodings of the head, cached
+
+    def head_bytes(self, inline: bool) -> bytes:
+        """The message head (prefix, metadata, padding up to the data) as bytes."""
+        raw = _PREFIX.pack(len(self.meta), int(inline), self.data_bytes) + self.meta
+        return raw + bytes(self.start - len(raw))
 
     def describes(self, value: Any) -> bool:
         """Whether ``value`` is a bare tensor described by this (the common case, decided
@@ -139,23 +145,25 @@ class _Slot:
         self.owner.spare.setdefault(self.capacity, []).append(self)
 
 
-def _encode(value: Any, where: str, capacity: int, previous: _Described | None = None, fit_limit: int = 0
+def _describe(value: Any, where: str, previous: _Described | None = None) -> tuple[_Described, list[torch.Tensor]]:
+    """``value``'s description (``previous`` when it describes the value the same way) and its
+    tensors."""
+    if previous is not None and previous.describes(value):
+        return previous, [value]
+    structure, originals = flatten(value, where)
+    specs = [(tuple(t.shape), t.dtype, t.requires_grad) for t in originals]
+    same = previous is not None and previous.specs == specs and previous.structure == structure
+    return (previous if same and previous is not None else _Described(structure, specs)), originals
+
+
+def _encode(value: Any, where: str, capacity: int, previous: _Described | None = None
             ) -> tuple[torch.Tensor | _Slot, torch.Tensor | None, int, _Described]:
     """(message of ``capacity`` bytes, separate data buffer or None, bytes the value needs, its
     description, reusing ``previous`` when the value is described the same way). An inline
-    value on CPU comes as a filled :class:`_Slot` (release it when its send completes).
-    ``fit_limit``: instead of ``capacity``, size the message to fit values up to that many bytes."""
-    if previous is not None and previous.describes(value):
-        described, originals = previous, [value]
-    else:
-        structure, originals = flatten(value, where)
-        specs = [(tuple(t.shape), t.dtype, t.requires_grad) for t in originals]
-        same = previous is not None and previous.specs == specs and previous.structure == structure
-        described = previous if same and previous is not None else _Described(structure, specs)
+    value on CPU comes as a filled :class:`_Slot` (release it when its send completes)."""
+    described, originals = _describe(value, where, previous)
     start, data_bytes = described.start, described.data_bytes
     needed = start + data_bytes
-    if fit_limit:
-        capacity = _capacity(needed if needed <= fit_limit else start)
     if start > capacity:
         raise ValueError(f"{where} has too many tensors ({len(originals)}) to describe in {capacity} bytes; "
                          "merge them into fewer tensors")
@@ -175,13 +183,12 @@ def _encode(value: Any, where: str, capacity: int, previous: _Described | None =
     return message, data, needed, described
 
 
-def _decode_prefix(message: torch.Tensor, known: dict[bytes, tuple[Any, list]] | None = None
-                   ) -> tuple[Any, list, bool, int, int]:
-    """(structure, specs, inline?, data bytes, bytes the value needed) of a received message;
-    ``known`` caches unpickled metadata by its bytes."""
-    raw = message.numpy()
-    length, inline, data_bytes = _PREFIX.unpack_from(raw, 0)
-    meta = raw[_PREFIX.size:_PREFIX.size + length].tobytes()
+def _decode_head(raw: Any, known: dict[bytes, tuple[Any, list]] | None = None, offset: int = 0
+                 ) -> tuple[Any, list, bool, int, int]:
+    """(structure, specs, inline?, data bytes, bytes the value needed from the head on) of the
+    message head at ``offset`` of the buffer ``raw``; ``known`` caches unpickled metadata by its bytes."""
+    length, inline, data_bytes = _PREFIX.unpack_from(raw, offset)
+    meta = bytes(raw[offset + _PREFIX.size:offset + _PREFIX.size + length])
     if known is not None and meta in known:
         structure, specs = known[meta]
     else:
@@ -300,8 +307,8 @@ class _Inbound:
             self._post(self.transport.lag)  # about to wait anyway
         self._wait(head.work, head.message)
         self.posted.popleft()
-        structure, specs, inline, data_bytes, needed = _decode_prefix(head.buffer.cpu(),  # NCCL: waits for it
-                                                                      self.transport.known_meta)
+        structure, specs, inline, data_bytes, needed = _decode_head(head.buffer.cpu().numpy(),  # NCCL: waits
+                                                                    self.transport.known_meta)
         self.capacities.learn(head.position, self._key(head.message), needed)
         data: torch.Tensor | None = None
         if inline:

@@ -9,21 +9,27 @@ ranks, written and read by the calling thread without blocking::
     rank a  --send: length + message, written at once (queued if the socket is full)-->  rank b
             <--------- the reverse direction on the same socket --------------------------
 
-A message is the same byte layout as :mod:`.comm`'s, sized to fit (no capacity to agree on),
-preceded by its 8-byte length. While a rank waits for a message it also drains every other
-socket into per-peer queues and writes its own queued bytes, so no pair can block the other.
-Values larger than ``INLINE_LIMIT`` send only their metadata here and their data over the
-process group (gloo, its own tag), received the moment the metadata is read; kernel socket
-buffers (4 MiB and more on Linux loopback) then always absorb what is written, so a send
-never waits for its receiver.
+A message is a 16-byte frame (head bytes, data bytes), the head of :mod:`.comm`'s layout
+(prefix, pickled metadata) and the tensors' bytes at 16-byte offsets. A send writes the
+tensors straight from their memory (``sendmsg`` gathers frame, head and data; no copy, no
+torch call); only what the socket does not take at once is copied and queued. A read takes in
+whatever the socket holds (usually whole messages) into the peer's 64 KiB inbox; a bare
+tensor's data is copied from there into a tensor of its shape (one ``torch.empty``), and a
+message too large for the inbox is read straight into its own buffer. A waiting rank reads
+only the sockets ``poll`` reports ready and writes its queued bytes, so no pair can block the
+other. Values larger than ``INLINE_LIMIT`` send only their metadata here and their data over
+the process group (gloo, its own tag), received the moment the metadata is read; kernel socket
+buffers (4 MiB and more on Linux loopback) then usually absorb what is written, so a send
+does not wait for its receiver.
 
-Received values are views of the received buffer (no copy). A peer that closes its socket or
-dies ends the wait with :class:`~conveyor.errors.PeerLostError` at once; a peer that stops
-sending is bounded by the process group's timeout.
+Received values own their memory. A peer that closes its socket or dies ends the wait with
+:class:`~conveyor.errors.PeerLostError` at once; a peer that stops sending is bounded by the
+process group's timeout.
 """
 
 from __future__ import annotations
 
+import ctypes
 import select
 import socket
 import struct
@@ -39,32 +45,50 @@ import torch.distributed as dist
 
 from ..errors import PeerLostError
 from ..schedule.links import Message
-from .comm import DATA_TAG, Transport, _decode_prefix, _encode, _Slot, _unpack
+from .bundle import Leaf
+from .comm import DATA_TAG, Transport, _decode_head, _describe, _Described, _nbytes, _pack, _pad, _unpack
 
 __all__ = ["SocketTransport", "INLINE_LIMIT", "connect_peers"]
 
-INLINE_LIMIT = 1 << 20  # bytes of a message sent whole over its socket; larger data goes over gloo
-_LENGTH = struct.Struct("<q")
+INLINE_LIMIT = 1 << 20  # data bytes of a message sent whole over its socket; larger data goes over gloo
+INBOX_BYTES = 1 << 16  # per peer: what one read may take in; larger messages are read straight into place
+_FRAME = struct.Struct("<qq")  # head bytes, data bytes that follow on the socket
 _GATHER = 32  # buffers per sendmsg call
+_ZEROS = bytes(16)  # padding between tensors
+_EVENTS_READ = select.POLLIN | select.POLLHUP | select.POLLERR
+
+
+def _memory(tensor: torch.Tensor, size: int) -> memoryview:
+    """The bytes of a contiguous CPU tensor, without a torch call on the path (no copy)."""
+    return memoryview((ctypes.c_char * size).from_address(tensor.data_ptr())).cast("B")
+
+
+class _Pending:
+    """A message whose data is larger than what is left of the inbox: read straight into its buffer."""
+
+    __slots__ = ("head", "buffer", "view", "got")
+
+    def __init__(self, head: tuple, buffer: torch.Tensor, size: int, got: int) -> None:
+        self.head, self.buffer, self.got = head, buffer, got
+        self.view = _memory(buffer, size)
 
 
 class _Peer:
-    """One connection: queued outgoing bytes, and incoming messages as they complete."""
+    """One connection: queued outgoing bytes, an inbox that reads take in, and the values of
+    complete messages."""
 
-    __slots__ = ("rank", "sock", "outgoing", "length", "length_view", "length_got", "message", "view", "got",
+    __slots__ = ("rank", "sock", "outgoing", "inbox", "inbox_view", "inbox_address", "begin", "end", "pending",
                  "complete", "closed")
 
     def __init__(self, rank: int, sock: socket.socket) -> None:
         self.rank, self.sock = rank, sock
-        self.outgoing: deque[tuple[memoryview, _Slot | None]] = deque()
-        self.length = bytearray(_LENGTH.size)
-        self.length_view = memoryview(self.length)
-        self.length_got = 0
-        self.message: torch.Tensor | None = None
-        self.view: memoryview | None = None
-        self.got = 0
-        self.complete: deque[tuple[torch.Tensor, tuple, Any]] = deque()  # (message, its decoded prefix,
-        #                                                                    data receive or None)
+        self.outgoing: deque[memoryview] = deque()  # copies: a sent value may change once send returns
+        self.inbox = bytearray(INBOX_BYTES)
+        self.inbox_view = memoryview(self.inbox)
+        self.inbox_address = ctypes.addressof((ctypes.c_char * INBOX_BYTES).from_buffer(self.inbox))
+        self.begin = self.end = 0  # the inbox's unread bytes
+        self.pending: _Pending | None = None
+        self.complete: deque[tuple[Any, tuple, Any]] = deque()  # (value or None, head, data receive or None)
         self.closed = ""  # why the peer's side ended (it finished, or died): read no more
 
     def write(self) -> None:
@@ -73,18 +97,16 @@ class _Peer:
         outgoing = self.outgoing
         while outgoing:
             try:
-                written = self.sock.sendmsg([view for view, _ in islice(outgoing, _GATHER)])
+                written = self.sock.sendmsg(list(islice(outgoing, _GATHER)))
             except BlockingIOError:
                 return
             while written:
-                view, slot = outgoing[0]
+                view = outgoing[0]
                 if written < len(view):
-                    outgoing[0] = (view[written:], slot)
+                    outgoing[0] = view[written:]
                     break
                 written -= len(view)
                 outgoing.popleft()
-                if slot is not None:
-                    slot.release()
 
 
 class SocketTransport(Transport):
@@ -95,6 +117,7 @@ class SocketTransport(Transport):
         super().__init__(group, device)
         self.data_tag = DATA_TAG
         self._peers = {rank: _Peer(rank, sock) for rank, sock in sockets.items()}
+        self._by_descriptor = {peer.sock.fileno(): peer for peer in self._peers.values()}
         self._timeout = _group_timeout(self.pg)
         self._poller = select.poll()  # every open peer, for reading
         for peer in self._peers.values():
@@ -117,35 +140,33 @@ class SocketTransport(Transport):
             raise RuntimeError(f"no more messages are expected from rank {source} in this step")
         if not peer.complete:
             self._progress(peer, message)
-        raw, (structure, specs, inline, data_bytes, needed), data_work = peer.complete.popleft()
-        data: torch.Tensor | None = None
-        if inline:
-            data = raw[needed - data_bytes:needed]
-        elif data_bytes:
+        value, head, data_work = peer.complete.popleft()
+        if data_work is not None:
             work, data = data_work
             try:
                 work.wait()
             except RuntimeError as error:
                 raise self._lost(source, message, f"its data transfer failed: {error}") from None
-        return message, _unpack(structure, specs, data, self.device)
+            value = _unpack(head[0], head[1], data, self.device)
+        return message, value
 
     def _progress(self, wanted: _Peer, message: Message) -> None:
-        """Write queued bytes and read every socket until ``wanted`` has a complete message."""
+        """Read (and write queued bytes) until ``wanted`` has a complete message: first what its
+        socket holds already, then whatever sockets ``poll`` reports ready."""
+        if not wanted.closed:
+            self._read(wanted)
         deadline = time.monotonic() + self._timeout
-        while True:
-            self._pump(message)
-            if wanted.complete:
-                return
+        while not wanted.complete:
             if wanted.closed:
                 raise self._lost(wanted.rank, message, wanted.closed)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise self._lost(wanted.rank, message, f"nothing arrived in {self._timeout:.0f} s")
-            self._sleep(remaining)
+            self._wait_ready(remaining, message)
 
-    def _sleep(self, seconds: float) -> None:
+    def _wait_ready(self, seconds: float, message: Message | None) -> None:
         """Block until a socket is readable, or writable where bytes wait to go (poll: no limit
-        on descriptor numbers, unlike select)."""
+        on descriptor numbers, unlike select); then read and write what it reported."""
         poller = self._poller
         if any(peer.outgoing for peer in self._peers.values()):
             poller = select.poll()
@@ -153,61 +174,105 @@ class SocketTransport(Transport):
                 events = (0 if peer.closed else select.POLLIN) | (select.POLLOUT if peer.outgoing else 0)
                 if events:
                     poller.register(peer.sock, events)
-        poller.poll(max(1, min(int(seconds * 1000), 60_000)))
-
-    def _pump(self, message: Message | None = None) -> None:
-        for peer in self._peers.values():
-            if peer.outgoing:
-                try:
-                    peer.write()
-                except OSError as error:
-                    raise self._lost(peer.rank, message, f"sending to it failed: {error}") from None
-            if not peer.closed:
+        for descriptor, events in poller.poll(max(1, min(int(seconds * 1000), 60_000))):
+            peer = self._by_descriptor[descriptor]
+            if events & select.POLLOUT:
+                self._write(peer, message)
+            if events & _EVENTS_READ and not peer.closed:
                 self._read(peer)
-                if peer.closed:
-                    self._poller.unregister(peer.sock)
+
+    def _write(self, peer: _Peer, message: Message | None) -> None:
+        try:
+            peer.write()
+        except OSError as error:
+            raise self._lost(peer.rank, message, f"sending to it failed: {error}") from None
 
     def _read(self, peer: _Peer) -> None:
-        """Read what ``peer``'s socket holds without blocking; queue complete messages. The end
+        """Take in what ``peer``'s socket holds without blocking; queue complete messages. The end
         of the connection is noted, not raised: it matters only to a rank still waiting on it."""
         sock = peer.sock
         try:
             while True:
-                if peer.view is None:
-                    got = sock.recv_into(peer.length_view[peer.length_got:])
+                pending = peer.pending
+                if pending is not None:  # a large message: its data goes straight into its buffer
+                    got = sock.recv_into(pending.view[pending.got:])
                     if got == 0:
-                        peer.closed = "it closed the connection (the process ended or failed)"
-                        return
-                    peer.length_got += got
-                    if peer.length_got < _LENGTH.size:
+                        return self._closed(peer, "it closed the connection in the middle of a message")
+                    pending.got += got
+                    if pending.got < len(pending.view):
                         continue
-                    peer.length_got = 0
-                    size = _LENGTH.unpack(peer.length)[0]
-                    peer.message = torch.empty(size, dtype=torch.uint8)
-                    peer.view, peer.got = memoryview(peer.message.numpy()), 0
-                if peer.got < len(peer.view):
-                    got = sock.recv_into(peer.view[peer.got:])
-                    if got == 0:
-                        peer.closed = "it closed the connection in the middle of a message"
-                        return
-                    peer.got += got
-                if peer.got == len(peer.view):
-                    assert peer.message is not None
-                    prefix = _decode_prefix(peer.message, self.known_meta)
-                    peer.complete.append((peer.message, prefix, self._post_data(peer.rank, prefix)))
-                    peer.message, peer.view = None, None
+                    peer.pending = None
+                    peer.complete.append((self._value(pending.head, pending.buffer), pending.head, None))
+                    continue
+                room = len(peer.inbox) - peer.end
+                got = sock.recv_into(peer.inbox_view[peer.end:])
+                if got == 0:
+                    middle = peer.begin != peer.end
+                    return self._closed(peer, "it closed the connection in the middle of a message" if middle
+                                        else "it closed the connection (the process ended or failed)")
+                peer.end += got
+                self._take_messages(peer)
+                if got < room:
+                    return  # the socket is drained: no further call just to hear it would block
         except BlockingIOError:
             return
         except OSError as error:
-            peer.closed = f"the connection failed: {error}"
+            self._closed(peer, f"the connection failed: {error}")
 
-    def _post_data(self, source: int, prefix: tuple) -> Any:
-        """Post the gloo receive of a large value's data as soon as its metadata is read."""
-        _, _, inline, data_bytes, _ = prefix
-        if inline or not data_bytes:
-            return None
-        data = torch.empty(data_bytes, dtype=torch.uint8)
-        return self.pg.recv([data], source, self.data_tag), data
+    def _closed(self, peer: _Peer, why: str) -> None:
+        peer.closed = why
+        self._poller.unregister(peer.sock)
+
+    def _take_messages(self, peer: _Peer) -> None:
+        """Turn the complete messages at the front of ``peer``'s inbox into values; start reading
+        a message too large for the inbox's room straight into its own buffer."""
+        inbox = peer.inbox
+        while peer.end - peer.begin >= _FRAME.size:
+            head_bytes, data_bytes = _FRAME.unpack_from(inbox, peer.begin)
+            body = peer.begin + _FRAME.size
+            if body + head_bytes > peer.end:
+                if _FRAME.size + head_bytes > len(inbox):
+                    raise ValueError(f"a message head of {head_bytes} bytes from rank {peer.rank} does not fit "
+                                     f"the {len(inbox)}-byte inbox: send fewer tensors per boundary value")
+                break
+            head = _decode_head(inbox, self.known_meta, body)
+            data_at = body + head_bytes
+            available = peer.end - data_at
+            if not head[2]:  # its data comes over gloo: post that receive now
+                peer.begin = data_at
+                data = torch.empty(head[3], dtype=torch.uint8)
+                peer.complete.append((None, head, (self.pg.recv([data], peer.rank, self.data_tag), data)))
+                continue
+            if available >= data_bytes:
+                peer.begin = data_at + data_bytes
+                buffer = _buffer(head, data_bytes)
+                if data_bytes:
+                    ctypes.memmove(buffer.data_ptr(), peer.inbox_address + data_at, data_bytes)
+                peer.complete.append((self._value(head, buffer), head, None))
+                continue
+            if data_at + data_bytes > len(inbox):  # will not fit: read the rest into its own buffer
+                buffer = _buffer(head, data_bytes)
+                if available:
+                    ctypes.memmove(buffer.data_ptr(), peer.inbox_address + data_at, available)
+                peer.pending = _Pending(head, buffer, data_bytes, available)
+                peer.begin = peer.end = 0
+                return
+            break
+        if peer.begin == peer.end:
+            peer.begin = peer.end = 0
+        elif peer.begin and len(inbox) - peer.end < INBOX_BYTES // 4:  # make room at the back
+            left = peer.end - peer.begin
+            inbox[:left] = inbox[peer.begin:peer.end]
+            peer.begin, peer.end = 0, left
+
+    def _value(self, head: tuple, buffer: torch.Tensor) -> Any:
+        """The received value: a bare tensor is its buffer, anything else is unpacked from it."""
+        structure, specs = head[0], head[1]
+        if not isinstance(structure, Leaf):
+            return _unpack(structure, specs, buffer, self.device)
+        if specs[0][2] and buffer.is_floating_point():
+            buffer.requires_grad_(True)
+        return buffer
 
     def _lost(self, source: int, message: Message | None, why: str) -> PeerLostError:
         if message is None:
@@ -217,47 +282,71 @@ class SocketTransport(Transport):
 
     # --- sending ---------------------------------------------------------------------------
     def send(self, destination: int, message: Message, value: Any) -> None:
-        """Queue ``value`` for ``destination`` and write what the socket takes now."""
+        """Write ``value`` to ``destination``'s socket now, straight from the tensors' memory; what
+        does not fit is copied, queued and written at later transport calls."""
         key = (destination, message.kind, message.stage)
-        encoded, data, needed, self._described[key] = _encode(
-            value, f"stage {message.stage} {message.kind}", 0, self._described.get(key), fit_limit=INLINE_LIMIT)
-        peer = self._peers[destination]
-        if isinstance(encoded, _Slot):
-            body, slot = memoryview(encoded.message.numpy())[:needed], encoded
+        described, tensors = _describe(value, f"stage {message.stage} {message.kind}", self._described.get(key))
+        self._described[key] = described
+        inline = described.data_bytes <= INLINE_LIMIT and all(t.is_cpu for t in tensors)
+        parts: list[Any] = [_frame(described, inline)]
+        if inline:  # the tensors' own bytes, padded to the layout's offsets (not after the last)
+            pad = 0
+            for index, tensor in enumerate(tensors):
+                size = tensor.numel() * tensor.element_size()
+                if size:
+                    if pad:
+                        parts.append(_ZEROS[:pad])
+                    if not tensor.is_contiguous():
+                        tensor = tensors[index] = tensor.contiguous()  # held until written or copied
+                    parts.append(_memory(tensor, size))
+                    pad = _pad(size) - size
         else:
-            body, slot = memoryview(encoded.numpy())[:needed - (data.numel() if data is not None else 0)], None
-        peer.outgoing.append((memoryview(_LENGTH.pack(len(body))), None))
-        peer.outgoing.append((body, slot))
-        self.bytes_sent += len(body) + _LENGTH.size
-        self.transfers += 1
-        if data is not None:
+            data = torch.empty(described.data_bytes, dtype=torch.uint8, device=tensors[0].device)
+            _pack([t.detach().contiguous() for t in tensors], data)
             self._data_works.append((self.pg.send([data], destination, self.data_tag), data))
             self.bytes_sent += data.numel()
             self.transfers += 1
-        try:
-            peer.write()
-        except OSError as error:
-            raise PeerLostError(f"sending {message.kind} of stage {message.stage} to rank {destination} failed: "
-                                f"{error}", rank=self.rank, stage=message.stage,
-                                microbatch=message.microbatch) from None
+        self.bytes_sent += sum(len(part) for part in parts)
+        self.transfers += 1
+        peer = self._peers[destination]
+        if not peer.outgoing:
+            try:
+                written = peer.sock.sendmsg(parts)
+            except BlockingIOError:
+                written = 0
+            except OSError as error:
+                raise PeerLostError(f"sending {message.kind} of stage {message.stage} to rank {destination} "
+                                    f"failed: {error}", rank=self.rank, stage=message.stage,
+                                    microbatch=message.microbatch) from None
+            for part in parts:  # what did not fit is copied: the value may change once send returns
+                if written >= len(part):
+                    written -= len(part)
+                    continue
+                peer.outgoing.append(memoryview(bytes(part[written:])))
+                written = 0
+        else:
+            peer.outgoing.extend(memoryview(bytes(part)) for part in parts)
+            self._write(peer, message)
         if peer.outgoing:
             self.queued_sends += 1  # the socket was full: the rest goes out at later transport calls
 
     def flush(self) -> None:
         """Write what the sockets take now (nothing is held back for later)."""
-        self._pump()
+        for peer in self._peers.values():
+            if peer.outgoing:
+                self._write(peer, None)
 
     def finish(self) -> None:
         """Wait until every queued byte is written and every data transfer has completed."""
         deadline = time.monotonic() + self._timeout
         while True:
-            self._pump()
+            self.flush()
             stuck = [peer for peer in self._peers.values() if peer.outgoing]
             if not stuck:
                 break
             if time.monotonic() > deadline:
                 raise PeerLostError(f"rank {stuck[0].rank} read nothing for {self._timeout:.0f} s", rank=self.rank)
-            self._sleep(1.0)  # readable sockets wake it too: a writer may wait on us
+            self._wait_ready(1.0, None)  # readable sockets wake it too: a writer may wait on us
         for work, _ in self._data_works:
             work.wait()
         self._data_works.clear()
@@ -320,3 +409,32 @@ def _read_rank(sock: socket.socket) -> int:
             raise ConnectionError("a peer closed its connection before saying its rank")
         raw += chunk
     return struct.unpack("<q", raw)[0]
+
+
+def _frame(described: _Described, inline: bool) -> bytes:
+    """The bytes that start a message on the socket: the frame, then the head (cached)."""
+    frame = described.encodings.get(("socket", inline))
+    if frame is None:
+        head = described.head_bytes(inline)
+        frame = _FRAME.pack(len(head), _socket_bytes(described.specs) if inline else 0) + head
+        described.encodings[("socket", inline)] = frame
+    return frame
+
+
+def _socket_bytes(specs: list) -> int:
+    """Data bytes of an inline message on the socket: the layout's, without the last padding."""
+    offset = end = 0
+    for shape, dtype, _ in specs:
+        size = _nbytes(shape, dtype)
+        if size:
+            end = offset + size
+        offset += _pad(size)
+    return end
+
+
+def _buffer(head: tuple, size: int) -> torch.Tensor:
+    """Where a message's ``size`` data bytes go: a bare tensor's own storage, else a byte buffer."""
+    structure, specs = head[0], head[1]
+    if isinstance(structure, Leaf):
+        return torch.empty(specs[0][0], dtype=specs[0][1])
+    return torch.empty(size, dtype=torch.uint8)
