@@ -37,13 +37,23 @@ class Leaf:
         return f"Leaf({self.index})"
 
 
+_LEAVES = [Leaf(index) for index in range(64)]  # placeholders are immutable: the first ones are shared
+
+
+def _leaf(index: int) -> Leaf:
+    return _LEAVES[index] if index < len(_LEAVES) else Leaf(index)
+
+
 def flatten(value: Any, where: str = "boundary value") -> tuple[Any, list[torch.Tensor]]:
     """Split ``value`` into (structure with :class:`Leaf` placeholders, list of tensors).
 
     A plain recursive function, not a closure: a closure referring to itself would form a
     reference cycle holding the tensors (and their autograd graphs) until the garbage collector
-    ran, which defeated re-materialisation.
+    ran, which defeated re-materialisation. A bare tensor, the usual boundary value, takes no
+    recursion.
     """
+    if isinstance(value, torch.Tensor):
+        return _LEAVES[0], [value]
     tensors: list[torch.Tensor] = []
     try:
         return _visit(value, tensors), tensors
@@ -63,7 +73,7 @@ def _visit(item: Any, tensors: list[torch.Tensor]) -> Any:
     # runs on every boundary crossing, so it builds no path strings: _find_unsupported names the culprit
     if isinstance(item, torch.Tensor):
         tensors.append(item)
-        return Leaf(len(tensors) - 1)
+        return _leaf(len(tensors) - 1)
     if isinstance(item, _CONSTANTS):
         return item
     if isinstance(item, tuple):

@@ -16,11 +16,12 @@ from ..errors import PipelineError
 from ..partition.pipe import Pipe, materialize
 from ..schedule import Schedule, make_schedule
 from ..schedule.actions import BACKWARD, FORWARD, INPUT_GRAD, UPDATE, WEIGHT_GRAD, Action
-from ..schedule.links import ACTIVATION, GRADIENT, Message, incoming, incoming_stream
+from ..schedule.links import incoming, incoming_stream
 from .bundle import describe, flatten
 from .devices import default_device, make_transport
 from .feed import StepData, StreamFeed
 from .microbatch import loss_weights, merge, split_batch, split_value
+from .plan import Step, step_of, steps_of
 from .precision import LossScaler, ScaledStep, autocast_for, check_precision, overflow_in_group
 from .replicas import ReplicaGroup
 from .stage import LossFn, StageExecutor
@@ -112,15 +113,15 @@ class PipelineRunner(StageModules, ScaledStep):
                 stage.versions = WeightVersions(stage.module)
         self._optimizer: torch.optim.Optimizer | None = None
         self._accumulated: dict[int, int] = {}  # stage -> backwards since its last update
-        self._forward_program = self.schedule.forward_only()
-        self._incoming = {True: incoming(self.schedule, self.rank),
-                          False: incoming(self._forward_program, self.rank)}
+        forward_program = self.schedule.forward_only()
+        self._incoming = {True: incoming(self.schedule, self.rank), False: incoming(forward_program, self.rank)}
+        self._steps = {True: steps_of(self.schedule, self.rank), False: steps_of(forward_program, self.rank)}
         self.transport = make_transport(transport, group, self.device)
         self.ties: dict[str, list[int]] = dict(getattr(pipe, "ties", {}) or {})
         self._tied = TiedGradients(self.ties, self.schedule.placement, self.rank, dict(self.named_parameters()),
                                    group, through_host=self.transport.device != self.device)
         self._tied.align_values()
-        self.trace: list[TraceEvent] = []
+        self._trace: list[tuple[str, float, float, float]] | collections.deque = []  # (action, start, end, waited)
         self._ready = 0.0
         self._last_stage_rank = self.schedule.placement[last]  # the first replica if it is replicated
         self._holds_last = last in self.stages
@@ -131,6 +132,11 @@ class PipelineRunner(StageModules, ScaledStep):
         for stage, replicas_of_stage in self._replicas.items():
             module = self.stages[stage].module
             replicas_of_stage.align(list(module.parameters()) + list(module.buffers()))
+
+    @property
+    def trace(self) -> list[TraceEvent]:
+        """This rank's actions of the last step (or the stream's last ``STREAM_TRACE_LIMIT``)."""
+        return [TraceEvent(self.rank, *event) for event in self._trace]
 
     # --- parameters and state ------------------------------------------------------------------
     @property
@@ -211,7 +217,7 @@ class PipelineRunner(StageModules, ScaledStep):
         data = self._prepare(inputs, kwargs, target, training=True)
         self._unscaled = False  # precision.py: this step's gradients are still scaled
         self._tied.before_step()
-        self._execute(self.schedule, data)
+        self._execute(data)
         self._tied.after_step()
         for stage, replicas_of_stage in self._replicas.items():
             replicas_of_stage.sum_gradients(p for p in self.stages[stage].module.parameters() if p.requires_grad)
@@ -239,7 +245,7 @@ class PipelineRunner(StageModules, ScaledStep):
             raise ValueError("forward() with a replicated last stage is not supported: build an inference "
                              "runner without replicas on the last stage")
         data = self._prepare(inputs, kwargs, None, training=False)
-        self._execute(self._forward_program, data)
+        self._execute(data)
         if not self._holds_last:
             return None
         return merge([data.outputs[i] for i in range(self.n_microbatches)])
@@ -267,21 +273,20 @@ class PipelineRunner(StageModules, ScaledStep):
             stage.versions = WeightVersions(stage.module)
         self._accumulated = {}
         self.transport.expect(incoming_stream(self.schedule, self.rank, feed.exists))
-        trace: collections.deque[TraceEvent] = collections.deque(maxlen=STREAM_TRACE_LIMIT)
+        self._trace = trace = collections.deque(maxlen=STREAM_TRACE_LIMIT)
         for stage in self.stages.values():
             stage.reset_stats()
         try:
             for action in self.schedule.stream(self.rank, feed.exists):
+                step = step_of(action, self.schedule)
                 began = self._ready = time.perf_counter()
-                self._run(action, feed, self.schedule)
-                trace.append(TraceEvent(self.rank, str(action), self._ready, time.perf_counter(),
-                                        self._ready - began))
+                self._run(step, feed)
+                trace.append((step.text, self._ready, time.perf_counter(), self._ready - began))
                 if action.kind == FORWARD and action.microbatch in feed.losses:
                     yield feed.losses.pop(action.microbatch)
             self.transport.finish()
         finally:
             self._optimizer = None
-            self.trace = list(trace)
 
     def _update(self, action: Action) -> None:
         """Step the optimizer on the mean gradient accumulated since this stage's last update."""
@@ -317,30 +322,30 @@ class PipelineRunner(StageModules, ScaledStep):
             data.weights = loss_weights(data.targets, self.loss_weighting, self.ignore_index)
         return data
 
-    def _execute(self, program: Schedule, data: StepData) -> None:
+    def _execute(self, data: StepData) -> None:
+        """Run this rank's program for ``data`` (training or forward-only)."""
         for stage in self.stages.values():
             stage.reset_stats()
         self.transport.expect(self._incoming[data.training])
-        trace: list[TraceEvent] = []
-        try:
-            for action in program.ranks[self.rank]:
-                began = self._ready = time.perf_counter()
-                self._run(action, data, program)
-                trace.append(TraceEvent(self.rank, str(action), self._ready, time.perf_counter(), self._ready - began))
-            self.transport.finish()
-        finally:
-            self.trace = trace
+        self._trace = trace = []
+        clock = time.perf_counter
+        for step in self._steps[data.training]:
+            began = self._ready = clock()
+            self._run(step, data)
+            trace.append((step.text, self._ready, clock(), self._ready - began))
+        self.transport.finish()
 
-    def _run(self, action: Action, data: StepData | StreamFeed, program: Schedule) -> None:
+    def _run(self, step: Step, data: StepData | StreamFeed) -> None:
+        action = step.action
         stage = self.stages[action.stage]
         microbatch = action.microbatch
         received: Any = None
         try:
             if action.kind == FORWARD:
-                if stage.is_first:
+                if step.receives is None:
                     args, kwargs = data.inputs(microbatch)
                 else:
-                    received = self._receive(Message(ACTIVATION, action.stage - 1, microbatch), program)
+                    received = self._receive(step)
                     args, kwargs = (received,), {}
                 target, weight = data.target(microbatch) if stage.is_last and data.training else (None, 1.0)
                 weight *= self.loss_scale  # fp16 (precision.py): the last stage's loss is scaled
@@ -351,22 +356,21 @@ class PipelineRunner(StageModules, ScaledStep):
                         _require_finite("the loss", [result])
                     data.record(microbatch, result)
                 else:
-                    self._send(Message(ACTIVATION, action.stage, microbatch), result, program)
+                    self._send(step, result)
             elif action.kind == UPDATE:
                 self._update(action)
             elif action.kind in (BACKWARD, INPUT_GRAD):
                 if stage.versions is not None:  # counted for the next update of an asynchronous schedule
                     self._accumulated[action.stage] = self._accumulated.get(action.stage, 0) + 1
-                grads = None if stage.is_last else self._receive(Message(GRADIENT, action.stage + 1, microbatch),
-                                                                 program)
+                grads = None if step.receives is None else self._receive(step)
                 run = stage.backward if action.kind == BACKWARD else stage.backward_input
                 input_grads = run(microbatch, grads)
                 if self.detect_anomaly:
                     _require_finite("the gradient sent to the previous stage", input_grads)
                     if action.kind == BACKWARD:
                         _require_finite("a parameter gradient", [p.grad for p in stage.module.parameters()])
-                if not stage.is_first:
-                    self._send(Message(GRADIENT, action.stage, microbatch), input_grads, program)
+                if step.sends is not None:
+                    self._send(step, input_grads)
             elif action.kind == WEIGHT_GRAD:
                 stage.backward_weight(microbatch)
                 if self.detect_anomaly:
@@ -380,17 +384,18 @@ class PipelineRunner(StageModules, ScaledStep):
             raise PipelineError(f"{type(error).__name__}: {error}{hint}", rank=self.rank, stage=action.stage,
                                 microbatch=microbatch, action=str(action)) from error
 
-    def _receive(self, message: Message, program: Schedule) -> Any:
-        value = self.transport.receive(message, program.rank_of(message.stage, message.microbatch))
+    def _receive(self, step: Step) -> Any:
+        assert step.receives is not None
+        value = self.transport.receive(step.receives, step.source)
         self._ready = time.perf_counter()
         return value
 
-    def _send(self, message: Message, value: Any, program: Schedule) -> None:
-        destination = program.rank_of(message.target_stage, message.microbatch)
-        if destination == self.rank:
-            self.transport.deliver_local(message, value)
+    def _send(self, step: Step, value: Any) -> None:
+        assert step.sends is not None
+        if step.destination == self.rank:
+            self.transport.deliver_local(step.sends, value)
         else:
-            self.transport.send(destination, message, value)
+            self.transport.send(step.destination, step.sends, value)
 
 
 def _require_finite(what: str, tensors: list[torch.Tensor | None]) -> None:

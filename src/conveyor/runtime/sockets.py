@@ -58,9 +58,31 @@ _ZEROS = bytes(16)  # padding between tensors
 _EVENTS_READ = select.POLLIN | select.POLLHUP | select.POLLERR
 
 
-def _memory(tensor: torch.Tensor, size: int) -> memoryview:
-    """The bytes of a contiguous CPU tensor, without a torch call on the path (no copy)."""
-    return memoryview((ctypes.c_char * size).from_address(tensor.data_ptr())).cast("B")
+def _memory(tensor: torch.Tensor, size: int) -> Any:
+    """The ``size`` bytes of a contiguous CPU tensor as a buffer (a ctypes array over its
+    memory: no copy, no torch call beyond ``data_ptr``)."""
+    return (ctypes.c_char * size).from_address(tensor.data_ptr())
+
+
+class _Layout:
+    """How values of one description go on the socket: the frames that start their messages,
+    and each tensor's byte size with the padding that precedes it."""
+
+    __slots__ = ("frames", "tensors", "inline", "message_bytes")
+
+    def __init__(self, described: _Described) -> None:
+        self.tensors: list[tuple[int, int, int]] = []  # (index, bytes, padding before them), empty ones left out
+        offset = end = 0
+        for index, (shape, dtype, _) in enumerate(described.specs):
+            size = _nbytes(shape, dtype)
+            if size:
+                self.tensors.append((index, size, offset - end))
+                end = offset + size
+            offset += _pad(size)
+        self.frames = {inline: _FRAME.pack(len(head), end if inline else 0) + head
+                       for inline in (True, False) for head in [described.head_bytes(inline)]}
+        self.inline = described.data_bytes <= INLINE_LIMIT
+        self.message_bytes = len(self.frames[True]) + end
 
 
 class _Pending:
@@ -70,7 +92,7 @@ class _Pending:
 
     def __init__(self, head: tuple, buffer: torch.Tensor, size: int, got: int) -> None:
         self.head, self.buffer, self.got = head, buffer, got
-        self.view = _memory(buffer, size)
+        self.view = memoryview(_memory(buffer, size)).cast("B")
 
 
 class _Peer:
@@ -287,26 +309,26 @@ class SocketTransport(Transport):
         key = (destination, message.kind, message.stage)
         described, tensors = _describe(value, f"stage {message.stage} {message.kind}", self._described.get(key))
         self._described[key] = described
-        inline = described.data_bytes <= INLINE_LIMIT and all(t.is_cpu for t in tensors)
-        parts: list[Any] = [_frame(described, inline)]
-        if inline:  # the tensors' own bytes, padded to the layout's offsets (not after the last)
-            pad = 0
-            for index, tensor in enumerate(tensors):
-                size = tensor.numel() * tensor.element_size()
-                if size:
-                    if pad:
-                        parts.append(_ZEROS[:pad])
-                    if not tensor.is_contiguous():
-                        tensor = tensors[index] = tensor.contiguous()  # held until written or copied
-                    parts.append(_memory(tensor, size))
-                    pad = _pad(size) - size
+        layout = described.encodings.get("socket")
+        if layout is None:
+            layout = described.encodings["socket"] = _Layout(described)
+        if layout.inline and (tensors[0].is_cpu if len(tensors) == 1 else all(t.is_cpu for t in tensors)):
+            parts: list[Any] = [layout.frames[True]]  # the tensors' own bytes, padded to the layout's offsets
+            for index, size, pad in layout.tensors:
+                tensor = tensors[index]
+                if pad:
+                    parts.append(_ZEROS[:pad])
+                if not tensor.is_contiguous():
+                    tensor = tensors[index] = tensor.contiguous()  # held until written or copied
+                parts.append(_memory(tensor, size))
+            self.bytes_sent += layout.message_bytes
         else:
+            parts = [layout.frames[False]]
             data = torch.empty(described.data_bytes, dtype=torch.uint8, device=tensors[0].device)
             _pack([t.detach().contiguous() for t in tensors], data)
             self._data_works.append((self.pg.send([data], destination, self.data_tag), data))
-            self.bytes_sent += data.numel()
+            self.bytes_sent += len(parts[0]) + data.numel()
             self.transfers += 1
-        self.bytes_sent += sum(len(part) for part in parts)
         self.transfers += 1
         peer = self._peers[destination]
         if not peer.outgoing:
@@ -409,27 +431,6 @@ def _read_rank(sock: socket.socket) -> int:
             raise ConnectionError("a peer closed its connection before saying its rank")
         raw += chunk
     return struct.unpack("<q", raw)[0]
-
-
-def _frame(described: _Described, inline: bool) -> bytes:
-    """The bytes that start a message on the socket: the frame, then the head (cached)."""
-    frame = described.encodings.get(("socket", inline))
-    if frame is None:
-        head = described.head_bytes(inline)
-        frame = _FRAME.pack(len(head), _socket_bytes(described.specs) if inline else 0) + head
-        described.encodings[("socket", inline)] = frame
-    return frame
-
-
-def _socket_bytes(specs: list) -> int:
-    """Data bytes of an inline message on the socket: the layout's, without the last padding."""
-    offset = end = 0
-    for shape, dtype, _ in specs:
-        size = _nbytes(shape, dtype)
-        if size:
-            end = offset + size
-        offset += _pad(size)
-    return end
 
 
 def _buffer(head: tuple, size: int) -> torch.Tensor:

@@ -84,6 +84,7 @@ class StageExecutor:
         self.peak_stashed = 0
         self.versions: WeightVersions | None = None  # set for schedules that update weights themselves
         self.precision_context: Callable[[], AbstractContextManager[Any]] = nullcontext  # autocast (precision.py)
+        self._output_where = f"stage {index} output"
 
     # --- helpers -----------------------------------------------------------------------------
     def _rng_state(self) -> tuple:
@@ -91,6 +92,8 @@ class StageExecutor:
         return torch.get_rng_state(), cuda
 
     def _call(self, args: tuple, kwargs: dict, version: int | None = None) -> Any:
+        if self.precision_context is nullcontext and version is None:  # the usual case, with the least work
+            return self.module(*args, **kwargs)
         with self.precision_context():
             if version is None or self.versions is None:
                 return self.module(*args, **kwargs)
@@ -108,7 +111,7 @@ class StageExecutor:
         return loss, loss * weight
 
     def _output_tensors(self, output: Any) -> list[torch.Tensor]:
-        return flatten(output, f"stage {self.index} output")[1]
+        return flatten(output, self._output_where)[1]
 
     def _check_differentiable(self, outputs: list[torch.Tensor], stashed: _Stashed) -> None:
         if any(t.requires_grad for t in outputs):  # the usual case, decided without walking the module
