@@ -15,10 +15,12 @@ tensors straight from their memory (``sendmsg`` gathers frame, head and data; no
 torch call); only what the socket does not take at once is copied and queued. A read takes in
 whatever the socket holds (usually whole messages) into the peer's 64 KiB inbox; a bare
 tensor's data is copied from there into a tensor of its shape (one ``torch.empty``), and a
-message too large for the inbox is read straight into its own buffer. A waiting rank reads
-only the sockets ``poll`` reports ready and writes its queued bytes, so no pair can block the
-other. Values larger than ``INLINE_LIMIT`` send only their metadata here and their data over
-the process group (gloo, its own tag), received the moment the metadata is read; kernel socket
+message too large for the inbox is read straight into its own buffer. A rank waiting for a
+message makes one read that sleeps in the kernel until bytes come (the sockets block; every
+other call passes ``MSG_DONTWAIT``); while bytes of its own wait to go out it instead polls
+every socket, reads what is ready and writes what fits, so no pair can block the other.
+Values larger than ``INLINE_LIMIT`` send only their metadata here and their data over the
+process group (gloo, its own tag), received the moment the metadata is read; kernel socket
 buffers (4 MiB and more on Linux loopback) then usually absorb what is written, so a send
 does not wait for its receiver.
 
@@ -56,6 +58,8 @@ _FRAME = struct.Struct("<qq")  # head bytes, data bytes that follow on the socke
 _GATHER = 32  # buffers per sendmsg call
 _ZEROS = bytes(16)  # padding between tensors
 _EVENTS_READ = select.POLLIN | select.POLLHUP | select.POLLERR
+_DONTWAIT = socket.MSG_DONTWAIT  # the sockets block; every call but a waiting read asks them not to
+_WAIT_SECONDS = 1  # a waiting read returns after this long (SO_RCVTIMEO), to check the deadline
 
 
 def _memory(tensor: torch.Tensor, size: int) -> Any:
@@ -119,7 +123,7 @@ class _Peer:
         outgoing = self.outgoing
         while outgoing:
             try:
-                written = self.sock.sendmsg(list(islice(outgoing, _GATHER)))
+                written = self.sock.sendmsg(list(islice(outgoing, _GATHER)), [], _DONTWAIT)
             except BlockingIOError:
                 return
             while written:
@@ -173,8 +177,9 @@ class SocketTransport(Transport):
         return message, value
 
     def _progress(self, wanted: _Peer, message: Message) -> None:
-        """Read (and write queued bytes) until ``wanted`` has a complete message: first what its
-        socket holds already, then whatever sockets ``poll`` reports ready."""
+        """Read until ``wanted`` has a complete message: first what its socket holds already,
+        then by a read that waits on its socket (one system call that sleeps until bytes come),
+        or, while bytes of ours wait to go out, whatever sockets ``poll`` reports ready."""
         if not wanted.closed:
             self._read(wanted)
         deadline = time.monotonic() + self._timeout
@@ -184,7 +189,10 @@ class SocketTransport(Transport):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise self._lost(wanted.rank, message, f"nothing arrived in {self._timeout:.0f} s")
-            self._wait_ready(remaining, message)
+            if any(peer.outgoing for peer in self._peers.values()):
+                self._wait_ready(remaining, message)
+            else:
+                self._read(wanted, wait=True)
 
     def _wait_ready(self, seconds: float, message: Message | None) -> None:
         """Block until a socket is readable, or writable where bytes wait to go (poll: no limit
@@ -209,15 +217,18 @@ class SocketTransport(Transport):
         except OSError as error:
             raise self._lost(peer.rank, message, f"sending to it failed: {error}") from None
 
-    def _read(self, peer: _Peer) -> None:
-        """Take in what ``peer``'s socket holds without blocking; queue complete messages. The end
-        of the connection is noted, not raised: it matters only to a rank still waiting on it."""
+    def _read(self, peer: _Peer, wait: bool = False) -> None:
+        """Take in what ``peer``'s socket holds (``wait``: the first read waits up to a second
+        for bytes); queue complete messages. The end of the connection is noted, not raised: it
+        matters only to a rank still waiting on it."""
         sock = peer.sock
+        flags = 0 if wait else _DONTWAIT
         try:
             while True:
                 pending = peer.pending
                 if pending is not None:  # a large message: its data goes straight into its buffer
-                    got = sock.recv_into(pending.view[pending.got:])
+                    got = sock.recv_into(pending.view[pending.got:], 0, flags)
+                    flags = _DONTWAIT
                     if got == 0:
                         return self._closed(peer, "it closed the connection in the middle of a message")
                     pending.got += got
@@ -227,7 +238,8 @@ class SocketTransport(Transport):
                     peer.complete.append((self._value(pending.head, pending.buffer), pending.head, None))
                     continue
                 room = len(peer.inbox) - peer.end
-                got = sock.recv_into(peer.inbox_view[peer.end:])
+                got = sock.recv_into(peer.inbox_view[peer.end:], 0, flags)
+                flags = _DONTWAIT
                 if got == 0:
                     middle = peer.begin != peer.end
                     return self._closed(peer, "it closed the connection in the middle of a message" if middle
@@ -333,7 +345,7 @@ class SocketTransport(Transport):
         peer = self._peers[destination]
         if not peer.outgoing:
             try:
-                written = peer.sock.sendmsg(parts)
+                written = peer.sock.sendmsg(parts, [], _DONTWAIT)
             except BlockingIOError:
                 written = 0
             except OSError as error:
@@ -409,7 +421,8 @@ def connect_peers(group: dist.ProcessGroup | None) -> dict[int, socket.socket] |
     listener.close()
     for sock in sockets.values():
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.setblocking(False)
+        sock.setblocking(True)  # calls that must not wait say MSG_DONTWAIT
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", _WAIT_SECONDS, 0))
     return sockets
 
 
