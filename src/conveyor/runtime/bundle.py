@@ -107,8 +107,7 @@ def detached_leaves(value: Any, where: str) -> tuple[Any, list[torch.Tensor]]:
     """``value`` with every tensor detached into a fresh leaf that keeps its requires-grad flag
     (floating point only), and the list of those leaves."""
     structure, tensors = flatten(value, where)
-    leaves = [t.detach().requires_grad_(t.requires_grad) if t.is_floating_point() or t.is_complex()
-              else t.detach() for t in tensors]
+    leaves = [t.detach().requires_grad_() if t.requires_grad else t.detach() for t in tensors]
     return unflatten(structure, leaves), leaves
 
 

@@ -149,7 +149,7 @@ class StageExecutor:
             input_leaves, kwarg_leaves = flatten(args, "stage input")[1], []
         else:
             args, input_leaves = detached_leaves(args, "stage input")
-            kwargs, kwarg_leaves = detached_leaves(kwargs, "stage input")
+            kwargs, kwarg_leaves = detached_leaves(kwargs, "stage input") if kwargs else (kwargs, [])
         stashed = _Stashed(args, kwargs, input_leaves + kwarg_leaves, target=target, weight=weight)
         if self.recompute:
             stashed.rng_state = self._rng_state()
