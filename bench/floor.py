@@ -19,13 +19,13 @@ from __future__ import annotations
 import socket
 import struct
 from collections.abc import Callable
-from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch.autograd.graph import _engine_run_backward
 
+from conveyor.runtime.sockets import connect_peers
 from conveyor.schedule import make_schedule
 from conveyor.schedule.actions import BACKWARD, FORWARD, WEIGHT_GRAD, Action
 
@@ -36,22 +36,13 @@ _ACTIVATION, _GRADIENT = 0, 1
 
 
 def _connect() -> dict[int, socket.socket]:
-    """A connected blocking loopback socket to every other rank (all on this host)."""
-    rank, size = dist.get_rank(), dist.get_world_size()
-    listener = socket.create_server(("127.0.0.1", 0), backlog=size)
-    ports: list[Any] = [None] * size
-    dist.all_gather_object(ports, listener.getsockname()[1])
-    sockets: dict[int, socket.socket] = {}
-    for lower in range(rank):
-        sock = socket.create_connection(("127.0.0.1", ports[lower]))
-        sock.sendall(struct.pack("<i", rank))
-        sockets[lower] = sock
-    for _ in range(size - 1 - rank):
-        sock, _ = listener.accept()
-        sockets[struct.unpack("<i", sock.recv(4, socket.MSG_WAITALL))[0]] = sock
-    listener.close()
+    """A connected blocking loopback socket to every other rank (conveyor's set-up, untimed),
+    with no receive timeout: a read here waits until its bytes come."""
+    sockets = connect_peers(None)
+    if sockets is None:
+        raise RuntimeError("the floor pipeline runs its ranks on one host")
     for sock in sockets.values():
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", 0, 0))
     return sockets
 
 

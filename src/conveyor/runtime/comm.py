@@ -78,15 +78,22 @@ class _Described:
     and a typed view of each tensor's place, so packing a value is one ``copy_`` per tensor.
     """
 
-    __slots__ = ("structure", "specs", "meta", "heads", "spare", "start", "data_bytes", "single", "encodings")
+    __slots__ = ("structure", "specs", "meta", "heads", "spare", "start", "places", "data_bytes", "single",
+                 "encodings")
 
     def __init__(self, structure: Any, specs: list) -> None:
         self.structure, self.specs = structure, specs
         self.meta = pickle.dumps((structure, specs), protocol=pickle.HIGHEST_PROTOCOL)
-        self.heads: dict[tuple[bool, int], torch.Tensor] = {}
+        self.heads: dict[bool, torch.Tensor] = {}
         self.spare: dict[int, list[_Slot]] = {}  # by capacity: inline message buffers not in flight
         self.start = _pad(_PREFIX.size + len(self.meta))  # where the data begins in an inline message
-        self.data_bytes = sum(_pad(_nbytes(shape, dtype)) for shape, dtype, _ in specs)
+        self.places: list[tuple[int, int]] = []  # per tensor: (offset in the data, bytes)
+        offset = 0
+        for shape, dtype, _ in specs:
+            size = _nbytes(shape, dtype)
+            self.places.append((offset, size))
+            offset += _pad(size)
+        self.data_bytes = offset
         self.single = specs[0] if isinstance(structure, Leaf) else None  # a bare tensor's spec
         self.encodings: dict[Any, Any] = {}  # a transport's own encodings of the head, cached
 
@@ -102,26 +109,21 @@ class _Described:
         return (single is not None and isinstance(value, torch.Tensor) and value.shape == single[0]
                 and value.dtype is single[1] and value.requires_grad == single[2])
 
-    def head(self, inline: bool, data_bytes: int) -> torch.Tensor:
-        key = (inline, data_bytes)
-        if key not in self.heads:
-            raw = bytearray(_PREFIX.pack(len(self.meta), int(inline), data_bytes)) + self.meta
-            self.heads[key] = torch.frombuffer(raw, dtype=torch.uint8).clone()
-        return self.heads[key]
+    def head(self, inline: bool) -> torch.Tensor:
+        """:meth:`head_bytes` as a tensor (cached)."""
+        if inline not in self.heads:
+            self.heads[inline] = torch.frombuffer(bytearray(self.head_bytes(inline)), dtype=torch.uint8).clone()
+        return self.heads[inline]
 
-    def slot(self, capacity: int, data_bytes: int) -> _Slot:
+    def slot(self, capacity: int) -> _Slot:
         """A message buffer of ``capacity`` bytes for an inline value, from the spares or new."""
         spare = self.spare.get(capacity)
         if spare:
             return spare.pop()
         message = torch.empty(capacity, dtype=torch.uint8)
-        head = self.head(True, data_bytes)
-        message[:head.numel()].copy_(head)
-        offset, places = _pad(_PREFIX.size + len(self.meta)), []
-        for shape, dtype, _ in self.specs:
-            size = _nbytes(shape, dtype)
-            places.append(message[offset:offset + size].view(dtype).view(shape) if size else None)
-            offset += _pad(size)
+        message[:self.start].copy_(self.head(True))
+        places = [message[self.start + offset:self.start + offset + size].view(dtype).view(shape) if size else None
+                  for (offset, size), (shape, dtype, _) in zip(self.places, self.specs)]
         return _Slot(message, places, self, capacity)
 
 
@@ -169,13 +171,12 @@ def _encode(value: Any, where: str, capacity: int, previous: _Described | None =
                          "merge them into fewer tensors")
     on_cpu = all(t.is_cpu for t in originals)
     if on_cpu and needed <= capacity:
-        slot = described.slot(capacity, data_bytes)
+        slot = described.slot(capacity)
         slot.fill(originals)
         return slot, None, needed, described
     tensors = [t.detach().contiguous() for t in originals]
     message = torch.empty(capacity, dtype=torch.uint8)
-    head = described.head(False, data_bytes)
-    message[:head.numel()].copy_(head)
+    message[:start].copy_(described.head(False))
     if not data_bytes:
         return message, None, needed, described
     data = torch.empty(data_bytes, dtype=torch.uint8, device=tensors[0].device)

@@ -48,7 +48,7 @@ import torch.distributed as dist
 from ..errors import PeerLostError
 from ..schedule.links import Message
 from .bundle import Leaf
-from .comm import DATA_TAG, Transport, _decode_head, _describe, _Described, _nbytes, _pack, _pad, _unpack
+from .comm import DATA_TAG, Transport, _decode_head, _describe, _Described, _pack, _unpack
 
 __all__ = ["SocketTransport", "INLINE_LIMIT", "connect_peers"]
 
@@ -76,13 +76,11 @@ class _Layout:
 
     def __init__(self, described: _Described) -> None:
         self.tensors: list[tuple[int, int, int]] = []  # (index, bytes, padding before them), empty ones left out
-        offset = end = 0
-        for index, (shape, dtype, _) in enumerate(described.specs):
-            size = _nbytes(shape, dtype)
+        end = 0
+        for index, (offset, size) in enumerate(described.places):
             if size:
                 self.tensors.append((index, size, offset - end))
                 end = offset + size
-            offset += _pad(size)
         self.frames = {inline: _FRAME.pack(len(head), end if inline else 0) + head
                        for inline in (True, False) for head in [described.head_bytes(inline)]}
         self.inline = described.data_bytes <= INLINE_LIMIT
