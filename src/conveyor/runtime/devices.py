@@ -72,10 +72,12 @@ def choose_transport(requested: str, backend: str, device: torch.device) -> str:
     return requested
 
 
-def make_transport(requested: str, group: dist.ProcessGroup | None, device: torch.device) -> Transport:
+def make_transport(requested: str, group: dist.ProcessGroup | None, device: torch.device, *,
+                   timeout: float | None = None) -> Transport:
     """The transport for this rank: ``requested`` resolved by :func:`choose_transport`. Sockets
     need every rank of the group to choose them and to run on one host (agreed collectively);
-    otherwise such ranks use the group's own point-to-point ("direct")."""
+    otherwise such ranks use the group's own point-to-point ("direct"). ``timeout`` (seconds)
+    bounds every wait; the transports still take the group's own timeout until they accept it."""
     chosen = choose_transport(requested, dist.get_backend(group), device)
     if dist.get_backend(group) != "nccl":
         everyone: list[Any] = [None] * dist.get_world_size(group)

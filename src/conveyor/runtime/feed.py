@@ -15,9 +15,22 @@ from typing import Any
 
 import torch
 
-from .microbatch import split_batch, split_value
+from .bundle import flatten
+from .microbatch import loss_weights, split_batch, split_value
 
-__all__ = ["StepData", "StreamFeed"]
+__all__ = ["StepData", "StreamFeed", "first_dim"]
+
+
+def first_dim(value: Any) -> int:
+    """The batch size of a target: dim 0 of its first tensor."""
+    tensors = flatten(value, "target")[1]
+    if not tensors or tensors[0].dim() == 0:
+        raise ValueError("the target needs a batch dimension (dim 0) to split into micro-batches")
+    return tensors[0].shape[0]
+
+
+def _to(value: Any, device: torch.device) -> Any:
+    return value.to(device) if isinstance(value, torch.Tensor) else value
 
 
 @dataclass
@@ -30,6 +43,32 @@ class StepData:
     losses: dict[int, torch.Tensor] = field(default_factory=dict)
     outputs: dict[int, Any] = field(default_factory=dict)
     training: bool = True
+
+    @classmethod
+    def cut(cls, inputs: tuple, kwargs: dict, target: Any, n_microbatches: int, *,
+            inputs_to: torch.device | None, targets_to: torch.device | None, loss_weighting: str,
+            ignore_index: int) -> StepData:
+        """One batch cut into micro-batches: the inputs moved to ``inputs_to`` (None: not kept
+        here), the target (None: forward only) to ``targets_to`` with each micro-batch's loss weight."""
+        data = cls(training=target is not None)
+        if inputs_to is not None:
+            moved = tuple(_to(x, inputs_to) for x in inputs)
+            data.microbatches = split_batch(moved, {k: _to(v, inputs_to) for k, v in kwargs.items()}, n_microbatches)
+        if target is not None and targets_to is not None:
+            target = _to(target, targets_to)
+            size = first_dim(target)
+            if size < n_microbatches:
+                raise ValueError(f"the target has {size} rows, fewer than {n_microbatches} micro-batches")
+            data.targets = split_value(target, size, n_microbatches)
+            data.weights = loss_weights(data.targets, loss_weighting, ignore_index)
+        return data
+
+    def loss_sum(self) -> tuple[torch.Tensor, torch.dtype]:
+        """The batch loss, the micro-batch losses weighted and summed in float64, and their dtype."""
+        first = next(iter(self.losses.values()))
+        total = sum((self.losses[i].double() * self.weights[i] for i in sorted(self.losses)),
+                    torch.tensor(0.0, dtype=torch.float64, device=first.device))
+        return total, first.dtype
 
     def inputs(self, microbatch: int) -> tuple[tuple, dict]:
         return self.microbatches[microbatch]

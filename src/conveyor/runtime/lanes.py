@@ -20,9 +20,10 @@ from typing import Any
 
 import torch
 
+from ..schedule.links import Message
 from .bundle import flatten, unflatten
 
-__all__ = ["Lanes"]
+__all__ = ["LaneMailbox", "Lanes"]
 
 
 def _moved(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -91,6 +92,25 @@ class Lanes:
                     if original.device != device:  # a peer copy also runs on the source device's stream
                         original.record_stream(torch.cuda.current_stream(original.device))
         return unflatten(structure, moved)
+
+
+class LaneMailbox:
+    """How values move for the executor of one lane (``executor.Mover``): a value sent is left in
+    a mailbox shared by all lanes with an event after its producer, and taken by its consumer."""
+
+    def __init__(self, lanes: Lanes, lane: int, box: dict[Message, tuple[Any, Any]]) -> None:
+        self.lanes = lanes
+        self.lane = lane
+        self.box = box
+
+    def receive(self, message: Message, source: int) -> Any:
+        return self.lanes.take(*self.box.pop(message), self.lane)
+
+    def deliver_local(self, message: Message, value: Any) -> None:
+        self.box[message] = (value, self.lanes.mark(self.lane))
+
+    def send(self, destination: int, message: Message, value: Any) -> None:
+        self.deliver_local(message, value)
 
 
 def _with_index(device: torch.device | str) -> torch.device:

@@ -70,8 +70,7 @@ class ReplicaGroup:
         if self.size == 1 or not tensors:
             return
         with torch.no_grad():
-            flat = torch.cat([t.detach().reshape(-1).to(torch.float64) if t.is_floating_point() else
-                              t.detach().reshape(-1).double() for t in tensors])
+            flat = torch.cat([t.detach().reshape(-1).double() for t in tensors])
             if self.rank == self.ranks[0]:
                 for work in [self.pg.send([flat], other, _TAG) for other in self.ranks[1:]]:
                     work.wait()

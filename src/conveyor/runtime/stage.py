@@ -3,6 +3,7 @@ re-materialisation with replayed randomness."""
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -15,12 +16,29 @@ from torch.func import functional_call
 from .bundle import detached_leaves, flatten
 from .versions import WeightVersions
 
-__all__ = ["StageExecutor"]
+__all__ = ["ENGINE_SIGNATURE", "StageExecutor", "engine_entry"]
 
-try:  # what torch.autograd.backward calls after checking its arguments (stable since torch 2.3)
-    from torch.autograd.graph import _engine_run_backward
-except ImportError:  # pragma: no cover - a torch without it
-    _engine_run_backward = None
+_P = inspect.Parameter
+# The private entry torch.autograd.backward and .grad call after checking their arguments: a pass-
+# through ``(t_outputs, *args, **kwargs)`` to the engine's run_backward, whose remaining arguments we
+# pass by keyword. Any other signature means the private path changed: use the public functions.
+ENGINE_SIGNATURE = (("t_outputs", _P.POSITIONAL_OR_KEYWORD), ("args", _P.VAR_POSITIONAL),
+                    ("kwargs", _P.VAR_KEYWORD))
+
+
+def engine_entry(candidate: Callable[..., Any] | None) -> Callable[..., Any] | None:
+    """``candidate`` if its parameters are exactly :data:`ENGINE_SIGNATURE` (names, kinds and
+    order), else None (the public autograd functions are used then)."""
+    if candidate is None:
+        return None
+    try:
+        parameters = inspect.signature(candidate).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    return candidate if tuple((p.name, p.kind) for p in parameters) == ENGINE_SIGNATURE else None
+
+
+_engine_run_backward = engine_entry(getattr(torch.autograd.graph, "_engine_run_backward", None))
 
 LossFn = Callable[[Any, Any], torch.Tensor]
 
@@ -43,10 +61,11 @@ class _Stashed:
 def _run_engine(outputs: list[torch.Tensor], grads: list[torch.Tensor] | None, *, inputs: tuple = (),
                 keep_graph: bool = False, accumulate: bool = True) -> tuple:
     """``torch.autograd.backward`` (``accumulate``) or ``torch.autograd.grad`` (not, returning
-    the gradients of ``inputs``, None where unused), calling the engine directly: the public
-    functions' argument checks cost about 200 µs with the cold caches a stage's compute leaves
-    behind (measured on the benchmark VM), on every backward of the critical path. The engine
-    still checks each gradient's shape against its output. ``grads`` None: scalar losses."""
+    the gradients of ``inputs``, None where unused), calling the engine directly where its entry
+    has the expected signature: the public functions' argument checks cost time on every backward
+    of the critical path (docs/architecture.md). Both paths skip unreachable inputs alike (their
+    gradient stays None); the engine still checks each gradient's shape against its output.
+    ``grads`` None: scalar losses."""
     if grads is None:
         grads = [torch.ones_like(output) for output in outputs]
     if _engine_run_backward is None:
@@ -54,8 +73,8 @@ def _run_engine(outputs: list[torch.Tensor], grads: list[torch.Tensor] | None, *
             torch.autograd.backward(outputs, grads, inputs=list(inputs) or None)
             return ()
         return torch.autograd.grad(outputs, inputs, grads, retain_graph=keep_graph, allow_unused=True)
-    return _engine_run_backward(tuple(outputs), tuple(grads), keep_graph, False, tuple(inputs),
-                                allow_unreachable=True, accumulate_grad=accumulate)
+    return _engine_run_backward(tuple(outputs), grad_tensors=tuple(grads), keep_graph=keep_graph, create_graph=False,
+                                inputs=tuple(inputs), allow_unreachable=True, accumulate_grad=accumulate)
 
 
 @contextmanager

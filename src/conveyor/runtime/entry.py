@@ -1,0 +1,186 @@
+"""What PipelineRunner and LocalPipeline share above the executor core: argument checks,
+``step()`` and ``forward()``, gradient clipping, the trace, ``close()``.
+
+A host class provides ``schedule``, ``n_microbatches``, ``loss_fn``, ``loss_weighting``,
+``ignore_index``, its executors (``_executors``), where inputs and targets go
+(``_inputs_to``/``_targets_to``, None where it holds no first/last stage) and a few hooks:
+``_execute`` (run the program), ``_before_step``/``_after_step`` (tied and replicated
+gradients), ``_batch_loss``, ``_counts_in_norm`` and ``_reduce`` (a reduction over every rank
+of the pipeline: an all-reduce, or nothing in one process).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+
+from ..schedule import SCHEDULES, Schedule
+from .executor import Executor, TraceEvent
+from .feed import StepData
+from .microbatch import merge
+from .precision import ScaledStep
+from .stage import LossFn
+from .stage_modules import StageModules
+
+__all__ = ["PipelineEntry", "check_arguments", "check_options"]
+
+LOSS_WEIGHTINGS = ("rows", "tokens")
+_GENERATOR_ARGUMENTS = ("n_ranks", "n_stages", "n_microbatches")
+
+
+def check_arguments(n_microbatches: int, loss_weighting: str) -> None:
+    """The argument checks both entry points make before building anything."""
+    if n_microbatches < 1:
+        raise ValueError(f"n_microbatches must be at least 1, got {n_microbatches}")
+    if loss_weighting not in LOSS_WEIGHTINGS:
+        raise ValueError(f"loss_weighting={loss_weighting!r} is not one of 'rows', 'tokens'")
+
+
+def check_options(owner: type, schedule: str | Schedule, options: Mapping[str, Any]) -> None:
+    """Refuse an option that neither ``owner`` nor the named schedule's generator takes (a
+    misspelt option would otherwise surface as the generator's own TypeError)."""
+    if not options or not isinstance(schedule, str) or schedule not in SCHEDULES:
+        return  # make_schedule names an unknown schedule, and refuses options for a Schedule object
+    takes = [name for name in inspect.signature(SCHEDULES[schedule]).parameters if name not in _GENERATOR_ARGUMENTS]
+    own = [name for name, parameter in inspect.signature(owner.__init__).parameters.items()
+           if parameter.kind is inspect.Parameter.KEYWORD_ONLY]
+    for name in options:
+        if name not in takes:
+            raise TypeError(f"{owner.__name__} got an unexpected option {name!r}; runner options: {', '.join(own)}; "
+                            f"schedule {schedule!r} takes: {', '.join(takes) or 'no options'}")
+
+
+class PipelineEntry(StageModules, ScaledStep):
+    """The public entry points' shared half (see the module docstring for the host's part)."""
+
+    schedule: Schedule
+    n_microbatches: int
+    loss_fn: LossFn | None
+    loss_weighting: str
+    ignore_index: int
+    _executors: list[Executor]
+    _inputs_to: torch.device | None
+    _targets_to: torch.device | None
+    _closed = False
+
+    # --- hooks ---------------------------------------------------------------------------------
+    def _execute(self, data: StepData) -> None:
+        raise NotImplementedError
+
+    def _before_step(self) -> None:
+        """Before a training step's program (tied gradients set aside)."""
+
+    def _after_step(self) -> None:
+        """After a training step's program (tied and replicated gradients combined)."""
+
+    def _batch_loss(self, data: StepData) -> torch.Tensor | None:
+        """The step's return value: the weighted sum of the micro-batch losses held here."""
+        total, dtype = data.loss_sum()
+        return total.to(dtype)
+
+    def _counts_in_norm(self, name: str) -> bool:
+        """Whether this copy of parameter ``name`` is the one counted in the pipeline's norm."""
+        return True
+
+    def _reduce(self, value: torch.Tensor, op: str) -> torch.Tensor:
+        """``value`` reduced (``"sum"`` or ``"max"``) over every process of the pipeline."""
+        return value
+
+    _norm_device = torch.device("cpu")
+
+    # --- shared --------------------------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError(f"this {type(self).__name__} is closed: build a new one to run more steps")
+
+    def _release(self) -> None:
+        """What :meth:`close` frees (the transport)."""
+
+    def close(self) -> None:
+        """Release what the pipeline holds (its connections); later calls raise. Idempotent."""
+        if not self._closed:
+            self._closed = True
+            self._release()
+
+    def __enter__(self) -> Any:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    @property
+    def trace(self) -> list[TraceEvent]:
+        """Every action run here in the last step (or a stream's last ``STREAM_TRACE_LIMIT``), by start."""
+        events = [TraceEvent(executor.rank, *event) for executor in self._executors for event in executor.trace]
+        if len(self._executors) > 1:
+            events.sort(key=lambda event: event.start)
+        return events
+
+    def _prepare(self, inputs: tuple, kwargs: dict, target: Any) -> StepData:
+        return StepData.cut(inputs, kwargs, target, self.n_microbatches, inputs_to=self._inputs_to,
+                            targets_to=self._targets_to, loss_weighting=self.loss_weighting,
+                            ignore_index=self.ignore_index)
+
+    def step(self, *inputs: Any, target: Any = None, **kwargs: Any) -> torch.Tensor | None:
+        """Forward and backward of the whole batch; gradients accumulate in :meth:`parameters`.
+
+        Returns the batch's mean loss where the last stage is held (on its device), None elsewhere.
+        """
+        self._check_open()
+        if self.loss_fn is None:
+            raise ValueError(f"step() trains and needs a loss: pass loss_fn=... to {type(self).__name__} "
+                             "(or call forward() for inference)")
+        if target is None:
+            raise ValueError("loss_fn needs a target: call step(inputs..., target=labels)")
+        if self.schedule.is_streaming:
+            raise ValueError(f"schedule {self.schedule.name!r} updates the weights inside the pipeline: train "
+                             "with runner.stream(batches, optimizer) instead of step()")
+        data = self._prepare(inputs, kwargs, target)
+        self._unscaled = False  # precision.py: this step's gradients are still scaled
+        self._before_step()
+        self._execute(data)
+        self._after_step()
+        return self._batch_loss(data)
+
+    @torch.no_grad()
+    def forward(self, *inputs: Any, **kwargs: Any) -> Any:
+        """Forward-only pipeline (no autograd graph). Returns the merged output of the last stage
+        where it is held, None elsewhere."""
+        self._check_open()
+        if len(self.schedule.replicas[-1]) > 1:
+            raise ValueError("forward() with a replicated last stage is not supported: build an inference "
+                             "runner without replicas on the last stage")
+        data = self._prepare(inputs, kwargs, None)
+        self._execute(data)
+        if self._targets_to is None:
+            return None
+        return merge([data.outputs[i] for i in range(self.n_microbatches)])
+
+    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
+        """Clip every gradient by the norm over all stages of the pipeline (a tied parameter
+        counted once); returns that norm."""
+        self._check_open()
+        grads: list[torch.Tensor] = []
+        counted: list[torch.Tensor] = []
+        seen: set[str] = set()
+        for name, parameter in self.named_parameters():
+            if parameter.grad is None:
+                continue
+            grads.append(parameter.grad)
+            if name not in seen and self._counts_in_norm(name):
+                seen.add(name)
+                counted.append(parameter.grad.detach())
+        device, zero = self._norm_device, torch.tensor(0.0, dtype=torch.float64, device=self._norm_device)
+        if norm_type == float("inf"):
+            norm = self._reduce(max((g.abs().max().to(device, torch.float64) for g in counted), default=zero), "max")
+        else:
+            parts: Iterable[torch.Tensor] = (g.double().abs().pow(norm_type).sum().to(device) for g in counted)
+            norm = self._reduce(sum(parts, zero), "sum") ** (1.0 / norm_type)
+        scale = max_norm / (float(norm) + 1e-6)
+        if scale < 1.0:
+            for grad in grads:
+                grad.mul_(scale)
+        return norm
