@@ -12,17 +12,19 @@ of the pipeline: an all-reduce, or nothing in one process).
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
+import torch.nn as nn
 
+from ..partition.pipe import Pipe, materialize
 from ..schedule import SCHEDULES, Schedule
 from .executor import Executor, TraceEvent
 from .feed import StepData
 from .microbatch import merge
-from .precision import ScaledStep
-from .stage import LossFn
+from .precision import LossScaler, ScaledStep, autocast_for
+from .stage import LossFn, StageExecutor
 from .stage_modules import StageModules
 
 __all__ = ["PipelineEntry", "check_arguments", "check_options"]
@@ -92,6 +94,23 @@ class PipelineEntry(StageModules, ScaledStep):
     _norm_device = torch.device("cpu")
 
     # --- shared --------------------------------------------------------------------------------
+    def _keep(self, pipe: Pipe, n_microbatches: int, loss_fn: LossFn | None, *, loss_weighting: str,
+              ignore_index: int, detect_anomaly: bool, precision: str, recompute: bool) -> None:
+        """Record the options both entry points keep (checked by :func:`check_arguments`)."""
+        self.pipe, self.n_microbatches, self.loss_fn = pipe, n_microbatches, loss_fn
+        self.loss_weighting, self.ignore_index = loss_weighting, ignore_index
+        self.detect_anomaly, self.precision, self.recompute = detect_anomaly, precision, recompute
+        self.scaler: LossScaler | None = LossScaler() if precision == "fp16" else None
+
+    def _make_stage(self, index: int, device: torch.device, init_fn: Callable[[nn.Module], None] | None
+                    ) -> StageExecutor:
+        """Stage ``index`` of the pipe, materialised on ``device``, with the kept options."""
+        module = materialize(self.pipe.stage_module(index), device, init_fn)
+        stage = StageExecutor(index, module, is_first=index == 0, is_last=index == self.pipe.n_stages - 1,
+                              loss_fn=self.loss_fn, recompute=self.recompute, device=device)
+        stage.precision_context = autocast_for(self.precision, device)
+        return stage
+
     def _check_open(self) -> None:
         if self._closed:
             raise RuntimeError(f"this {type(self).__name__} is closed: build a new one to run more steps")

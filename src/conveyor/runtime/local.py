@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..partition.pipe import Pipe, materialize
+from ..partition.pipe import Pipe
 from ..schedule import Schedule, make_schedule
 from ..schedule.links import Message
 from ..schedule.validate import execution_order
@@ -27,7 +27,7 @@ from .executor import Executor
 from .feed import StepData
 from .lanes import LaneMailbox, Lanes
 from .local_ties import LocalTies, separate_shared
-from .precision import LossScaler, autocast_for, check_precision
+from .precision import check_precision
 from .stage import LossFn, StageExecutor
 from .steps import Step, step_of
 
@@ -81,26 +81,14 @@ class LocalPipeline(PipelineEntry):
                              "stages: LocalPipeline runs synchronous schedules without replicas (gpipe, 1f1b, "
                              "interleaved-1f1b, zb-h1, zb-v); use PipelineRunner for the others")
         self.lanes = Lanes(device_list)
-        self.pipe = pipe
-        self.n_microbatches = n_microbatches
-        self.loss_fn = loss_fn
-        self.loss_weighting = loss_weighting
-        self.ignore_index = ignore_index
-        self.detect_anomaly = detect_anomaly
-        self.precision = precision
-        self.scaler: LossScaler | None = LossScaler() if precision == "fp16" else None
+        self._keep(pipe, n_microbatches, loss_fn, loss_weighting=loss_weighting, ignore_index=ignore_index,
+                   detect_anomaly=detect_anomaly, precision=precision, recompute=recompute)
         last = pipe.n_stages - 1
         stage_devices = [self.device_of(i) for i in range(pipe.n_stages)]
         ties = dict(getattr(pipe, "ties", {}) or {})
         ties.update(separate_shared([pipe.stage_module(i) for i in range(pipe.n_stages)], stage_devices))
-        self.stages: list[StageExecutor] = []
-        for index in range(pipe.n_stages):
-            device = stage_devices[index]
-            module = materialize(pipe.stage_module(index), device, init_fn)
-            stage = StageExecutor(index, module, is_first=index == 0, is_last=index == last, loss_fn=loss_fn,
-                                  recompute=recompute, device=device)
-            stage.precision_context = autocast_for(precision, device)
-            self.stages.append(stage)
+        self.stages: list[StageExecutor] = [self._make_stage(index, device, init_fn)
+                                            for index, device in enumerate(stage_devices)]
         self.ties = LocalTies(ties, [s.module for s in self.stages], stage_devices)
         self._inputs_to, self._targets_to = stage_devices[0], stage_devices[last]
         self._mailbox: dict[Message, tuple[Any, Any]] = {}

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from ..partition.pipe import Pipe, materialize
+from ..partition.pipe import Pipe
 from ..schedule import Schedule, make_schedule
 from ..schedule.actions import FORWARD, Action
 from ..schedule.links import incoming, incoming_stream
@@ -18,7 +18,7 @@ from .devices import default_device, make_transport
 from .entry import PipelineEntry, check_arguments, check_options
 from .executor import Executor, TraceEvent
 from .feed import StepData, StreamFeed
-from .precision import LossScaler, autocast_for, check_precision, overflow_in_group
+from .precision import check_precision, overflow_in_group
 from .replicas import ReplicaGroup
 from .stage import LossFn, StageExecutor
 from .steps import step_of, steps_of
@@ -71,26 +71,15 @@ class PipelineRunner(PipelineEntry):
                              "cut across batches, so there is no batch to share tokens over; keep "
                              "loss_weighting='rows' and weight tokens inside loss_fn (e.g. a sum over tokens divided "
                              "by a fixed token count), or train a synchronous schedule with step()")
-        self.n_microbatches = n_microbatches
-        self.loss_fn = loss_fn
-        self.loss_weighting = loss_weighting
-        self.ignore_index = ignore_index
+        check_precision(precision, self.schedule.is_streaming)
+        self._keep(pipe, n_microbatches, loss_fn, loss_weighting=loss_weighting, ignore_index=ignore_index,
+                   detect_anomaly=detect_anomaly, precision=precision, recompute=recompute)
         self.broadcast_loss = broadcast_loss
-        self.detect_anomaly = detect_anomaly
         self.timeout = timeout
         self.device = torch.device(device) if device is not None else default_device(group)
-        self.recompute = recompute
-        self.pipe = pipe
         last = pipe.n_stages - 1
-        self.stages: dict[int, StageExecutor] = {}
-        for index in self.schedule.stages_of(self.rank):
-            module = materialize(pipe.stage_module(index), self.device, init_fn)
-            self.stages[index] = StageExecutor(index, module, is_first=index == 0, is_last=index == last,
-                                               loss_fn=loss_fn, recompute=recompute, device=self.device)
-            self.stages[index].precision_context = autocast_for(check_precision(precision, self.schedule.is_streaming),
-                                                                     self.device)
-        self.precision = precision
-        self.scaler: LossScaler | None = LossScaler() if precision == "fp16" else None
+        self.stages: dict[int, StageExecutor] = {index: self._make_stage(index, self.device, init_fn)
+                                                 for index in self.schedule.stages_of(self.rank)}
         if self.schedule.is_streaming:
             if getattr(pipe, "ties", None):
                 raise ValueError(f"schedule {self.schedule.name!r} updates each stage on its own, so tied weights "
