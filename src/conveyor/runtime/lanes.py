@@ -25,6 +25,8 @@ from .bundle import flatten, unflatten
 
 __all__ = ["LaneMailbox", "Lanes"]
 
+_NOTHING_TO_SWITCH = contextlib.nullcontext()  # reusable: a CPU lane has no stream to enter
+
 
 def _moved(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     """``tensor`` detached on ``device``, a leaf with the same requires-grad flag."""
@@ -44,14 +46,15 @@ class Lanes:
     def __len__(self) -> int:
         return len(self.devices)
 
-    @contextlib.contextmanager
-    def on(self, lane: int) -> Iterator[None]:
+    def on(self, lane: int) -> contextlib.AbstractContextManager[Any]:
         """Run the body on ``lane``'s device stream (nothing to switch on CPU)."""
         stream = self.streams[lane]
-        if stream is None:
-            yield
-            return
-        with torch.cuda.device(self.devices[lane]), torch.cuda.stream(stream):
+        return _NOTHING_TO_SWITCH if stream is None else self._switched(self.devices[lane], stream)
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _switched(device: torch.device, stream: torch.cuda.Stream) -> Iterator[None]:
+        with torch.cuda.device(device), torch.cuda.stream(stream):
             yield
 
     def begin(self) -> None:
