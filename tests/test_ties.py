@@ -56,6 +56,17 @@ def test_global_gradient_norm_counts_a_tied_weight_once(pipelined: list[dict], r
     assert all(torch.allclose(r["norm"], reference["norm"], rtol=1e-9) for r in pipelined)
 
 
+def test_clipping_scales_every_copy_of_a_tied_gradient_like_the_unsplit_model() -> None:
+    model = TiedLM()
+    generator = torch.Generator().manual_seed(0)
+    ids, target = torch.randint(0, 11, (4, 5), generator=generator), torch.randint(0, 11, (4, 5), generator=generator)
+    token_loss(model(ids), target).backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 0.01)
+    clipped = conveyor.launch(workers.tied_clipped, 3, args=(0.01,), timeout=60)
+    for rank in (0, 2):
+        assert torch.allclose(clipped[rank], model.embed.weight.grad, atol=1e-10, rtol=0)
+
+
 def test_tied_copies_of_a_meta_model_start_equal_after_materialising() -> None:
     copies = conveyor.launch(workers.tied_meta_copies, 3, timeout=60)
     assert copies[0].numel() > 0 and torch.isfinite(copies[0]).all()

@@ -159,6 +159,19 @@ def tied_training(rank: int, world_size: int, steps: int) -> dict:
             "norm": runner.clip_grad_norm_(1e9)}
 
 
+def tied_clipped(rank: int, world_size: int, max_norm: float) -> torch.Tensor | None:
+    """One step of the tied model, clipped: this rank's gradient of embed.weight (ranks 0 and 2 hold it)."""
+    from models import TiedLM, tied_pipe, token_loss
+
+    runner = conveyor.PipelineRunner(tied_pipe(TiedLM()), schedule="1f1b", n_microbatches=2, loss_fn=token_loss)
+    generator = torch.Generator().manual_seed(0)
+    ids, target = torch.randint(0, 11, (4, 5), generator=generator), torch.randint(0, 11, (4, 5), generator=generator)
+    runner.step(ids, target=target)
+    runner.clip_grad_norm_(max_norm)
+    grads = {name: parameter.grad for name, parameter in runner.named_parameters()}
+    return grads["embed.weight"].clone() if "embed.weight" in grads else None
+
+
 def schedule_matrix(rank: int, world_size: int, configs: list[tuple]) -> dict:
     """configs: (model name, schedule, ranks, stages, micro-batches, recompute); only the ranks a
     configuration needs run it, on a group of the first `ranks` ranks."""
