@@ -1,9 +1,9 @@
 """What PipelineRunner and LocalPipeline share above the executor core: argument checks,
 ``step()`` and ``forward()``, gradient clipping, the trace, ``close()``.
 
-A host class provides ``schedule``, ``n_microbatches``, ``loss_fn``, ``loss_weighting``,
-``ignore_index``, its executors (``_executors``), where inputs and targets go
-(``_inputs_to``/``_targets_to``, None where it holds no first/last stage) and a few hooks:
+A host class calls :meth:`PipelineEntry._keep` and sets ``schedule``, its executors
+(``_executors``), where inputs and targets go (``_inputs_to``/``_targets_to``, None where it
+holds no first/last stage) and overrides a few hooks:
 ``_execute`` (run the program), ``_before_step``/``_after_step`` (tied and replicated
 gradients), ``_batch_loss``, ``_counts_in_norm`` and ``_reduce`` (a reduction over every rank
 of the pipeline: an all-reduce, or nothing in one process).
@@ -66,6 +66,7 @@ class PipelineEntry(StageModules, ScaledStep):
     _executors: list[Executor]
     _inputs_to: torch.device | None
     _targets_to: torch.device | None
+    _norm_device = torch.device("cpu")  # where the norm's partial sums meet (the reduction's device)
     _closed = False
 
     # --- hooks ---------------------------------------------------------------------------------
@@ -90,8 +91,6 @@ class PipelineEntry(StageModules, ScaledStep):
     def _reduce(self, value: torch.Tensor, op: str) -> torch.Tensor:
         """``value`` reduced (``"sum"`` or ``"max"``) over every process of the pipeline."""
         return value
-
-    _norm_device = torch.device("cpu")
 
     # --- shared --------------------------------------------------------------------------------
     def _keep(self, pipe: Pipe, n_microbatches: int, loss_fn: LossFn | None, *, loss_weighting: str,
