@@ -86,7 +86,7 @@ def test_a_host_staged_rank_talks_to_a_direct_rank() -> None:
 
 def test_an_auto_cpu_rank_beside_a_host_staged_rank_uses_gloo_not_sockets() -> None:
     per_rank = conveyor.launch(workers.host_staged, 2, args=("1f1b", 1, ["host-staged", "auto"]), timeout=120)
-    assert [result["transport"] for result in per_rank] == ["HostStagedTransport", "Transport"]
+    assert [result["transport"] for result in per_rank] == ["HostStagedTransport", "DirectTransport"]
     _assert_equal_to_reference(per_rank)
 
 
