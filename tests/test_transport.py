@@ -122,3 +122,34 @@ def test_closing_transports_releases_their_sockets_and_threads(kind: str, name: 
     for result in conveyor.launch(build_and_close, 2, args=(100, kind), timeout=120):
         assert result["names"] == {name}
         assert result["after"] == result["before"], "(file descriptors, threads) grew"
+
+
+def silent_peer(rank: int, world_size: int, kind: str, timeout: float) -> dict:
+    """Rank 1 waits for a message rank 0 never sends (rank 0 stays alive meanwhile)."""
+    import time
+
+    from conveyor.runtime.devices import make_transport
+    from conveyor.schedule.links import ACTIVATION, Message
+
+    transport = make_transport(kind, None, torch.device("cpu"), timeout=timeout)
+    if rank == 0:
+        time.sleep(timeout + 4)
+        transport.close()
+        return {}
+    message = Message(ACTIVATION, 0, 0)
+    transport.expect({0: [message]})
+    started = time.monotonic()
+    try:
+        transport.receive(message, 0)
+    except conveyor.PeerLostError as error:
+        return {"error": str(error), "seconds": time.monotonic() - started}
+    finally:
+        transport.close()
+    return {"error": None}
+
+
+@pytest.mark.parametrize("kind", ["direct", "sockets"])
+def test_a_receive_from_a_silent_peer_ends_at_the_transports_timeout(kind: str) -> None:
+    result = conveyor.launch(silent_peer, 2, args=(kind, 1.5), timeout=60)[1]
+    assert result["error"] is not None and "from rank 0 failed" in result["error"]
+    assert 1.0 < result["seconds"] < 4.5
