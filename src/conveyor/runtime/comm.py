@@ -36,7 +36,7 @@ import torch.distributed as dist
 from ..errors import PeerLostError
 from ..schedule.links import Message
 from .codec import Described, MessageError, Slot, decode_head, encode, unpack
-from .transport import Transport, local_value
+from .transport import InOrderTransport
 
 __all__ = ["DirectTransport", "MIN_CAPACITY", "DATA_TAG"]
 
@@ -182,7 +182,7 @@ class _InFlight:
             self.slot = None
 
 
-class DirectTransport(Transport):
+class DirectTransport(InOrderTransport):
     """Sends and receives boundary values for one rank of a pipeline group over the group's own
     point-to-point operations; every wait is bounded by ``timeout`` seconds."""
 
@@ -238,28 +238,9 @@ class DirectTransport(Transport):
             self._inbound_links[source] = _Capacities(self.capacities, self.lag)
         return self._inbound_links[source]
 
-    def receive(self, message: Message, source: int) -> Any:
-        """The value of ``message`` from rank ``source``, waiting for it if it has not arrived."""
-        if message in self._arrived:
-            return self._arrived.pop(message)
-        while True:
-            arrived, value = self._next(source)
-            if arrived == message:
-                return value
-            self._arrived[arrived] = value
-
     def _next(self, source: int) -> tuple[Message, Any]:
         """The next message from ``source`` in link order, waiting for it."""
         return self._inbound[source].next()
-
-    def has_arrived(self, message: Message) -> bool:
-        """Whether ``message`` is already in the mailbox (receiving it will not wait)."""
-        return message in self._arrived
-
-    def deliver_local(self, message: Message, value: Any) -> None:
-        """Hand a value to a stage on this same rank (detached: like a received value, a leaf of
-        its own for the consuming stage)."""
-        self._arrived[message] = local_value(message, value)
 
     # --- sending ---------------------------------------------------------------------------
     def send(self, destination: int, message: Message, value: Any) -> None:

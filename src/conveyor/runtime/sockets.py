@@ -61,7 +61,7 @@ from ..schedule.links import Message
 from .bundle import Leaf
 from .codec import Described, MessageError, decode_head, describe, pack, unpack
 from .comm import DATA_TAG
-from .transport import Transport, local_value
+from .transport import InOrderTransport
 
 __all__ = ["SocketTransport", "INLINE_LIMIT", "connect_peers", "join_mesh"]
 
@@ -146,7 +146,7 @@ class _Peer:
                 outgoing.popleft()
 
 
-class SocketTransport(Transport):
+class SocketTransport(InOrderTransport):
     """The :class:`~conveyor.runtime.transport.Transport` interface over one socket per pair of
     ranks (``sockets``, from :func:`connect_peers`); every wait is bounded by ``timeout`` seconds."""
 
@@ -184,20 +184,6 @@ class SocketTransport(Transport):
         """Name the messages each peer will send, in order (``incoming[source]``, may be lazy)."""
         self._arrived = {}
         self._messages = {source: iter(messages) for source, messages in incoming.items()}
-
-    def receive(self, message: Message, source: int) -> Any:
-        """The value of ``message`` from rank ``source``, waiting for it if it has not arrived."""
-        if message in self._arrived:
-            return self._arrived.pop(message)
-        while True:
-            arrived, value = self._next(source)
-            if arrived == message:
-                return value
-            self._arrived[arrived] = value
-
-    def deliver_local(self, message: Message, value: Any) -> None:
-        """Hand a value to a stage on this same rank (detached leaves, as if received)."""
-        self._arrived[message] = local_value(message, value)
 
     def _next(self, source: int) -> tuple[Message, Any]:
         """The next message from ``source`` in link order, waiting for it."""

@@ -6,6 +6,8 @@ point-to-point: gloo or NCCL), :class:`~conveyor.runtime.staged.HostStagedTransp
 values through pinned host memory over gloo) and :class:`~conveyor.runtime.sockets.SocketTransport`
 (a loopback socket per pair of CPU ranks on one host). All three put the same bytes on the
 wire for a value (:mod:`.codec`). Every wait of a transport is bounded by its ``timeout``.
+:class:`InOrderTransport` holds what the direct and socket transports share: receiving each
+link's messages in order, with a mailbox for those that arrive early.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import torch.distributed as dist
 from ..schedule.links import Message
 from .bundle import detached_leaves
 
-__all__ = ["Transport", "local_value"]
+__all__ = ["Transport", "InOrderTransport", "local_value"]
 
 
 class Transport(ABC):
@@ -79,6 +81,37 @@ class Transport(ABC):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class InOrderTransport(Transport):
+    """A transport that takes each inbound link's messages strictly in order (:meth:`_next`),
+    keeping those that arrive before their stage asks for them in a mailbox, where values for
+    stages on this rank also go."""
+
+    _arrived: dict[Message, Any]
+
+    @abstractmethod
+    def _next(self, source: int) -> tuple[Message, Any]:
+        """The next message from ``source`` in link order and its value, waiting for it."""
+
+    def receive(self, message: Message, source: int) -> Any:
+        """The value of ``message`` from rank ``source``, waiting for it if it has not arrived."""
+        if message in self._arrived:
+            return self._arrived.pop(message)
+        while True:
+            arrived, value = self._next(source)
+            if arrived == message:
+                return value
+            self._arrived[arrived] = value
+
+    def has_arrived(self, message: Message) -> bool:
+        """Whether ``message`` is already in the mailbox (receiving it will not wait)."""
+        return message in self._arrived
+
+    def deliver_local(self, message: Message, value: Any) -> None:
+        """Hand a value to a stage on this same rank (detached: like a received value, a leaf of
+        its own for the consuming stage)."""
+        self._arrived[message] = local_value(message, value)
 
 
 def local_value(message: Message, value: Any) -> Any:
