@@ -348,3 +348,10 @@ def test_a_receive_from_a_silent_peer_ends_at_the_timeout(one_rank_group: None) 
     assert time.monotonic() - started < 3
     receiver.close()
     ours.close()
+
+
+def test_a_value_too_intricate_to_describe_is_refused_by_the_sender(socket_pair: Any) -> None:
+    sender, _ = socket_pair
+    sender.expect({})
+    with pytest.raises(ValueError, match="too many tensors"):
+        sender.send(1, Message(ACTIVATION, 0, 0), [torch.zeros(1)] * 5000)

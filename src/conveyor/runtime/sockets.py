@@ -357,6 +357,9 @@ class SocketTransport(InOrderTransport):
         self._described[key] = described
         layout = described.encodings.get("socket")
         if layout is None:
+            if _FRAME.size + described.start > INBOX_BYTES:
+                raise ValueError(f"stage {message.stage} {message.kind} has too many tensors ({len(described.specs)}) "
+                                 f"to describe in {INBOX_BYTES} bytes; merge them into fewer tensors")
             layout = described.encodings["socket"] = _Layout(described)
         if layout.inline and (tensors[0].is_cpu if len(tensors) == 1 else all(t.is_cpu for t in tensors)):
             parts: list[Any] = [layout.frames[True]]  # the tensors' own bytes, padded to the layout's offsets
