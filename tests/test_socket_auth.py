@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 import conveyor
 from conveyor.errors import PeerLostError
-from conveyor.runtime.sockets import _connect, join_mesh
+from conveyor.runtime.socket_mesh import _connect, join_mesh
 
 SECRET = os.urandom(32)
 
@@ -184,11 +184,11 @@ def test_the_handshake_never_sends_the_secret() -> None:
 def stranger_first(rank: int, world_size: int) -> float:
     """Rank 0's listener gets a connection with a wrong secret before rank 1's; the transport is
     built and a value crosses it."""
-    from conveyor.runtime import sockets
+    from conveyor.runtime import socket_mesh
     from conveyor.runtime.devices import make_transport
     from conveyor.schedule.links import ACTIVATION, Message
 
-    real_join = sockets.join_mesh
+    real_join = socket_mesh.join_mesh
 
     def join_after_a_stranger(me: int, ports: list[int], secret: bytes, listener: socket.socket,
                               timeout: float) -> dict:
@@ -199,7 +199,7 @@ def stranger_first(rank: int, world_size: int) -> float:
             time.sleep(0.5)
         return real_join(me, ports, secret, listener, timeout)
 
-    sockets.join_mesh = join_after_a_stranger
+    socket_mesh.join_mesh = join_after_a_stranger
     transport = make_transport("sockets", None, torch.device("cpu"), timeout=20)
     message = Message(ACTIVATION, 0, 0)
     if rank == 0:

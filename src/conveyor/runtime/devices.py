@@ -101,7 +101,8 @@ def make_transport(requested: str, group: dist.ProcessGroup | None, device: torc
         everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
         dist.all_gather(everyone, mine, group=group)
         if chosen == "sockets" and all(_CHOICES[int(choice)] == "sockets" for choice in everyone):
-            from .sockets import SocketTransport, connect_peers  # only here: it needs POSIX sockets
+            from .socket_mesh import connect_peers  # only here: the socket transport needs POSIX sockets
+            from .sockets import SocketTransport
 
             sockets = connect_peers(group, timeout=timeout)
             if sockets is not None:
