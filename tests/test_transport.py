@@ -81,3 +81,75 @@ def test_values_of_every_layout_arrive_intact(kind: str) -> None:
     assert len(received) == len(expected)
     for index, (got, want) in enumerate(zip(received, expected)):
         assert _same(got, want), f"value {index} arrived changed"
+
+
+def build_and_close(rank: int, world_size: int, count: int, kind: str) -> dict:
+    """Build ``count`` transports of ``kind``, one message through each, and close them; this
+    process's open file descriptors and threads before and after."""
+    import os
+    import threading
+
+    from conveyor.runtime.devices import make_transport
+    from conveyor.schedule.links import ACTIVATION, Message
+
+    def census() -> tuple[int, int]:
+        return len(os.listdir("/proc/self/fd")), threading.active_count()
+
+    kept = []  # held, so nothing is released by garbage collection: only close() may free them
+
+    def one() -> str:
+        transport = make_transport(kind, None, torch.device("cpu"), timeout=30)
+        message = Message(ACTIVATION, 0, 0)
+        transport.expect({0: [message]} if rank == 1 else {})
+        if rank == 0:
+            transport.send(1, message, torch.ones(3))
+        else:
+            assert torch.equal(transport.receive(message, 0), torch.ones(3))
+        transport.finish()
+        transport.close()
+        transport.close()  # closing twice is harmless
+        kept.append(transport)
+        return type(transport).__name__
+
+    one()  # the process group's own connections open on first use, and stay
+    before = census()
+    names = {one() for _ in range(count)}
+    return {"before": before, "after": census(), "names": names}
+
+
+@pytest.mark.parametrize(("kind", "name"), [("sockets", "SocketTransport"), ("direct", "DirectTransport")])
+def test_closing_transports_releases_their_sockets_and_threads(kind: str, name: str) -> None:
+    for result in conveyor.launch(build_and_close, 2, args=(100, kind), timeout=120):
+        assert result["names"] == {name}
+        assert result["after"] == result["before"], "(file descriptors, threads) grew"
+
+
+def silent_peer(rank: int, world_size: int, kind: str, timeout: float) -> dict:
+    """Rank 1 waits for a message rank 0 never sends (rank 0 stays alive meanwhile)."""
+    import time
+
+    from conveyor.runtime.devices import make_transport
+    from conveyor.schedule.links import ACTIVATION, Message
+
+    transport = make_transport(kind, None, torch.device("cpu"), timeout=timeout)
+    if rank == 0:
+        time.sleep(timeout + 4)
+        transport.close()
+        return {}
+    message = Message(ACTIVATION, 0, 0)
+    transport.expect({0: [message]})
+    started = time.monotonic()
+    try:
+        transport.receive(message, 0)
+    except conveyor.PeerLostError as error:
+        return {"error": str(error), "seconds": time.monotonic() - started}
+    finally:
+        transport.close()
+    return {"error": None}
+
+
+@pytest.mark.parametrize("kind", ["direct", "sockets"])
+def test_a_receive_from_a_silent_peer_ends_at_the_transports_timeout(kind: str) -> None:
+    result = conveyor.launch(silent_peer, 2, args=(kind, 1.5), timeout=60)[1]
+    assert result["error"] is not None and "from rank 0 failed" in result["error"]
+    assert 1.0 < result["seconds"] < 4.5

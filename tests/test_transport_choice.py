@@ -3,6 +3,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -86,7 +90,7 @@ def test_a_host_staged_rank_talks_to_a_direct_rank() -> None:
 
 def test_an_auto_cpu_rank_beside_a_host_staged_rank_uses_gloo_not_sockets() -> None:
     per_rank = conveyor.launch(workers.host_staged, 2, args=("1f1b", 1, ["host-staged", "auto"]), timeout=120)
-    assert [result["transport"] for result in per_rank] == ["HostStagedTransport", "Transport"]
+    assert [result["transport"] for result in per_rank] == ["HostStagedTransport", "DirectTransport"]
     _assert_equal_to_reference(per_rank)
 
 
@@ -94,3 +98,27 @@ def test_auto_cpu_ranks_on_one_host_use_sockets() -> None:
     per_rank = conveyor.launch(workers.host_staged, 2, args=("1f1b", 0, ["auto", "auto"]), timeout=120)
     assert [result["transport"] for result in per_rank] == ["SocketTransport"] * 2
     _assert_equal_to_reference(per_rank)
+
+
+def test_without_the_socket_transports_platform_constants_conveyor_imports_and_auto_picks_gloo() -> None:
+    # as on Windows: no socket.MSG_DONTWAIT, no select.POLLIN (nor poll)
+    script = (
+        "import select, socket, sys\n"
+        "del socket.MSG_DONTWAIT, select.POLLIN, select.poll\n"
+        "import torch, conveyor\n"
+        "from conveyor.runtime.devices import choose_transport\n"
+        "assert 'conveyor.runtime.sockets' not in sys.modules\n"
+        "print(choose_transport('auto', 'gloo', torch.device('cpu')))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["direct"]
+
+
+def test_asking_for_sockets_where_the_platform_lacks_them_names_the_fix(monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+
+    monkeypatch.delattr(socket, "MSG_DONTWAIT", raising=False)
+    with pytest.raises(ValueError, match="this platform lacks: use 'auto' or 'direct'"):
+        choose_transport("sockets", "gloo", CPU)

@@ -72,6 +72,7 @@ def _worker(rank: int, world_size: int, port: int, backend: str, threads: int | 
     _die_with_parent()
     if sys.platform.startswith("linux"):
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    os.environ["CONVEYOR_TIMEOUT"] = str(pg_timeout)  # the runners' default timeout (runner.py)
     if threads is not None:
         torch.set_num_threads(threads)
     message: tuple

@@ -1,8 +1,9 @@
-"""Point-to-point transport: each boundary value travels as one message, in program order.
+"""The direct transport: each boundary value travels as one message over the process group's own
+point-to-point (gloo for CPU tensors, NCCL for CUDA ones), in program order.
 
-A message is a byte buffer: a prefix (metadata length, an inline flag, the data size), the
-pickled metadata (the value's structure and each tensor's shape, dtype and requires-grad flag),
-then the tensors packed at 16-byte offsets. Its size, the *capacity*, is agreed without asking:
+A message is a byte buffer in :mod:`.codec`'s layout: a prefix, the value's metadata (its
+structure and each tensor's shape, dtype and requires-grad flag; an explicit encoding, never
+pickle), then the tensors packed at 16-byte offsets. Its size, the *capacity*, is agreed without asking:
 both ends derive it from the earlier messages of the same key (peer, kind, producing stage) on
 the link, up to two positions back (one on NCCL), rounded up to 4 KiB. When a value outgrows the
 capacity the message carries only the metadata and the data follows as a second transfer (its
@@ -15,21 +16,18 @@ per link: the next, and the one after it, posted while the rank waits anyway, so
 off the path from a message's arrival to the stage's compute. Values that arrive before their
 stage asks for them wait in a mailbox. Inline messages on CPU reuse their link's buffers once
 sent. Everything runs on the calling thread: gloo cannot poll a pending receive, and a receiving
-thread fights the compute thread for the GIL (we measured several hundred microseconds a message
-that way).
+thread fights the compute thread for the GIL (measured slower; docs/architecture.md).
 
-Why so frugal: after a stage's compute the interpreter and torch run with cold caches (on the
-2-core benchmark VM a torch call costs about 20 µs for a while after 10 ms of other work, 1 µs
-warm), so each call between a message's arrival and the compute, or the compute and the send,
-lengthens every hop of the pipeline.
+Why so frugal: after a stage's compute the interpreter and torch run with cold caches, so each
+call between a message's arrival and the compute, or the compute and the send, lengthens every
+hop of the pipeline (docs/architecture.md, "The floor").
 """
 
 from __future__ import annotations
 
-import pickle
-import struct
 from collections import deque
 from collections.abc import Iterable
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -37,186 +35,19 @@ import torch.distributed as dist
 
 from ..errors import PeerLostError
 from ..schedule.links import Message
-from .bundle import Leaf, detached_leaves, flatten, unflatten
+from .codec import Described, MessageError, Slot, decode_head, encode, unpack
+from .transport import InOrderTransport
 
-__all__ = ["Transport", "MIN_CAPACITY"]
+__all__ = ["DirectTransport", "MIN_CAPACITY", "DATA_TAG"]
 
 MIN_CAPACITY = 4096
 DATA_TAG = 2  # gloo: data too large to travel inline (tag 1 carries replicas' gradient sums)
-_ALIGN = 16
-_PREFIX = struct.Struct("<qqq")  # metadata length, 1 if the data is inline, data bytes
 
 Key = tuple[int, str, int]  # (peer rank in the group, message kind, producing stage)
 
 
-def _pad(n: int) -> int:
-    return (n + _ALIGN - 1) // _ALIGN * _ALIGN
-
-
 def _capacity(needed: int) -> int:
     return max(MIN_CAPACITY, (needed + MIN_CAPACITY - 1) // MIN_CAPACITY * MIN_CAPACITY)
-
-
-def _nbytes(shape: tuple, dtype: torch.dtype) -> int:
-    return int(torch.Size(shape).numel()) * dtype.itemsize
-
-
-def _pack(tensors: list[torch.Tensor], into: torch.Tensor) -> None:
-    offset = 0
-    for tensor in tensors:
-        size = tensor.numel() * tensor.element_size()
-        if size:
-            into[offset:offset + size].copy_(tensor.reshape(-1).view(torch.uint8))
-        offset += _pad(size)
-
-
-class _Described:
-    """A sent value's metadata and the message head built from it, reused while a link keeps
-    sending values of the same structure, shapes and dtypes (pickling it costs tens of µs).
-
-    It also keeps the link's spare message buffers for such values: the head already written
-    and a typed view of each tensor's place, so packing a value is one ``copy_`` per tensor.
-    """
-
-    __slots__ = ("structure", "specs", "meta", "heads", "spare", "start", "places", "data_bytes", "single",
-                 "encodings")
-
-    def __init__(self, structure: Any, specs: list) -> None:
-        self.structure, self.specs = structure, specs
-        self.meta = pickle.dumps((structure, specs), protocol=pickle.HIGHEST_PROTOCOL)
-        self.heads: dict[bool, torch.Tensor] = {}
-        self.spare: dict[int, list[_Slot]] = {}  # by capacity: inline message buffers not in flight
-        self.start = _pad(_PREFIX.size + len(self.meta))  # where the data begins in an inline message
-        self.places: list[tuple[int, int]] = []  # per tensor: (offset in the data, bytes)
-        offset = 0
-        for shape, dtype, _ in specs:
-            size = _nbytes(shape, dtype)
-            self.places.append((offset, size))
-            offset += _pad(size)
-        self.data_bytes = offset
-        self.single = specs[0] if isinstance(structure, Leaf) else None  # a bare tensor's spec
-        self.encodings: dict[Any, Any] = {}  # a transport's own encodings of the head, cached
-
-    def head_bytes(self, inline: bool) -> bytes:
-        """The message head (prefix, metadata, padding up to the data) as bytes."""
-        raw = _PREFIX.pack(len(self.meta), int(inline), self.data_bytes) + self.meta
-        return raw + bytes(self.start - len(raw))
-
-    def describes(self, value: Any) -> bool:
-        """Whether ``value`` is a bare tensor described by this (the common case, decided
-        without flattening)."""
-        single = self.single
-        return (single is not None and isinstance(value, torch.Tensor) and value.shape == single[0]
-                and value.dtype is single[1] and value.requires_grad == single[2])
-
-    def head(self, inline: bool) -> torch.Tensor:
-        """:meth:`head_bytes` as a tensor (cached)."""
-        if inline not in self.heads:
-            self.heads[inline] = torch.frombuffer(bytearray(self.head_bytes(inline)), dtype=torch.uint8).clone()
-        return self.heads[inline]
-
-    def slot(self, capacity: int) -> _Slot:
-        """A message buffer of ``capacity`` bytes for an inline value, from the spares or new."""
-        spare = self.spare.get(capacity)
-        if spare:
-            return spare.pop()
-        message = torch.empty(capacity, dtype=torch.uint8)
-        message[:self.start].copy_(self.head(True))
-        places = [message[self.start + offset:self.start + offset + size].view(dtype).view(shape) if size else None
-                  for (offset, size), (shape, dtype, _) in zip(self.places, self.specs)]
-        return _Slot(message, places, self, capacity)
-
-
-class _Slot:
-    """One reusable inline message buffer and the typed places of its tensors."""
-
-    __slots__ = ("message", "places", "owner", "capacity")
-
-    def __init__(self, message: torch.Tensor, places: list[torch.Tensor | None], owner: _Described,
-                 capacity: int) -> None:
-        self.message, self.places, self.owner, self.capacity = message, places, owner, capacity
-
-    def fill(self, tensors: list[torch.Tensor]) -> torch.Tensor:
-        for place, tensor in zip(self.places, tensors):
-            if place is not None:
-                place.copy_(tensor.detach() if tensor.requires_grad else tensor)
-        return self.message
-
-    def release(self) -> None:
-        """The send completed: the buffer may carry the link's next value."""
-        self.owner.spare.setdefault(self.capacity, []).append(self)
-
-
-def _describe(value: Any, where: str, previous: _Described | None = None) -> tuple[_Described, list[torch.Tensor]]:
-    """``value``'s description (``previous`` when it describes the value the same way) and its
-    tensors."""
-    if previous is not None and previous.describes(value):
-        return previous, [value]
-    structure, originals = flatten(value, where)
-    specs = [(tuple(t.shape), t.dtype, t.requires_grad) for t in originals]
-    same = previous is not None and previous.specs == specs and previous.structure == structure
-    return (previous if same and previous is not None else _Described(structure, specs)), originals
-
-
-def _encode(value: Any, where: str, capacity: int, previous: _Described | None = None
-            ) -> tuple[torch.Tensor | _Slot, torch.Tensor | None, int, _Described]:
-    """(message of ``capacity`` bytes, separate data buffer or None, bytes the value needs, its
-    description, reusing ``previous`` when the value is described the same way). An inline
-    value on CPU comes as a filled :class:`_Slot` (release it when its send completes)."""
-    described, originals = _describe(value, where, previous)
-    start, data_bytes = described.start, described.data_bytes
-    needed = start + data_bytes
-    if start > capacity:
-        raise ValueError(f"{where} has too many tensors ({len(originals)}) to describe in {capacity} bytes; "
-                         "merge them into fewer tensors")
-    on_cpu = all(t.is_cpu for t in originals)
-    if on_cpu and needed <= capacity:
-        slot = described.slot(capacity)
-        slot.fill(originals)
-        return slot, None, needed, described
-    tensors = [t.detach().contiguous() for t in originals]
-    message = torch.empty(capacity, dtype=torch.uint8)
-    message[:start].copy_(described.head(False))
-    if not data_bytes:
-        return message, None, needed, described
-    data = torch.empty(data_bytes, dtype=torch.uint8, device=tensors[0].device)
-    _pack(tensors, data)
-    return message, data, needed, described
-
-
-def _decode_head(raw: Any, known: dict[bytes, tuple[Any, list]] | None = None, offset: int = 0
-                 ) -> tuple[Any, list, bool, int, int]:
-    """(structure, specs, inline?, data bytes, bytes the value needed from the head on) of the
-    message head at ``offset`` of the buffer ``raw``; ``known`` caches unpickled metadata by its bytes."""
-    length, inline, data_bytes = _PREFIX.unpack_from(raw, offset)
-    meta = bytes(raw[offset + _PREFIX.size:offset + _PREFIX.size + length])
-    if known is not None and meta in known:
-        structure, specs = known[meta]
-    else:
-        structure, specs = pickle.loads(meta)
-        if known is not None:
-            if len(known) > 64:
-                known.clear()
-            known[meta] = (structure, specs)
-    start = _pad(_PREFIX.size + length)
-    return structure, specs, bool(inline), data_bytes, start + data_bytes
-
-
-def _unpack(structure: Any, specs: list, data: torch.Tensor | None, device: torch.device) -> Any:
-    tensors, offset = [], 0
-    for shape, dtype, requires_grad in specs:
-        size = _nbytes(shape, dtype)
-        if size == 0 or data is None:
-            tensor = torch.empty(shape, dtype=dtype, device=device)
-        else:
-            tensor = data[offset:offset + size].view(dtype).view(shape)
-            if tensor.device != device:
-                tensor = tensor.to(device)
-        offset += _pad(size)
-        if requires_grad and tensor.is_floating_point():
-            tensor.requires_grad_(True)
-        tensors.append(tensor)
-    return unflatten(structure, tensors)
 
 
 class _Capacities:
@@ -265,7 +96,7 @@ class _Inbound:
     to travel inline follows its message with its own tag.
     """
 
-    def __init__(self, transport: Transport, source: int, messages: Iterable[Message],
+    def __init__(self, transport: DirectTransport, source: int, messages: Iterable[Message],
                  capacities: _Capacities) -> None:
         self.transport = transport
         self.source = source
@@ -293,7 +124,7 @@ class _Inbound:
 
     def _wait(self, work: Any, message: Message) -> None:
         try:
-            work.wait()  # bounded by the process group's timeout; wait(timeout) spins in gloo
+            _wait_for(work, self.transport.wait_limit)
         except RuntimeError as error:
             raise PeerLostError(
                 f"receiving {message.kind} of stage {message.stage} from rank {self.source} failed: {error}",
@@ -308,10 +139,13 @@ class _Inbound:
             self._post(self.transport.lag)  # about to wait anyway
         self._wait(head.work, head.message)
         self.posted.popleft()
-        structure, specs, inline, data_bytes, needed = _decode_head(head.buffer.cpu().numpy(),  # NCCL: waits
+        structure, specs, inline, data_bytes, needed, _ = decode_head(head.buffer.cpu().numpy(),  # NCCL: waits
                                                                     self.transport.known_meta)
         self.capacities.learn(head.position, self._key(head.message), needed)
         data: torch.Tensor | None = None
+        if inline and needed > head.buffer.numel():
+            raise MessageError(f"a message from rank {self.source} announces {needed} bytes in a "
+                               f"{head.buffer.numel()}-byte buffer")
         if inline:
             data = head.buffer[needed - data_bytes:needed]
         elif data_bytes:
@@ -321,7 +155,14 @@ class _Inbound:
                 [data], self.source, self.transport.data_tag)
             self._wait(data_work, head.message)
         self._post(1)
-        return head.message, _unpack(structure, specs, data, self.transport.device)
+        return head.message, unpack(structure, specs, data, self.transport.device)
+
+
+def _wait_for(work: Any, limit: timedelta | None) -> None:
+    if limit is None:
+        work.wait()
+    else:
+        work.wait(limit)
 
 
 class _InFlight:
@@ -329,7 +170,7 @@ class _InFlight:
 
     __slots__ = ("works", "buffers", "slot")
 
-    def __init__(self, works: list[Any], buffers: list[Any], slot: _Slot | None) -> None:
+    def __init__(self, works: list[Any], buffers: list[Any], slot: Slot | None) -> None:
         self.works, self.buffers, self.slot = works, buffers, slot
 
     def completed(self) -> bool:
@@ -341,20 +182,27 @@ class _InFlight:
             self.slot = None
 
 
-class Transport:
-    """Sends and receives boundary values for one rank of a pipeline group."""
+class DirectTransport(InOrderTransport):
+    """Sends and receives boundary values for one rank of a pipeline group over the group's own
+    point-to-point operations; every wait is bounded by ``timeout`` seconds."""
 
-    def __init__(self, group: dist.ProcessGroup | None, device: torch.device) -> None:
+    def __init__(self, group: dist.ProcessGroup | None, device: torch.device, *, timeout: float = 300.0,
+                 pin_memory: bool = False) -> None:
         self.group = group
         self.pg: dist.ProcessGroup = group if group is not None else dist.group.WORLD
         self.rank = dist.get_rank(group)
         self.device = device
-        self.pin_memory = False  # receive into pinned host memory (host-staged transport, staged.py)
+        self.timeout = float(timeout)
+        limit = timedelta(seconds=self.timeout)
+        # gloo's wait takes the limit; NCCL's wait(limit) would block the host until the GPU is done
+        # (instead of ordering the stream), so there NCCL's watchdog bounds it by the group's timeout
+        self.wait_limit = limit if dist.get_backend(group) != "nccl" else None
+        self.pin_memory = pin_memory  # receive into pinned host memory (the host-staged transport)
         self.wire_device = device if dist.get_backend(group) == "nccl" else torch.device("cpu")  # headers
         # NCCL runs a pair's operations in order on one stream: messages to lower ranks get their
         # own communicators, so an early receive never waits in front of a send (docs/gpu.md)
         self._downward = self.pg if self.wire_device.type == "cpu" else dist.new_group(
-            dist.get_process_group_ranks(self.pg), use_local_synchronization=True)
+            dist.get_process_group_ranks(self.pg), timeout=limit, use_local_synchronization=True)
         # receives posted ahead per link (gloo); NCCL keeps one, and with it the tag-free order
         self.lag = 2 if self.wire_device.type == "cpu" else 1
         self.data_tag = DATA_TAG if self.lag > 1 else 0
@@ -362,13 +210,14 @@ class Transport:
         self._send_capacities: dict[Key, int] = {}
         self._inbound_links: dict[int, _Capacities] = {}
         self._outbound_links: dict[int, _Capacities] = {}
-        self._described: dict[Key, _Described] = {}  # outbound, the previous value's metadata
-        self.known_meta: dict[bytes, tuple[Any, list]] = {}  # inbound, unpickled metadata
+        self._described: dict[Key, Described] = {}  # outbound, the previous value's metadata
+        self.known_meta: dict[bytes, tuple[Any, list, int, int]] = {}  # inbound, decoded metadata by its bytes
         self._arrived: dict[Message, Any] = {}
         self._inbound: dict[int, _Inbound] = {}
         self._pending_sends: list[_InFlight] = []
         self.bytes_sent = 0
         self.transfers = 0
+        self.closed = False
 
     def link_pg(self, sender: int, receiver: int) -> dist.ProcessGroup:
         """The process group carrying messages from ``sender`` to ``receiver`` (group ranks)."""
@@ -389,24 +238,9 @@ class Transport:
             self._inbound_links[source] = _Capacities(self.capacities, self.lag)
         return self._inbound_links[source]
 
-    def receive(self, message: Message, source: int) -> Any:
-        """The value of ``message`` from rank ``source``, waiting for it if it has not arrived."""
-        if message in self._arrived:
-            return self._arrived.pop(message)
-        while True:
-            arrived, value = self._next(source)
-            if arrived == message:
-                return value
-            self._arrived[arrived] = value
-
     def _next(self, source: int) -> tuple[Message, Any]:
         """The next message from ``source`` in link order, waiting for it."""
         return self._inbound[source].next()
-
-    def deliver_local(self, message: Message, value: Any) -> None:
-        """Hand a value to a stage on this same rank (detached: like a received value, a leaf of
-        its own for the consuming stage)."""
-        self._arrived[message] = detached_leaves(value, f"stage {message.stage} {message.kind}")[0]
 
     # --- sending ---------------------------------------------------------------------------
     def send(self, destination: int, message: Message, value: Any) -> None:
@@ -416,10 +250,10 @@ class Transport:
             self._outbound_links[destination] = _Capacities(self._send_capacities, self.lag)
         link = self._outbound_links[destination]
         position, capacity = link.next(key)
-        encoded, data, needed, self._described[key] = _encode(value, f"stage {message.stage} {message.kind}",
+        encoded, data, needed, self._described[key] = encode(value, f"stage {message.stage} {message.kind}",
                                                               capacity, self._described.get(key))
         link.learn(position, key, needed)
-        slot, buffer = (encoded, encoded.message) if isinstance(encoded, _Slot) else (None, encoded)
+        slot, buffer = (encoded, encoded.message) if isinstance(encoded, Slot) else (None, encoded)
         if self.wire_device.type == "cuda":  # NCCL: a pinned copy, so the host does not wait for the GPU
             buffer = buffer.pin_memory().to(self.wire_device, non_blocking=True)
         pg = self.link_pg(self.rank, destination)
@@ -439,9 +273,25 @@ class Transport:
         """Wait for this step's sends to complete."""
         for sent in self._pending_sends:
             for work in sent.works:
-                work.wait()
+                try:
+                    _wait_for(work, self.wait_limit)
+                except RuntimeError as error:
+                    raise PeerLostError(f"a send did not complete (limit {self.timeout:.0f} s): {error}",
+                                        rank=self.rank) from None
             sent.done()
         self._pending_sends.clear()
         for link in self._outbound_links.values():
             link.settle()
         self._inbound = {}
+
+    def close(self) -> None:
+        """Drop this rank's buffers and destroy the group this transport created for NCCL's
+        downward messages; idempotent."""
+        if self.closed:
+            return
+        self.closed = True
+        self._inbound, self._arrived, self._pending_sends = {}, {}, []
+        self._described.clear()
+        if self._downward is not self.pg:
+            dist.destroy_process_group(self._downward)
+            self._downward = self.pg

@@ -11,25 +11,32 @@ CUDA tensors); ``"sockets"`` joins each pair of CPU ranks on one host by a loopb
 written and read by the calling thread (sockets.py: no gloo call per message, the large data of
 a value excepted). ``"auto"`` picks direct for NCCL, host-staged for CUDA stages on a gloo
 group, and sockets for CPU stages when every rank of the group chose them and runs on this host
-(else direct). Both ends of a gloo link see the same bytes either way, so a host-staged GPU rank
-and a direct CPU rank talk to each other unchanged.
+(else direct; also where the platform lacks what the socket transport needs, e.g. Windows: the
+socket transport is imported only when chosen). Both ends of a gloo link see the same bytes
+either way, so a host-staged GPU rank and a direct CPU rank talk to each other unchanged.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any
+import select
+import socket
 
 import torch
 import torch.distributed as dist
 
-from .comm import Transport
-from .sockets import SocketTransport, connect_peers
+from .comm import DirectTransport
 from .staged import HostStagedTransport
+from .transport import Transport
 
-__all__ = ["TRANSPORTS", "default_device", "choose_transport", "local_rank", "make_transport"]
+__all__ = ["TRANSPORTS", "default_device", "choose_transport", "local_rank", "make_transport", "sockets_supported"]
 
 TRANSPORTS = ("auto", "direct", "host-staged", "sockets")
+
+
+def sockets_supported() -> bool:
+    """Whether this platform has what the socket transport uses (non-blocking flags, poll)."""
+    return hasattr(socket, "MSG_DONTWAIT") and hasattr(select, "poll") and hasattr(select, "POLLIN")
 
 
 def local_rank(group: dist.ProcessGroup | None = None) -> int:
@@ -56,10 +63,15 @@ def choose_transport(requested: str, backend: str, device: torch.device) -> str:
     if requested == "auto":
         if backend == "nccl":
             return "direct"
-        return "host-staged" if device.type == "cuda" else "sockets"
+        if device.type == "cuda":
+            return "host-staged"
+        return "sockets" if sockets_supported() else "direct"
     if requested == "sockets" and (backend == "nccl" or device.type != "cpu"):
         raise ValueError("transport='sockets' carries CPU tensors between ranks of a gloo group: use 'auto' "
                          "(or 'host-staged' for CUDA stages over gloo)")
+    if requested == "sockets" and not sockets_supported():
+        raise ValueError("transport='sockets' needs socket.MSG_DONTWAIT and select.poll, which this platform "
+                         "lacks: use 'auto' or 'direct'")
     if backend == "nccl" and device.type != "cuda":
         raise ValueError(f"an NCCL group carries only CUDA tensors, but this rank's stages are on {device}: "
                          "pass device='cuda' or launch with backend='gloo'")
@@ -72,22 +84,31 @@ def choose_transport(requested: str, backend: str, device: torch.device) -> str:
     return requested
 
 
+_CHOICES = ("direct", "host-staged", "sockets")
+
+
 def make_transport(requested: str, group: dist.ProcessGroup | None, device: torch.device, *,
-                   timeout: float | None = None) -> Transport:
-    """The transport for this rank: ``requested`` resolved by :func:`choose_transport`. Sockets
-    need every rank of the group to choose them and to run on one host (agreed collectively);
-    otherwise such ranks use the group's own point-to-point ("direct"). ``timeout`` (seconds)
-    bounds every wait; the transports still take the group's own timeout until they accept it."""
+                   timeout: float = 300.0) -> Transport:
+    """The transport for this rank: ``requested`` resolved by :func:`choose_transport`, every
+    wait bounded by ``timeout`` seconds. Sockets need every rank of the group to choose them and
+    to run on one host (agreed collectively); otherwise such ranks use the group's own
+    point-to-point ("direct")."""
+    if timeout <= 0:
+        raise ValueError(f"timeout must be a positive number of seconds, got {timeout}")
     chosen = choose_transport(requested, dist.get_backend(group), device)
     if dist.get_backend(group) != "nccl":
-        everyone: list[Any] = [None] * dist.get_world_size(group)
-        dist.all_gather_object(everyone, chosen, group=group)
-        if chosen == "sockets" and all(choice == "sockets" for choice in everyone):
-            sockets = connect_peers(group)
+        mine = torch.tensor([_CHOICES.index(chosen)], dtype=torch.int64)
+        everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(everyone, mine, group=group)
+        if chosen == "sockets" and all(_CHOICES[int(choice)] == "sockets" for choice in everyone):
+            from .socket_mesh import connect_peers  # only here: the socket transport needs POSIX sockets
+            from .sockets import SocketTransport
+
+            sockets = connect_peers(group, timeout=timeout)
             if sockets is not None:
-                return SocketTransport(group, device, sockets)
+                return SocketTransport(group, device, sockets, timeout=timeout)
         if chosen == "sockets":
             chosen = "direct"
     if chosen == "host-staged":
-        return HostStagedTransport(group, device)
-    return Transport(group, device)
+        return HostStagedTransport(group, device, timeout=timeout)
+    return DirectTransport(group, device, timeout=timeout)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import os
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -25,6 +26,9 @@ from .steps import step_of, steps_of
 from .ties import TiedGradients
 from .versions import WeightVersions
 
+TIMEOUT_VARIABLE = "CONVEYOR_TIMEOUT"  # set by conveyor.launch to its pg_timeout
+DEFAULT_TIMEOUT = 300.0
+
 __all__ = ["PipelineRunner", "TraceEvent", "STREAM_TRACE_LIMIT"]
 
 STREAM_TRACE_LIMIT = 100_000  # a stream's trace keeps its last this many actions
@@ -40,8 +44,9 @@ class PipelineRunner(PipelineEntry):
     differ from ``ignore_index`` (for token-averaged losses), ``"rows"`` (default) by rows.
     ``broadcast_loss=True`` returns the loss on every rank. ``detect_anomaly=True`` stops the
     step at the first NaN or infinity in a loss, a boundary gradient or a parameter gradient,
-    naming the stage and micro-batch. ``timeout`` (seconds, default 300) bounds every wait for a
-    peer. :meth:`close` (or leaving a ``with PipelineRunner(...) as runner:`` block) releases
+    naming the stage and micro-batch. ``timeout`` (seconds) bounds every wait for a peer; by default
+    the job's ``launch(pg_timeout=...)`` under :func:`conveyor.launch` (``CONVEYOR_TIMEOUT``
+    in the environment), else 300. :meth:`close` (or leaving a ``with PipelineRunner(...) as runner:`` block) releases
     the connections.
     """
 
@@ -51,12 +56,14 @@ class PipelineRunner(PipelineEntry):
                  replicas: list[int] | None = None, loss_weighting: str = "rows", ignore_index: int = -100,
                  broadcast_loss: bool = False, detect_anomaly: bool = False,
                  init_fn: Callable[[nn.Module], None] | None = None, precision: str = "fp32",
-                 transport: str = "auto", timeout: float = 300.0, **schedule_options: Any) -> None:
+                 transport: str = "auto", timeout: float | None = None, **schedule_options: Any) -> None:
         if not dist.is_initialized():
             raise RuntimeError("PipelineRunner needs a process group: run inside conveyor.launch(...), "
                                "conveyor.run(...) under torchrun, or call torch.distributed.init_process_group")
         check_arguments(n_microbatches, loss_weighting)
         check_options(PipelineRunner, schedule, schedule_options)
+        if timeout is None:
+            timeout = float(os.environ.get(TIMEOUT_VARIABLE, DEFAULT_TIMEOUT))
         if not timeout > 0:
             raise ValueError(f"timeout must be a positive number of seconds, got {timeout}")
         self.group = group

@@ -3,30 +3,31 @@ one host.
 
 Why: gloo hands each send and receive to its own loop thread and wakes the caller through a
 condition variable; on a small machine those threads compete with the stages for the cores,
-and with cold caches each gloo call costs a few hundred µs. Here one socket joins each pair of
-ranks, written and read by the calling thread without blocking::
+and with cold caches each gloo call is slow. Here one socket joins each pair of ranks, written
+and read by the calling thread without blocking::
 
     rank a  --send: length + message, written at once (queued if the socket is full)-->  rank b
             <--------- the reverse direction on the same socket --------------------------
 
-A message is a 16-byte frame (head bytes, data bytes), the head of :mod:`.comm`'s layout
-(prefix, pickled metadata) and the tensors' bytes at 16-byte offsets. A send writes the
-tensors straight from their memory (``sendmsg`` gathers frame, head and data; no copy, no
-torch call); only what the socket does not take at once is copied and queued. A read takes in
-whatever the socket holds (usually whole messages) into the peer's 64 KiB inbox; a bare
-tensor's data is copied from there into a tensor of its shape (one ``torch.empty``), and a
-message too large for the inbox is read straight into its own buffer. A rank waiting for a
-message makes one read that sleeps in the kernel until bytes come (the sockets block; every
-other call passes ``MSG_DONTWAIT``); while bytes of its own wait to go out it instead polls
-every socket, reads what is ready and writes what fits, so no pair can block the other.
-Values larger than ``INLINE_LIMIT`` send only their metadata here and their data over the
-process group (gloo, its own tag), received the moment the metadata is read; kernel socket
-buffers (4 MiB and more on Linux loopback) then usually absorb what is written, so a send
-does not wait for its receiver.
+A message is a 16-byte frame (head bytes, data bytes), the head of :mod:`.codec`'s layout
+(prefix, metadata: an explicit encoding, never pickle) and the tensors' bytes at 16-byte
+offsets. A send writes the tensors straight from their memory (``sendmsg`` gathers frame, head
+and data; no copy, no torch call); only what the socket does not take at once is copied and
+queued. A read takes in whatever the socket holds (usually whole messages) into the peer's
+64 KiB inbox; a bare tensor's data is copied from there into a tensor of its shape (one
+``torch.empty``), and a message too large for the inbox is read straight into its own buffer.
+A rank waiting for a message makes one read that sleeps in the kernel until bytes come (the
+sockets block, up to a second per read; every other call passes ``MSG_DONTWAIT``); while bytes
+of its own wait to go out it instead polls every socket, reads what is ready and writes what
+fits, so no pair can block the other. Values larger than ``INLINE_LIMIT`` send only their
+metadata here and their data over the process group (gloo, its own tag), received the moment
+the metadata is read.
 
-Received values own their memory. A peer that closes its socket or dies ends the wait with
-:class:`~conveyor.errors.PeerLostError` at once; a peer that stops sending is bounded by the
-process group's timeout.
+Set-up: :mod:`.socket_mesh` (authenticated connections, bounded by the timeout).
+
+Received values own their memory. A peer that closes its socket, dies or sends bytes that are
+not a message ends the wait with :class:`~conveyor.errors.PeerLostError` at once; a peer that
+stops sending is bounded by the transport's ``timeout``.
 """
 
 from __future__ import annotations
@@ -48,7 +49,10 @@ import torch.distributed as dist
 from ..errors import PeerLostError
 from ..schedule.links import Message
 from .bundle import Leaf
-from .comm import DATA_TAG, Transport, _decode_head, _describe, _Described, _pack, _unpack
+from .codec import Described, MessageError, decode_head, describe, pack, unpack
+from .comm import DATA_TAG
+from .socket_mesh import connect_peers
+from .transport import InOrderTransport
 
 __all__ = ["SocketTransport", "INLINE_LIMIT", "connect_peers"]
 
@@ -59,7 +63,7 @@ _GATHER = 32  # buffers per sendmsg call
 _ZEROS = bytes(16)  # padding between tensors
 _EVENTS_READ = select.POLLIN | select.POLLHUP | select.POLLERR
 _DONTWAIT = socket.MSG_DONTWAIT  # the sockets block; every call but a waiting read asks them not to
-_WAIT_SECONDS = 1  # a waiting read returns after this long (SO_RCVTIMEO), to check the deadline
+_WAIT_SECONDS = 1.0  # a waiting read returns after at most this long (SO_RCVTIMEO), to check the deadline
 
 
 def _memory(tensor: torch.Tensor, size: int) -> Any:
@@ -74,7 +78,7 @@ class _Layout:
 
     __slots__ = ("frames", "tensors", "inline", "message_bytes")
 
-    def __init__(self, described: _Described) -> None:
+    def __init__(self, described: Described) -> None:
         self.tensors: list[tuple[int, int, int]] = []  # (index, bytes, padding before them), empty ones left out
         end = 0
         for index, (offset, size) in enumerate(described.places):
@@ -133,22 +137,38 @@ class _Peer:
                 outgoing.popleft()
 
 
-class SocketTransport(Transport):
-    """The :class:`~conveyor.runtime.comm.Transport` interface over one socket per pair of ranks."""
+class SocketTransport(InOrderTransport):
+    """The :class:`~conveyor.runtime.transport.Transport` interface over one socket per pair of
+    ranks (``sockets``, from :func:`connect_peers`); every wait is bounded by ``timeout`` seconds."""
 
     def __init__(self, group: dist.ProcessGroup | None, device: torch.device,
-                 sockets: dict[int, socket.socket]) -> None:
-        super().__init__(group, device)
+                 sockets: dict[int, socket.socket], *, timeout: float = 300.0) -> None:
+        self.group = group
+        self.pg: dist.ProcessGroup = group if group is not None else dist.group.WORLD
+        self.rank = dist.get_rank(group)
+        self.device = device
+        self.timeout = float(timeout)
+        self._wait_limit = timedelta(seconds=self.timeout)
         self.data_tag = DATA_TAG
+        wait = max(0.001, min(_WAIT_SECONDS, self.timeout))
+        receive_limit = struct.pack("ll", int(wait), int(round((wait - int(wait)) * 1_000_000)))
+        for sock in sockets.values():
+            sock.setblocking(True)  # calls that must not wait say MSG_DONTWAIT
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, receive_limit)
         self._peers = {rank: _Peer(rank, sock) for rank, sock in sockets.items()}
         self._by_descriptor = {peer.sock.fileno(): peer for peer in self._peers.values()}
-        self._timeout = _group_timeout(self.pg)
         self._poller = select.poll()  # every open peer, for reading
         for peer in self._peers.values():
             self._poller.register(peer.sock, select.POLLIN)
         self._messages: dict[int, Iterator[Message]] = {}
         self._data_works: list[tuple[Any, torch.Tensor]] = []
+        self._described: dict[tuple[int, str, int], Described] = {}  # outbound, the previous value's metadata
+        self.known_meta: dict[bytes, tuple[Any, list, int, int]] = {}  # inbound, decoded metadata by its bytes
+        self._arrived: dict[Message, Any] = {}
+        self.bytes_sent = 0
+        self.transfers = 0
         self.queued_sends = 0  # sends that did not fit the socket at once (for tests and tuning)
+        self.closed = False
 
     # --- receiving ---------------------------------------------------------------------------
     def expect(self, incoming: dict[int, Iterable[Message]]) -> None:
@@ -168,10 +188,10 @@ class SocketTransport(Transport):
         if data_work is not None:
             work, data = data_work
             try:
-                work.wait()
+                work.wait(self._wait_limit)
             except RuntimeError as error:
                 raise self._lost(source, message, f"its data transfer failed: {error}") from None
-            value = _unpack(head[0], head[1], data, self.device)
+            value = unpack(head[0], head[1], data, self.device)
         return message, value
 
     def _progress(self, wanted: _Peer, message: Message) -> None:
@@ -180,13 +200,13 @@ class SocketTransport(Transport):
         or, while bytes of ours wait to go out, whatever sockets ``poll`` reports ready."""
         if not wanted.closed:
             self._read(wanted)
-        deadline = time.monotonic() + self._timeout
+        deadline = time.monotonic() + self.timeout
         while not wanted.complete:
             if wanted.closed:
                 raise self._lost(wanted.rank, message, wanted.closed)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise self._lost(wanted.rank, message, f"nothing arrived in {self._timeout:.0f} s")
+                raise self._lost(wanted.rank, message, f"nothing arrived in {self.timeout:g} s")
             if any(peer.outgoing for peer in self._peers.values()):
                 self._wait_ready(remaining, message)
             else:
@@ -248,12 +268,15 @@ class SocketTransport(Transport):
                     return  # the socket is drained: no further call just to hear it would block
         except BlockingIOError:
             return
+        except MessageError as error:
+            self._closed(peer, f"it sent bytes that are not a conveyor message ({error})")
         except OSError as error:
             self._closed(peer, f"the connection failed: {error}")
 
     def _closed(self, peer: _Peer, why: str) -> None:
-        peer.closed = why
-        self._poller.unregister(peer.sock)
+        if not peer.closed:
+            peer.closed = why
+            self._poller.unregister(peer.sock)
 
     def _take_messages(self, peer: _Peer) -> None:
         """Turn the complete messages at the front of ``peer``'s inbox into values; start reading
@@ -262,12 +285,16 @@ class SocketTransport(Transport):
         while peer.end - peer.begin >= _FRAME.size:
             head_bytes, data_bytes = _FRAME.unpack_from(inbox, peer.begin)
             body = peer.begin + _FRAME.size
+            if head_bytes < 0 or data_bytes < 0 or data_bytes > INLINE_LIMIT:
+                raise MessageError(f"a frame announces {head_bytes} head and {data_bytes} data bytes")
             if body + head_bytes > peer.end:
                 if _FRAME.size + head_bytes > len(inbox):
-                    raise ValueError(f"a message head of {head_bytes} bytes from rank {peer.rank} does not fit "
-                                     f"the {len(inbox)}-byte inbox: send fewer tensors per boundary value")
+                    raise MessageError(f"a message head of {head_bytes} bytes does not fit the {len(inbox)}-byte "
+                                       "inbox (a sender sends fewer tensors per boundary value)")
                 break
-            head = _decode_head(inbox, self.known_meta, body)
+            head = decode_head(inbox, self.known_meta, body, body + head_bytes)
+            if head[4] - head[3] != head_bytes or data_bytes != (head[5] if head[2] else 0):
+                raise MessageError(f"a frame ({head_bytes} head, {data_bytes} data bytes) disagrees with its head")
             data_at = body + head_bytes
             available = peer.end - data_at
             if not head[2]:  # its data comes over gloo: post that receive now
@@ -301,7 +328,7 @@ class SocketTransport(Transport):
         """The received value: a bare tensor is its buffer, anything else is unpacked from it."""
         structure, specs = head[0], head[1]
         if not isinstance(structure, Leaf):
-            return _unpack(structure, specs, buffer, self.device)
+            return unpack(structure, specs, buffer, self.device)
         if specs[0][2] and buffer.is_floating_point():
             buffer.requires_grad_(True)
         return buffer
@@ -317,10 +344,13 @@ class SocketTransport(Transport):
         """Write ``value`` to ``destination``'s socket now, straight from the tensors' memory; what
         does not fit is copied, queued and written at later transport calls."""
         key = (destination, message.kind, message.stage)
-        described, tensors = _describe(value, f"stage {message.stage} {message.kind}", self._described.get(key))
+        described, tensors = describe(value, f"stage {message.stage} {message.kind}", self._described.get(key))
         self._described[key] = described
         layout = described.encodings.get("socket")
         if layout is None:
+            if _FRAME.size + described.start > INBOX_BYTES:
+                raise ValueError(f"stage {message.stage} {message.kind} has too many tensors ({len(described.specs)}) "
+                                 f"to describe in {INBOX_BYTES} bytes; merge them into fewer tensors")
             layout = described.encodings["socket"] = _Layout(described)
         if layout.inline and (tensors[0].is_cpu if len(tensors) == 1 else all(t.is_cpu for t in tensors)):
             parts: list[Any] = [layout.frames[True]]  # the tensors' own bytes, padded to the layout's offsets
@@ -335,7 +365,7 @@ class SocketTransport(Transport):
         else:
             parts = [layout.frames[False]]
             data = torch.empty(described.data_bytes, dtype=torch.uint8, device=tensors[0].device)
-            _pack([t.detach().contiguous() for t in tensors], data)
+            pack([t.detach().contiguous() for t in tensors], data)
             self._data_works.append((self.pg.send([data], destination, self.data_tag), data))
             self.bytes_sent += len(parts[0]) + data.numel()
             self.transfers += 1
@@ -370,78 +400,37 @@ class SocketTransport(Transport):
 
     def finish(self) -> None:
         """Wait until every queued byte is written and every data transfer has completed."""
-        deadline = time.monotonic() + self._timeout
+        deadline = time.monotonic() + self.timeout
         while True:
             self.flush()
             stuck = [peer for peer in self._peers.values() if peer.outgoing]
             if not stuck:
                 break
             if time.monotonic() > deadline:
-                raise PeerLostError(f"rank {stuck[0].rank} read nothing for {self._timeout:.0f} s", rank=self.rank)
+                raise PeerLostError(f"rank {stuck[0].rank} read nothing for {self.timeout:.0f} s", rank=self.rank)
             self._wait_ready(1.0, None)  # readable sockets wake it too: a writer may wait on us
         for work, _ in self._data_works:
-            work.wait()
+            try:
+                work.wait(self._wait_limit)
+            except RuntimeError as error:
+                raise PeerLostError(f"a data transfer did not complete (limit {self.timeout:.0f} s): {error}",
+                                    rank=self.rank) from None
         self._data_works.clear()
 
     def close(self) -> None:
+        """Close every socket (peers see the connection end); idempotent."""
+        if self.closed:
+            return
+        self.closed = True
         for peer in self._peers.values():
+            if not peer.closed:
+                peer.closed = "this rank closed its transport"
+                self._poller.unregister(peer.sock)
             peer.sock.close()
-
-
-def _group_timeout(pg: dist.ProcessGroup) -> float:
-    try:
-        return pg._get_backend(torch.device("cpu")).options._timeout.total_seconds()
-    except Exception:  # noqa: BLE001 - a private attribute that may move between torch versions
-        return float(timedelta(minutes=30).total_seconds())
-
-
-def connect_peers(group: dist.ProcessGroup | None) -> dict[int, socket.socket] | None:
-    """One connected, non-blocking loopback socket per other rank of ``group`` (group ranks), or
-    None on every rank when the ranks do not all run on this host. Collective over ``group``."""
-    rank, size = dist.get_rank(group), dist.get_world_size(group)
-    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(size)
-    mine = (_this_host(), listener.getsockname()[1])
-    everyone: list[Any] = [None] * size
-    dist.all_gather_object(everyone, mine, group=group)
-    if len({host for host, _ in everyone}) != 1:
-        listener.close()
-        return None
-    sockets: dict[int, socket.socket] = {}
-    for lower in range(rank):  # connect to every lower rank, say who we are
-        sock = socket.create_connection(("127.0.0.1", everyone[lower][1]))
-        sock.sendall(struct.pack("<q", rank))
-        sockets[lower] = sock
-    for _ in range(size - 1 - rank):  # and accept every higher one
-        sock, _ = listener.accept()
-        sockets[_read_rank(sock)] = sock
-    listener.close()
-    for sock in sockets.values():
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.setblocking(True)  # calls that must not wait say MSG_DONTWAIT
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", _WAIT_SECONDS, 0))
-    return sockets
-
-
-def _this_host() -> tuple[str, str]:
-    """This machine: its name and its boot id (two machines may share a name, not a boot id)."""
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as file:
-            boot = file.read().strip()
-    except OSError:
-        boot = ""
-    return socket.gethostname(), boot
-
-
-def _read_rank(sock: socket.socket) -> int:
-    raw = b""
-    while len(raw) < 8:
-        chunk = sock.recv(8 - len(raw))
-        if not chunk:
-            raise ConnectionError("a peer closed its connection before saying its rank")
-        raw += chunk
-    return struct.unpack("<q", raw)[0]
+            peer.outgoing.clear()
+            peer.complete.clear()
+        self._data_works.clear()
+        self._arrived = {}
 
 
 def _buffer(head: tuple, size: int) -> torch.Tensor:

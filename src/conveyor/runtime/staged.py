@@ -1,8 +1,8 @@
 """Host-staged transport: CUDA boundary values travel through pinned host memory over gloo.
 
 Used where NCCL cannot be: several ranks sharing one GPU (NCCL refuses them), or a GPU rank
-talking to a CPU rank. On the wire it is the plain :class:`~conveyor.runtime.comm.Transport`
-with CPU tensors, so a host-staged rank and a CPU rank interoperate.
+talking to a CPU rank. On the wire it is a :class:`~conveyor.runtime.comm.DirectTransport` over
+gloo with CPU tensors (held, not inherited), so a host-staged rank and a CPU rank interoperate.
 
 Sending ``value`` (device to host)::
 
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections import deque
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -32,7 +33,8 @@ import torch.distributed as dist
 
 from ..schedule.links import Message
 from .bundle import flatten, unflatten
-from .comm import Transport
+from .comm import DirectTransport
+from .transport import Transport
 
 __all__ = ["Stager", "CudaStager", "CpuStager", "HostStagedTransport"]
 
@@ -133,17 +135,31 @@ class CpuStager(Stager):
 
 
 class HostStagedTransport(Transport):
-    """A :class:`Transport` whose values are staged through host memory on both ends."""
+    """A :class:`~conveyor.runtime.transport.Transport` whose values are staged through host
+    memory on both ends and travel over gloo (a :class:`DirectTransport` on the CPU)."""
 
-    def __init__(self, group: dist.ProcessGroup | None, device: torch.device, stager: Stager | None = None) -> None:
-        super().__init__(group, torch.device("cpu"))
+    def __init__(self, group: dist.ProcessGroup | None, device: torch.device, stager: Stager | None = None, *,
+                 timeout: float = 300.0) -> None:
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
         self.compute_device = device
+        # gloo receives into pinned buffers when the values go on to a GPU
+        self.wire = DirectTransport(group, torch.device("cpu"), timeout=timeout, pin_memory=device.type == "cuda")
+        self.rank, self.pg, self.device, self.timeout = self.wire.rank, self.wire.pg, self.wire.device, timeout
         self.stager = stager or (CudaStager(device) if device.type == "cuda" else CpuStager())
-        self.pin_memory = device.type == "cuda"  # gloo receives into pinned buffers
         self._staging: deque[tuple[int, Message, Any, list[torch.Tensor], Any]] = deque()
         self.deferred = 0  # sends that were not ready at the first poll (for tests and tuning)
+
+    @property
+    def bytes_sent(self) -> int:  # type: ignore[override]
+        return self.wire.bytes_sent
+
+    @property
+    def transfers(self) -> int:  # type: ignore[override]
+        return self.wire.transfers
+
+    def expect(self, incoming: dict[int, Iterable[Message]]) -> None:
+        self.wire.expect(incoming)
 
     def send(self, destination: int, message: Message, value: Any) -> None:
         """Start the copy to host now; post the gloo send once the copy has finished."""
@@ -165,13 +181,16 @@ class HostStagedTransport(Transport):
             elif not self.stager.ready(ticket):
                 return False
             self._staging.popleft()
-            super().send(destination, message, unflatten(structure, host))
+            self.wire.send(destination, message, unflatten(structure, host))
         return True
+
+    def deliver_local(self, message: Message, value: Any) -> None:
+        self.wire.deliver_local(message, value)
 
     def receive(self, message: Message, source: int) -> Any:
         """The value of ``message`` from rank ``source``, on the compute device."""
-        self._post_ready(block=message not in self._arrived)
-        value = super().receive(message, source)
+        self._post_ready(block=not self.wire.has_arrived(message))
+        value = self.wire.receive(message, source)
         structure, tensors = flatten(value, f"stage {message.stage} {message.kind}")
         if all(t.device == self.compute_device for t in tensors):
             return value  # handed over in memory by a stage on this rank
@@ -185,4 +204,8 @@ class HostStagedTransport(Transport):
 
     def finish(self) -> None:
         self.flush()
-        super().finish()
+        self.wire.finish()
+
+    def close(self) -> None:
+        self._staging.clear()
+        self.wire.close()
