@@ -10,13 +10,14 @@ from .launch import launch, run
 from .partition import Pipe, TraceError, materialize, pipe_split, pipeline
 from .planning import plan, profile
 from .runtime import LocalPipeline, LossScaler, PipelineRunner
+from .runtime.mesh import mesh
 from .schedule import Action, Schedule, ScheduleError, simulate
 
 __all__ = [
     "Action", "CheckpointError", "ConveyorError", "LaunchError", "LocalPipeline", "LossScaler", "PeerLostError",
     "Pipe", "PipelineError",
     "PipelineRunner", "Schedule", "ScheduleError", "TraceError", "launch", "load_full", "materialize",
-    "pipe_split", "pipeline", "plan", "profile", "run", "save_full", "simulate", "timeline",
+    "mesh", "pipe_split", "pipeline", "plan", "profile", "run", "save_full", "simulate", "timeline",
 ]
 
 __version__ = "0.1.0"

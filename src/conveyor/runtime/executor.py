@@ -75,6 +75,8 @@ class Executor:
     ``update`` steps the optimizer for an ``U`` action; ``accumulated`` counts, per stage with
     stashed weight versions, the backwards since its last update. ``loss_scale`` multiplies the
     last stage's loss (fp16); ``trace`` receives one ``(action, start, end, waited)`` per action.
+    ``last_backward`` holds each stage's last gradient-accumulating action of the program, after
+    which the stage's data-parallel sync runs (``data_parallel.py``).
     """
 
     def __init__(self, rank: int, stages: Mapping[int, StageExecutor] | Sequence[StageExecutor], mover: Mover, *,
@@ -86,6 +88,7 @@ class Executor:
         self.loss_scale = 1.0
         self.accumulated: dict[int, int] = {}
         self.trace: list[Event] | deque[Event] = []
+        self.last_backward: set[Action] | frozenset[Action] = frozenset()
         self._receive = mover.receive  # bound once: no lookup per action
         self._send = mover.send
         self._deliver_local = mover.deliver_local
@@ -132,8 +135,10 @@ class Executor:
                 if stage.versions is not None:  # counted for the next update of an asynchronous schedule
                     self.accumulated[action.stage] = self.accumulated.get(action.stage, 0) + 1
                 grads = None if step.receives is None else self._received(step)
-                backward = stage.backward if action.kind == BACKWARD else stage.backward_input
-                input_grads = backward(microbatch, grads)
+                if action.kind == BACKWARD:
+                    input_grads = stage.backward(microbatch, grads, action in self.last_backward)
+                else:
+                    input_grads = stage.backward_input(microbatch, grads)
                 if self.detect_anomaly:
                     require_finite("the gradient sent to the previous stage", input_grads)
                     if action.kind == BACKWARD:
@@ -141,7 +146,7 @@ class Executor:
                 if step.sends is not None:
                     self._pass_on(step, input_grads)
             elif action.kind == WEIGHT_GRAD:
-                stage.backward_weight(microbatch)
+                stage.backward_weight(microbatch, action in self.last_backward)
                 if self.detect_anomaly:
                     require_finite("a parameter gradient", [p.grad for p in stage.module.parameters()])
         except PipelineError:

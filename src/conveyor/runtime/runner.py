@@ -15,10 +15,13 @@ from ..partition.pipe import Pipe
 from ..schedule import Schedule, make_schedule
 from ..schedule.actions import FORWARD, Action
 from ..schedule.links import incoming, incoming_stream
+from .data_parallel import last_backwards
+from .data_parallel import unwrap as unwrap_module
 from .devices import default_device, make_transport
 from .entry import PipelineEntry, check_arguments, check_options
 from .executor import Executor, TraceEvent
 from .feed import StepData, StreamFeed
+from .mesh_hooks import MeshHooks
 from .precision import check_precision, overflow_in_group
 from .replicas import ReplicaGroup
 from .stage import LossFn, StageExecutor
@@ -48,6 +51,16 @@ class PipelineRunner(PipelineEntry):
     the job's ``launch(pg_timeout=...)`` under :func:`conveyor.launch` (``CONVEYOR_TIMEOUT``
     in the environment), else 300. :meth:`close` (or leaving a ``with PipelineRunner(...) as runner:`` block) releases
     the connections.
+
+    ``mesh`` (a ``DeviceMesh``, e.g. ``conveyor.mesh(pp=2, dp=2, tp=2)``; not with ``group``)
+    runs the pipeline on ``mesh[pp_dim]``; its ``dp``/``dp_replicate``/``dp_shard`` dimensions
+    are data parallel (each coordinate feeds its own shard of the batch to ``step``, which returns
+    the global mean loss over all of them) and ``tp`` tensor parallel. ``parallelize(stage_module,
+    mesh)`` is called once per local stage after materialisation and returns the module to run
+    (``fully_shard``, ``DistributedDataParallel``, composable ``replicate``, ``parallelize_module``);
+    data-parallel gradients are reduced once per stage per step, after its last backward
+    (``data_parallel.py``). A trainable parameter that gets no gradient in a step is an error
+    unless listed (by name) in ``unused_parameters``.
     """
 
     def __init__(self, pipe: Pipe, *, schedule: str | Schedule, n_microbatches: int,
@@ -56,7 +69,10 @@ class PipelineRunner(PipelineEntry):
                  replicas: list[int] | None = None, loss_weighting: str = "rows", ignore_index: int = -100,
                  broadcast_loss: bool = False, detect_anomaly: bool = False,
                  init_fn: Callable[[nn.Module], None] | None = None, precision: str = "fp32",
-                 transport: str = "auto", timeout: float | None = None, **schedule_options: Any) -> None:
+                 transport: str = "auto", mesh: Any = None, pp_dim: str = "pp",
+                 parallelize: Callable[[nn.Module, Any], nn.Module | None] | None = None,
+                 unused_parameters: Iterable[str] = (), timeout: float | None = None,
+                 **schedule_options: Any) -> None:
         if not dist.is_initialized():
             raise RuntimeError("PipelineRunner needs a process group: run inside conveyor.launch(...), "
                                "conveyor.run(...) under torchrun, or call torch.distributed.init_process_group")
@@ -66,12 +82,17 @@ class PipelineRunner(PipelineEntry):
             timeout = float(os.environ.get(TIMEOUT_VARIABLE, DEFAULT_TIMEOUT))
         if not timeout > 0:
             raise ValueError(f"timeout must be a positive number of seconds, got {timeout}")
+        self._mesh = MeshHooks(mesh, pp_dim, parallelize, group, replicas, unused_parameters)  # mesh_hooks.py
+        group = self._mesh.group(group)
+        self._mesh.check_unused_names(pipe)
         self.group = group
         self.rank = dist.get_rank(group)
         self.n_ranks = dist.get_world_size(group)
         if replicas is not None:
             schedule_options["replicas"] = list(replicas)
-        self.schedule = make_schedule(schedule, self.n_ranks, pipe.n_stages, n_microbatches, **schedule_options)
+        with self._mesh.explaining_schedule_errors(self.n_ranks):
+            self.schedule = make_schedule(schedule, self.n_ranks, pipe.n_stages, n_microbatches, **schedule_options)
+        self._mesh.check_schedule(self.schedule)
         if self.schedule.is_streaming and loss_weighting == "tokens":
             raise ValueError(f"schedule {self.schedule.name!r} cannot honour loss_weighting='tokens': it updates each "
                              "stage on the mean of the micro-batch losses since its previous update, over windows that "
@@ -85,8 +106,10 @@ class PipelineRunner(PipelineEntry):
         self.timeout = timeout
         self.device = torch.device(device) if device is not None else default_device(group)
         last = pipe.n_stages - 1
-        self.stages: dict[int, StageExecutor] = {index: self._make_stage(index, self.device, init_fn)
+        self.stages: dict[int, StageExecutor] = {index: self._mesh.parallelize(self._make_stage(index, self.device,
+                                                                                                init_fn))
                                                  for index in self.schedule.stages_of(self.rank)}
+        self._mesh.attach(self.stages, self.schedule, dict(getattr(pipe, "ties", {}) or {}))
         if self.schedule.is_streaming:
             if getattr(pipe, "ties", None):
                 raise ValueError(f"schedule {self.schedule.name!r} updates each stage on its own, so tied weights "
@@ -109,6 +132,7 @@ class PipelineRunner(PipelineEntry):
         self._norm_device = self.device
         self._executor = Executor(self.rank, self.stages, self.transport, detect_anomaly=detect_anomaly,
                                   update=self._update)
+        self._executor.last_backward = last_backwards(self.schedule, self.rank)  # data parallelism syncs after them
         self._executors = [self._executor]
         self._replicas = {stage: ReplicaGroup(self.schedule.replicas[stage], self.rank, self.transport.pg)
                           for stage in self.stages if len(self.schedule.replicas[stage]) > 1}
@@ -122,7 +146,17 @@ class PipelineRunner(PipelineEntry):
     @property
     def modules(self) -> list[nn.Module]:
         """The stage modules held by this rank, in stage order."""
-        return [self.stages[index].module for index in sorted(self.stages)]
+        return [unwrap_module(self.stages[index].module) for index in sorted(self.stages)]
+
+    @property
+    def mesh(self) -> Any:
+        """The ``DeviceMesh`` the runner was built on (None without one); its groups and data-parallel
+        size are ``runner.mesh_layout`` (:class:`~conveyor.runtime.mesh.MeshLayout`)."""
+        return self._mesh.mesh
+
+    @property
+    def mesh_layout(self) -> Any:
+        return self._mesh.layout
 
     def _where(self) -> str:
         return f"rank {self.rank}: "
@@ -174,8 +208,16 @@ class PipelineRunner(PipelineEntry):
     def _before_step(self) -> None:
         self._tied.before_step()
 
+    def _prepare(self, inputs: tuple, kwargs: dict, target: Any) -> StepData:
+        data = super()._prepare(inputs, kwargs, target)
+        if data.training and self._holds_last:  # each loss weighed as a share of every replica's batch
+            data.weights = self._mesh.global_weights(data.targets, data.weights, self.loss_weighting,
+                                                     self.ignore_index, self.device)
+        return data
+
     def _after_step(self) -> None:
         self._tied.after_step()
+        self._mesh.check_gradients(self.stages, self.rank)
         for stage, replicas_of_stage in self._replicas.items():
             replicas_of_stage.sum_gradients(p for p in self.stages[stage].module.parameters() if p.requires_grad)
 
@@ -185,7 +227,7 @@ class PipelineRunner(PipelineEntry):
             loss, dtype = data.loss_sum()
             if self.pipe.n_stages - 1 in self._replicas:
                 loss = self._replicas[self.pipe.n_stages - 1].sum_value(loss.reshape(1))[0]
-            loss = loss.to(dtype)
+            loss = self._mesh.global_loss(loss).to(dtype)
         if self.broadcast_loss:
             value = loss if loss is not None else torch.zeros((), device=self.device)
             value = value.to(torch.float32).reshape(1).clone()

@@ -14,6 +14,7 @@ import torch.nn as nn
 from torch.func import functional_call
 
 from .bundle import detached_leaves, flatten
+from .data_parallel import GradientSync
 from .versions import WeightVersions
 
 __all__ = ["ENGINE_SIGNATURE", "StageExecutor", "engine_entry"]
@@ -52,6 +53,7 @@ class _Stashed:
     input_leaves: list[torch.Tensor]  # every tensor of the stage input; their grads go upstream
     outputs: list[torch.Tensor] = field(default_factory=list)  # every output tensor (or the loss)
     output_grads: list[torch.Tensor | None] | None = None      # kept between I and W
+    weight_leaves: list[torch.Tensor] = field(default_factory=list)  # the graph's parameters, taken at I
     target: Any = None
     weight: float = 1.0
     rng_state: tuple | None = None
@@ -104,6 +106,7 @@ class StageExecutor:
         self.versions: WeightVersions | None = None  # set for schedules that update weights themselves
         self.precision_context: Callable[[], AbstractContextManager[Any]] = nullcontext  # autocast (precision.py)
         self._output_where = f"stage {index} output"
+        self.sync = GradientSync(module, None, index)  # data-parallel sync (data_parallel.py), set by the runner
 
     # --- helpers -----------------------------------------------------------------------------
     def _rng_state(self) -> tuple:
@@ -111,6 +114,12 @@ class StageExecutor:
         return torch.get_rng_state(), cuda
 
     def _call(self, args: tuple, kwargs: dict, version: int | None = None) -> Any:
+        if self.sync.wraps_forward:  # DDP: forwards never arm the reducer (data_parallel.py)
+            with self.sync.forward_context():
+                return self._call_module(args, kwargs, version)
+        return self._call_module(args, kwargs, version)
+
+    def _call_module(self, args: tuple, kwargs: dict, version: int | None) -> Any:
         if self.precision_context is nullcontext and version is None:  # the usual case, with the least work
             return self.module(*args, **kwargs)
         with self.precision_context():
@@ -212,14 +221,18 @@ class StageExecutor:
     def _input_grads(stashed: _Stashed) -> list[torch.Tensor | None]:
         return [leaf.grad if leaf.requires_grad else None for leaf in stashed.input_leaves]
 
-    def backward(self, microbatch: int, output_grads: list | None) -> list[torch.Tensor | None]:
+    def backward(self, microbatch: int, output_grads: list | None, last: bool = False) -> list[torch.Tensor | None]:
         """Full backward of ``microbatch``: accumulates parameter gradients and returns the
-        gradients of the stage's inputs (one per input that requires grad; None if unused)."""
+        gradients of the stage's inputs (one per input that requires grad; None if unused).
+        ``last``: the stage's last backward of the step, after which data parallelism syncs."""
         stashed = self._stash.pop(microbatch)
         self._rematerialise(stashed)
         outputs, grads = self._pairs(stashed, output_grads)
+        self.sync.before_backward(outputs, last)
         if outputs:
             _run_engine(outputs, None if self.is_last else grads)
+        if last:
+            self.sync.after_last_backward()
         if stashed.version is not None and self.versions is not None:
             self.versions.release(stashed.version)
         return self._input_grads(stashed)
@@ -229,6 +242,8 @@ class StageExecutor:
         stashed = self._stash[microbatch]
         self._rematerialise(stashed)
         stashed.outputs, stashed.output_grads = self._pairs(stashed, output_grads)
+        stashed.weight_leaves = self.sync.weight_leaves(stashed.outputs, stashed.input_leaves)
+        self.sync.before_backward(stashed.outputs, False)
         wanted = [leaf for leaf in stashed.input_leaves if leaf.requires_grad]
         if not stashed.outputs or not wanted:
             return [None] * len(stashed.input_leaves)
@@ -236,10 +251,15 @@ class StageExecutor:
         found = iter(_run_engine(stashed.outputs, grads, inputs=tuple(wanted), keep_graph=True, accumulate=False))
         return [next(found) if leaf.requires_grad else None for leaf in stashed.input_leaves]
 
-    def backward_weight(self, microbatch: int) -> None:
-        """Second half of a split backward: accumulate the parameter gradients, free the graph."""
+    def backward_weight(self, microbatch: int, last: bool = False) -> None:
+        """Second half of a split backward: accumulate the gradients of the parameter leaves the
+        graph held when the input gradients were taken (under FSDP2 the unsharded parameters,
+        not the sharded ones ``module.parameters()`` returns by now), free the graph."""
         stashed = self._stash.pop(microbatch)
-        params = [p for p in self.module.parameters() if p.requires_grad]
+        params = stashed.weight_leaves
+        self.sync.before_backward(stashed.outputs, last)
         if stashed.outputs and params:
             grads = None if self.is_last else stashed.output_grads
             _run_engine(stashed.outputs, grads, inputs=tuple(params))
+        if last:
+            self.sync.after_last_backward()

@@ -1,0 +1,288 @@
+"""Rank functions for the device-mesh tests: pipelines on a mesh's ``pp`` dimension whose stages
+are wrapped by FSDP2, DDP, composable replicate or tensor parallelism, each data-parallel
+replica feeding its own (uneven) shard of the batch. Each returns, per configuration, the full
+weights of this rank's stages after STEPS optimizer steps and the losses step() returned."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+import conveyor
+
+from models import DTYPE, WIDTH, mlp, mse
+
+STEPS = 3
+ROWS = 16
+SHARDS = {1: [16], 2: [9, 7]}  # rows per data-parallel replica: uneven, as a real loader's last batch
+N_MICROBATCHES = 4
+
+
+def global_batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(100 + step)
+    return (torch.randn(ROWS, WIDTH, dtype=DTYPE, generator=generator),
+            torch.randn(ROWS, WIDTH, dtype=DTYPE, generator=generator))
+
+
+def shard_of(value: torch.Tensor, replica: int, replicas: int) -> torch.Tensor:
+    sizes = SHARDS[replicas]
+    start = sum(sizes[:replica])
+    return value[start:start + sizes[replica]]
+
+
+def reference(steps: int = STEPS) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
+    """The unsplit model trained on the whole batch in one process."""
+    model = mlp()
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    losses = []
+    for step in range(steps):
+        optimizer.zero_grad()
+        x, y = global_batch(step)
+        loss = mse(model(x), y)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.detach())
+    return {k: v.clone() for k, v in model.state_dict().items()}, losses
+
+
+# --- what parallelize applies -------------------------------------------------------------------
+def _linears(stage: nn.Module) -> list[tuple[str, nn.Linear]]:
+    return [(name, child) for name, child in stage.named_children() if isinstance(child, nn.Linear)]
+
+
+def _tensor_parallel(stage: nn.Module, tp_mesh: Any) -> None:
+    """Colwise then Rowwise for each pair of Linear layers; a last unpaired one Colwise with a
+    replicated output."""
+    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    names = [name for name, _ in _linears(stage)]
+    plan: dict[str, Any] = {}
+    for position, name in enumerate(names):
+        if position % 2 == 0:
+            last = position == len(names) - 1
+            plan[name] = ColwiseParallel(output_layouts=Replicate()) if last else ColwiseParallel()
+        else:
+            plan[name] = RowwiseParallel()
+    parallelize_module(stage, tp_mesh, plan)
+
+
+def _fully_shard(stage: nn.Module, dp_mesh: Any, reshard: bool) -> nn.Module:
+    from torch.distributed.fsdp import fully_shard
+
+    for _, child in _linears(stage):
+        fully_shard(child, mesh=dp_mesh, reshard_after_forward=reshard)
+    return fully_shard(stage, mesh=dp_mesh, reshard_after_forward=reshard)
+
+
+def parallelizer(kind: str) -> Callable[[nn.Module, Any], nn.Module]:
+    """``fn(stage_module, mesh)`` for a wrapper kind of the matrix."""
+    def apply(stage: nn.Module, mesh: Any) -> nn.Module:
+        assert all(name.isdigit() for name, _ in stage.named_children())  # the unsplit model's layer names
+        dims = mesh.mesh_dim_names
+        dp_mesh = mesh["dp_replicate", "dp_shard"] if "dp_shard" in dims else mesh["dp"] if "dp" in dims else None
+        if "tp" in dims:
+            _tensor_parallel(stage, mesh["tp"])
+        if kind in ("fsdp", "fsdp-keep", "hsdp"):
+            return _fully_shard(stage, dp_mesh, reshard=kind != "fsdp-keep")
+        if kind == "ddp":
+            return nn.parallel.DistributedDataParallel(stage, process_group=mesh["dp"].get_group())
+        if kind == "replicate":
+            from torch.distributed._composable.replicate_with_fsdp import replicate
+
+            return replicate(stage, mesh=mesh["dp"])
+        if kind == "replicate-ddp":
+            from torch.distributed._composable.replicate import replicate as ddp_replicate
+
+            return ddp_replicate(stage, process_group=mesh["dp"].get_group())
+        assert kind in ("tp", "plain"), kind
+        return stage
+    return apply
+
+
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    full = getattr(tensor, "full_tensor", None)
+    return (full() if full is not None else tensor).detach().clone()
+
+
+def _replica(mesh: Any) -> tuple[int, int]:
+    """This rank's data-parallel coordinate and the replica count."""
+    dims = mesh.mesh_dim_names
+    coordinate = 0
+    count = 1
+    for name in ("dp_replicate", "dp_shard", "dp"):
+        if name in dims:
+            size = mesh[name].size()
+            coordinate = coordinate * size + mesh[name].get_local_rank()
+            count *= size
+    return coordinate, count
+
+
+def train(mesh: Any, schedule: str, kind: str, recompute: bool, n_stages: int = 0) -> dict:
+    """One configuration: STEPS Adam steps on this rank's data shard."""
+    model = mlp()
+    pipe = conveyor.pipeline(model, n_stages=n_stages or mesh["pp"].size())
+    runner = conveyor.PipelineRunner(pipe, mesh=mesh, parallelize=parallelizer(kind), schedule=schedule,
+                                     n_microbatches=N_MICROBATCHES, loss_fn=mse, recompute=recompute)
+    optimizer = torch.optim.Adam(runner.parameters(), lr=0.01)
+    replica, replicas = _replica(mesh)
+    losses = []
+    for step in range(STEPS):
+        optimizer.zero_grad()
+        x, y = global_batch(step)
+        losses.append(runner.step(shard_of(x, replica, replicas), target=shard_of(y, replica, replicas)))
+        optimizer.step()
+    weights = {name: _full(value) for name, value in runner.state_dict().items()}
+    names = [name for name, _ in runner.named_parameters()]
+    return {"weights": weights, "losses": losses, "names": names}
+
+
+def matrix(rank: int, world_size: int, sizes: dict[str, int], cases: list[tuple[str, str, bool]]) -> dict:
+    """Every case ``(schedule, kind, recompute)`` on one mesh."""
+    torch.set_num_threads(1)
+    mesh = conveyor.mesh(**sizes)
+    results = {}
+    for schedule, kind, recompute in cases:
+        n_stages = 4 if schedule in ("interleaved-1f1b", "zb-v") else 0
+        results[(schedule, kind, recompute)] = train(mesh, schedule, kind, recompute, n_stages)
+    return results
+
+
+# --- collective counts -----------------------------------------------------------------------------
+@contextmanager
+def counting() -> Iterator[dict[str, int]]:
+    """Count the FSDP2 collectives this rank issues (FSDP2 calls them through torch.distributed)."""
+    counts = {"reduce_scatter": 0, "all_gather": 0}
+    originals = {"reduce_scatter": dist.reduce_scatter_tensor, "all_gather": dist.all_gather_into_tensor}
+
+    def counted(key: str) -> Callable[..., Any]:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            counts[key] += 1
+            return originals[key](*args, **kwargs)
+        return call
+
+    dist.reduce_scatter_tensor = counted("reduce_scatter")
+    dist.all_gather_into_tensor = counted("all_gather")
+    try:
+        yield counts
+    finally:
+        dist.reduce_scatter_tensor = originals["reduce_scatter"]
+        dist.all_gather_into_tensor = originals["all_gather"]
+
+
+def _ddp_counting_hook(state: dict, bucket: Any) -> Any:
+    state["all_reduce"] += 1
+    tensor = bucket.buffer().div_(dist.get_world_size(state["group"]))
+    return dist.all_reduce(tensor, group=state["group"], async_op=True).get_future().then(lambda f: f.value()[0])
+
+
+def ours_counts(mesh: Any, schedule: str, kind: str, steps: int = 2) -> dict[str, int]:
+    """Collectives per step of our runner on this rank (the second step: after lazy init)."""
+    hook_state = {"all_reduce": 0, "group": mesh["dp"].get_group()}
+
+    def parallelize(stage: nn.Module, stage_mesh: Any) -> nn.Module:
+        module = parallelizer(kind)(stage, stage_mesh)
+        if kind == "ddp":
+            module.register_comm_hook(hook_state, _ddp_counting_hook)
+        return module
+
+    pipe = conveyor.pipeline(mlp(), n_stages=mesh["pp"].size())
+    runner = conveyor.PipelineRunner(pipe, mesh=mesh, parallelize=parallelize, schedule=schedule,
+                                     n_microbatches=N_MICROBATCHES, loss_fn=mse)
+    replica, replicas = _replica(mesh)
+    x, y = global_batch(0)
+    x, y = shard_of(x, replica, replicas), shard_of(y, replica, replicas)
+    runner.step(x, target=y)
+    hook_state["all_reduce"] = 0
+    with counting() as counts:
+        runner.step(x, target=y)
+    return {**counts, "all_reduce": hook_state["all_reduce"]}
+
+
+def torch_counts(mesh: Any, schedule: str) -> dict[str, int]:
+    """The same for torch.distributed.pipelining's PipelineStage with the same FSDP2 stages."""
+    from torch.distributed.pipelining import PipelineStage
+    from torch.distributed.pipelining.schedules import Schedule1F1B, ScheduleGPipe, ScheduleInterleavedZeroBubble
+
+    pp = mesh["pp"]
+    pipe = conveyor.pipeline(mlp(), n_stages=pp.size())
+    index = pp.get_local_rank()
+    module = parallelizer("fsdp")(pipe.stage_module(index), mesh)
+    stage = PipelineStage(module, index, pp.size(), torch.device("cpu"), group=pp.get_group())
+    kinds = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
+    if schedule == "zb-h1":
+        torch_schedule: Any = ScheduleInterleavedZeroBubble([stage], N_MICROBATCHES, loss_fn=mse)
+    else:
+        torch_schedule = kinds[schedule](stage, N_MICROBATCHES, loss_fn=mse)
+    replica, replicas = _replica(mesh)
+    x, y = global_batch(0)
+    x, y = shard_of(x, replica, replicas)[:8], shard_of(y, replica, replicas)[:8]
+
+    def run() -> None:
+        if index == 0:
+            torch_schedule.step(x)
+        else:
+            torch_schedule.step(target=y)
+
+    run()
+    with counting() as counts:
+        run()
+    return {**counts, "all_reduce": 0}
+
+
+def collective_counts(rank: int, world_size: int, schedules: list[str]) -> dict:
+    torch.set_num_threads(1)
+    mesh = conveyor.mesh(pp=2, dp=2)
+    out: dict = {}
+    for schedule in schedules:
+        out[("ours", "fsdp", schedule)] = ours_counts(mesh, schedule, "fsdp")
+        out[("ours", "fsdp-keep", schedule)] = ours_counts(mesh, schedule, "fsdp-keep")
+        out[("ours", "ddp", schedule)] = ours_counts(mesh, schedule, "ddp")
+        out[("torch", "fsdp", schedule)] = torch_counts(mesh, schedule)
+    return out
+
+
+# --- refusals ----------------------------------------------------------------------------------------
+def refusal(rank: int, world_size: int, sizes: dict[str, int], case: str) -> str:
+    """The error message of one refused construction (every rank raises the same)."""
+    torch.set_num_threads(1)
+    mesh = conveyor.mesh(**sizes)
+    pipe = conveyor.pipeline(mlp(), n_stages=2)
+    options: dict[str, Any] = {"schedule": "1f1b", "n_microbatches": 2, "loss_fn": mse}
+
+    def fsdp1(stage: nn.Module, stage_mesh: Any) -> nn.Module:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        return FullyShardedDataParallel(stage, process_group=stage_mesh["dp"].get_group())
+
+    try:
+        if case == "mesh-and-group":
+            conveyor.PipelineRunner(pipe, mesh=mesh, group=mesh["pp"].get_group(), **options)
+        elif case == "pp-size":
+            conveyor.PipelineRunner(conveyor.pipeline(mlp(), n_stages=3), mesh=mesh, **options)
+        elif case == "fsdp1":
+            conveyor.PipelineRunner(pipe, mesh=mesh, parallelize=fsdp1, **options)
+        elif case == "data-parallel":
+            conveyor.PipelineRunner(pipe, mesh=mesh, parallelize=lambda m, _: nn.DataParallel(m), **options)
+        elif case == "inner-fsdp":
+            conveyor.PipelineRunner(pipe, mesh=mesh, parallelize=lambda m, s: _fully_shard_children(m, s), **options)
+        elif case == "async":
+            conveyor.PipelineRunner(pipe, mesh=mesh, schedule="pipedream", n_microbatches=2, loss_fn=mse)
+        else:
+            raise AssertionError(case)
+    except (ValueError, TypeError, RuntimeError) as error:
+        return f"{type(error).__name__}: {error}"
+    return "constructed"
+
+
+def _fully_shard_children(stage: nn.Module, mesh: Any) -> nn.Module:
+    from torch.distributed.fsdp import fully_shard
+
+    for _, child in _linears(stage):
+        fully_shard(child, mesh=mesh["dp"])
+    return stage
