@@ -19,7 +19,7 @@ from models import DTYPE, WIDTH, mlp, mse
 
 STEPS = 3
 ROWS = 16
-SHARDS = {1: [16], 2: [9, 7]}  # rows per data-parallel replica: uneven, as a real loader's last batch
+SHARDS = {1: [16], 2: [9, 7], 4: [4, 4, 4, 4]}  # rows per data-parallel replica: uneven, as a real loader's last batch
 N_MICROBATCHES = 4
 
 
@@ -123,12 +123,33 @@ def _replica(mesh: Any) -> tuple[int, int]:
     return coordinate, count
 
 
-def train(mesh: Any, schedule: str, kind: str, recompute: bool, n_stages: int = 0) -> dict:
-    """One configuration: STEPS Adam steps on this rank's data shard."""
-    model = mlp()
+def train(mesh: Any, schedule: str, kind: str, recompute: bool, n_stages: int = 0, meta: bool = False) -> dict:
+    """One configuration: STEPS Adam steps on this rank's data shard. ``meta``: the model is
+    built on the meta device and materialised by the runner (init_fn copies the reference's
+    initial weights), so parallelize sees materialised stages."""
+    calls: list[tuple[list[str], bool]] = []
+
+    def parallelize(stage: nn.Module, stage_mesh: Any) -> nn.Module:
+        assert not any(p.is_meta for p in stage.parameters())
+        calls.append(([name for name, _ in stage.named_children()], stage_mesh is mesh))
+        return parallelizer(kind)(stage, stage_mesh)
+
+    init_fn = None
+    if meta:
+        initial = mlp().state_dict()
+        with torch.device("meta"):
+            model = mlp()
+
+        def init_fn(module: nn.Module) -> None:
+            with torch.no_grad():
+                for name, value in module.state_dict().items():
+                    value.copy_(initial[name])
+    else:
+        model = mlp()
     pipe = conveyor.pipeline(model, n_stages=n_stages or mesh["pp"].size())
-    runner = conveyor.PipelineRunner(pipe, mesh=mesh, parallelize=parallelizer(kind), schedule=schedule,
-                                     n_microbatches=N_MICROBATCHES, loss_fn=mse, recompute=recompute)
+    runner = conveyor.PipelineRunner(pipe, mesh=mesh, parallelize=parallelize, schedule=schedule,
+                                     n_microbatches=N_MICROBATCHES, loss_fn=mse, recompute=recompute,
+                                     init_fn=init_fn)
     optimizer = torch.optim.Adam(runner.parameters(), lr=0.01)
     replica, replicas = _replica(mesh)
     losses = []
@@ -139,46 +160,56 @@ def train(mesh: Any, schedule: str, kind: str, recompute: bool, n_stages: int = 
         optimizer.step()
     weights = {name: _full(value) for name, value in runner.state_dict().items()}
     names = [name for name, _ in runner.named_parameters()]
-    return {"weights": weights, "losses": losses, "names": names}
+    return {"weights": weights, "losses": losses, "names": names, "calls": calls,
+            "stages": sorted(runner.stages)}
 
 
-def matrix(rank: int, world_size: int, sizes: dict[str, int], cases: list[tuple[str, str, bool]]) -> dict:
-    """Every case ``(schedule, kind, recompute)`` on one mesh."""
+def matrix(rank: int, world_size: int, sizes: dict[str, int], cases: list[tuple]) -> dict:
+    """Every case ``(schedule, kind, recompute[, meta])`` on one mesh."""
     torch.set_num_threads(1)
     mesh = conveyor.mesh(**sizes)
     results = {}
-    for schedule, kind, recompute in cases:
+    for case in cases:
+        schedule = case[0]
         n_stages = 4 if schedule in ("interleaved-1f1b", "zb-v") else 0
-        results[(schedule, kind, recompute)] = train(mesh, schedule, kind, recompute, n_stages)
+        results[case] = train(mesh, *case[:3], n_stages=n_stages, meta=len(case) > 3 and case[3] == "meta")
     return results
 
 
 # --- collective counts -----------------------------------------------------------------------------
 @contextmanager
 def counting() -> Iterator[dict[str, int]]:
-    """Count the FSDP2 collectives this rank issues (FSDP2 calls them through torch.distributed)."""
+    """Count the FSDP2 collectives this rank issues (FSDP2 calls them through torch.distributed:
+    ``reduce_scatter_single``/``all_gather_single`` on torch 2.13, the ``_tensor`` names before)."""
     counts = {"reduce_scatter": 0, "all_gather": 0}
-    originals = {"reduce_scatter": dist.reduce_scatter_tensor, "all_gather": dist.all_gather_into_tensor}
+    names = {"reduce_scatter_single": "reduce_scatter", "reduce_scatter_tensor": "reduce_scatter",
+             "all_gather_single": "all_gather", "all_gather_into_tensor": "all_gather"}
+    originals = {name: getattr(dist, name) for name in names if hasattr(dist, name)}
 
-    def counted(key: str) -> Callable[..., Any]:
+    def counted(name: str) -> Callable[..., Any]:
         def call(*args: Any, **kwargs: Any) -> Any:
-            counts[key] += 1
-            return originals[key](*args, **kwargs)
+            counts[names[name]] += 1
+            return originals[name](*args, **kwargs)
         return call
 
-    dist.reduce_scatter_tensor = counted("reduce_scatter")
-    dist.all_gather_into_tensor = counted("all_gather")
+    for name in originals:
+        setattr(dist, name, counted(name))
     try:
         yield counts
     finally:
-        dist.reduce_scatter_tensor = originals["reduce_scatter"]
-        dist.all_gather_into_tensor = originals["all_gather"]
+        for name, original in originals.items():
+            setattr(dist, name, original)
 
 
 def _ddp_counting_hook(state: dict, bucket: Any) -> Any:
     state["all_reduce"] += 1
     tensor = bucket.buffer().div_(dist.get_world_size(state["group"]))
     return dist.all_reduce(tensor, group=state["group"], async_op=True).get_future().then(lambda f: f.value()[0])
+
+
+# DDP checks the hook's annotations as objects (this module postpones them to strings)
+_ddp_counting_hook.__annotations__ = {"state": dict, "bucket": dist.GradBucket,
+                                      "return": torch.futures.Future[torch.Tensor]}
 
 
 def ours_counts(mesh: Any, schedule: str, kind: str, steps: int = 2) -> dict[str, int]:
@@ -221,7 +252,7 @@ def torch_counts(mesh: Any, schedule: str) -> dict[str, int]:
         torch_schedule = kinds[schedule](stage, N_MICROBATCHES, loss_fn=mse)
     replica, replicas = _replica(mesh)
     x, y = global_batch(0)
-    x, y = shard_of(x, replica, replicas)[:8], shard_of(y, replica, replicas)[:8]
+    x, y = x[replica * 8:(replica + 1) * 8], y[replica * 8:(replica + 1) * 8]  # torch needs even shards
 
     def run() -> None:
         if index == 0:
@@ -286,3 +317,33 @@ def _fully_shard_children(stage: nn.Module, mesh: Any) -> nn.Module:
     for _, child in _linears(stage):
         fully_shard(child, mesh=mesh["dp"])
     return stage
+
+
+# --- parameters without a gradient ---------------------------------------------------------------
+class WithSpare(nn.Module):
+    """A stage whose ``spare`` layer is never called."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.used = nn.Linear(WIDTH, WIDTH, dtype=DTYPE)
+        self.spare = nn.Linear(WIDTH, WIDTH, dtype=DTYPE)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.used(x)
+
+
+def spare_step(rank: int, world_size: int, schedule: str, unused: list[str]) -> str:
+    """One step of pp2 x dp2 FSDP2 stages, stage 1 holding a never-called layer: the error, or "trained"."""
+    torch.set_num_threads(1)
+    mesh = conveyor.mesh(pp=2, dp=2)
+    torch.manual_seed(0)
+    pipe = conveyor.pipeline([nn.Sequential(nn.Linear(WIDTH, WIDTH, dtype=DTYPE)), WithSpare()])
+    runner = conveyor.PipelineRunner(pipe, mesh=mesh, parallelize=parallelizer("fsdp"), schedule=schedule,
+                                     n_microbatches=2, loss_fn=mse, unused_parameters=unused)
+    x, y = global_batch(0)
+    replica = mesh["dp"].get_local_rank()
+    try:
+        runner.step(x[replica * 8:(replica + 1) * 8], target=y[replica * 8:(replica + 1) * 8])
+    except RuntimeError as error:
+        return str(error)
+    return "trained"
