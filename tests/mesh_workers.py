@@ -5,9 +5,9 @@ weights of this rank's stages after STEPS optimizer steps and the losses step() 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -279,38 +279,6 @@ def collective_counts(rank: int, world_size: int, schedules: list[str]) -> dict:
 
 
 # --- refusals ----------------------------------------------------------------------------------------
-def refusal(rank: int, world_size: int, sizes: dict[str, int], case: str) -> str:
-    """The error message of one refused construction (every rank raises the same)."""
-    torch.set_num_threads(1)
-    mesh = conveyor.mesh(**sizes)
-    pipe = conveyor.pipeline(mlp(), n_stages=2)
-    options: dict[str, Any] = {"schedule": "1f1b", "n_microbatches": 2, "loss_fn": mse}
-
-    def fsdp1(stage: nn.Module, stage_mesh: Any) -> nn.Module:
-        from torch.distributed.fsdp import FullyShardedDataParallel
-
-        return FullyShardedDataParallel(stage, process_group=stage_mesh["dp"].get_group())
-
-    try:
-        if case == "mesh-and-group":
-            conveyor.PipelineRunner(pipe, mesh=mesh, group=mesh["pp"].get_group(), **options)
-        elif case == "pp-size":
-            conveyor.PipelineRunner(conveyor.pipeline(mlp(), n_stages=3), mesh=mesh, **options)
-        elif case == "fsdp1":
-            conveyor.PipelineRunner(pipe, mesh=mesh, parallelize=fsdp1, **options)
-        elif case == "data-parallel":
-            conveyor.PipelineRunner(pipe, mesh=mesh, parallelize=lambda m, _: nn.DataParallel(m), **options)
-        elif case == "inner-fsdp":
-            conveyor.PipelineRunner(pipe, mesh=mesh, parallelize=lambda m, s: _fully_shard_children(m, s), **options)
-        elif case == "async":
-            conveyor.PipelineRunner(pipe, mesh=mesh, schedule="pipedream", n_microbatches=2, loss_fn=mse)
-        else:
-            raise AssertionError(case)
-    except (ValueError, TypeError, RuntimeError) as error:
-        return f"{type(error).__name__}: {error}"
-    return "constructed"
-
-
 def _fully_shard_children(stage: nn.Module, mesh: Any) -> nn.Module:
     from torch.distributed.fsdp import fully_shard
 
