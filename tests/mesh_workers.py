@@ -88,6 +88,15 @@ def parallelizer(kind: str) -> Callable[[nn.Module, Any], nn.Module]:
         dp_mesh = mesh["dp_replicate", "dp_shard"] if "dp_shard" in dims else mesh["dp"] if "dp" in dims else None
         if "tp" in dims:
             _tensor_parallel(stage, mesh["tp"])
+        if kind == "fsdp-ac":  # activation checkpointing per layer, then FSDP2 (torchtitan's order)
+            from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+            from torch.distributed.fsdp import fully_shard
+
+            for name, child in _linears(stage):
+                wrapped = checkpoint_wrapper(child)
+                stage.register_module(name, wrapped)
+                fully_shard(wrapped, mesh=dp_mesh)
+            return fully_shard(stage, mesh=dp_mesh)
         if kind in ("fsdp", "fsdp-keep", "hsdp"):
             return _fully_shard(stage, dp_mesh, reshard=kind != "fsdp-keep")
         if kind == "ddp":

@@ -87,7 +87,7 @@ def _view(target: Any) -> _View:
         dist.all_gather_object(out, value, group=group)
         return out
 
-    stages = {index: list(stage.module.state_dict()) for index, stage in sorted(runner.stages.items())}
+    stages = {index: list(module.state_dict()) for index, module in zip(sorted(runner.stages), runner.modules)}
     return _View(runner.rank, runner.n_ranks, stages, runner.state_dict(),
                  {id(p): n for n, p in runner.named_parameters()}, gather, runner.load_state_dict, runner.device,
                  {"schedule": runner.schedule.name, "n_microbatches": runner.n_microbatches,

@@ -20,6 +20,7 @@ from .bundle import flatten
 from .data_parallel import has_dtensors, sync_for, unwrap
 from .mesh import MeshLayout
 from .stage import StageExecutor
+from .stage_modules import original_name
 
 __all__ = ["MeshHooks"]
 
@@ -124,12 +125,22 @@ class MeshHooks:
             dist.all_reduce(total, group=group)
         return total[0] / layout.data_size
 
-    def check_gradients(self, stages: dict[int, StageExecutor], rank: int) -> None:
-        """A trainable parameter of a stage (on a mesh) with no gradient after a step is an error."""
-        if self.layout is None:
+    def check_unused_names(self, pipe: Any) -> None:
+        """``unused_parameters`` must name parameters of the pipe (of any stage)."""
+        if not self.unused:
             return
+        known = {name for index in range(pipe.n_stages) for name, _ in pipe.stage_module(index).named_parameters()}
+        unknown = sorted(self.unused - known)
+        if unknown:
+            raise ValueError(f"unused_parameters names {unknown[:5]}, which the model does not have: use the unsplit "
+                             "model's parameter names (model.named_parameters())")
+
+    def check_gradients(self, stages: dict[int, StageExecutor], rank: int) -> None:
+        """A trainable parameter with no gradient after a step is an error (a zero-bubble weight
+        pass that missed the graph's parameters, or a layer never called), unless marked unused."""
         for index, stage in stages.items():
-            for name, parameter in unwrap(stage.module).named_parameters():
+            for wrapped_name, parameter in unwrap(stage.module).named_parameters():
+                name = original_name(wrapped_name)
                 if parameter.requires_grad and parameter.grad is None and name not in self.unused:
                     raise RuntimeError(f"rank {rank}, stage {index}: parameter {name!r} requires grad but got no "
                                        "gradient in this step; if it is unused by design, pass "

@@ -9,7 +9,17 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-__all__ = ["StageModules"]
+__all__ = ["StageModules", "original_name"]
+
+_WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_fsdp_wrapped_module.")  # wrappers that nest the module
+
+
+def original_name(name: str) -> str:
+    """``name`` without the components wrappers insert (activation checkpointing's, FSDP1's)."""
+    for prefix in _WRAPPER_PREFIXES:
+        if prefix in name:
+            name = name.replace(prefix, "")
+    return name
 
 
 class StageModules:
@@ -31,7 +41,7 @@ class StageModules:
             for name, parameter in module.named_parameters():
                 if id(parameter) not in seen:
                     seen.add(id(parameter))
-                    yield name, parameter
+                    yield original_name(name), parameter
 
     def parameters(self) -> Iterator[nn.Parameter]:
         for _, parameter in self.named_parameters():
