@@ -35,9 +35,30 @@ def shard_of(value: torch.Tensor, replica: int, replicas: int) -> torch.Tensor:
     return value[start:start + sizes[replica]]
 
 
-def reference(steps: int = STEPS) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
-    """The unsplit model trained on the whole batch in one process."""
-    model = mlp()
+class NamedNet(nn.Module):
+    """A model with named children (``inp``, ``blocks.0``, ``blocks.1``, ``out``), cut by tracing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(1)
+        self.inp = nn.Linear(WIDTH, WIDTH, dtype=DTYPE)
+        self.blocks = nn.ModuleList([nn.Linear(WIDTH, WIDTH, dtype=DTYPE) for _ in range(2)])
+        self.out = nn.Linear(WIDTH, WIDTH, dtype=DTYPE)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.tanh(self.inp(x))
+        for block in self.blocks:
+            x = torch.tanh(block(x))
+        return self.out(x)
+
+
+def named_pipe() -> conveyor.Pipe:
+    return conveyor.pipeline(NamedNet(), split_points=["blocks.1"], example_args=(global_batch(0)[0][:4],))
+
+
+def reference(steps: int = STEPS, model: nn.Module | None = None) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
+    """The unsplit model (default: the MLP) trained on the whole batch in one process."""
+    model = model if model is not None else mlp()
     optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
     losses = []
     for step in range(steps):
@@ -75,7 +96,7 @@ def _tensor_parallel(stage: nn.Module, tp_mesh: Any) -> None:
 def _fully_shard(stage: nn.Module, dp_mesh: Any, reshard: bool) -> nn.Module:
     from torch.distributed.fsdp import fully_shard
 
-    for _, child in _linears(stage):
+    for child in [m for m in stage.modules() if isinstance(m, nn.Linear)]:
         fully_shard(child, mesh=dp_mesh, reshard_after_forward=reshard)
     return fully_shard(stage, mesh=dp_mesh, reshard_after_forward=reshard)
 
@@ -83,7 +104,6 @@ def _fully_shard(stage: nn.Module, dp_mesh: Any, reshard: bool) -> nn.Module:
 def parallelizer(kind: str) -> Callable[[nn.Module, Any], nn.Module]:
     """``fn(stage_module, mesh)`` for a wrapper kind of the matrix."""
     def apply(stage: nn.Module, mesh: Any) -> nn.Module:
-        assert all(name.isdigit() for name, _ in stage.named_children())  # the unsplit model's layer names
         dims = mesh.mesh_dim_names
         dp_mesh = mesh["dp_replicate", "dp_shard"] if "dp_shard" in dims else mesh["dp"] if "dp" in dims else None
         if "tp" in dims:
@@ -96,6 +116,10 @@ def parallelizer(kind: str) -> Callable[[nn.Module, Any], nn.Module]:
                 wrapped = checkpoint_wrapper(child)
                 stage.register_module(name, wrapped)
                 fully_shard(wrapped, mesh=dp_mesh)
+            return fully_shard(stage, mesh=dp_mesh)
+        if kind == "fsdp-root":  # the stage as one unit (a traced stage never calls its layers)
+            from torch.distributed.fsdp import fully_shard
+
             return fully_shard(stage, mesh=dp_mesh)
         if kind in ("fsdp", "fsdp-keep", "hsdp"):
             return _fully_shard(stage, dp_mesh, reshard=kind != "fsdp-keep")
@@ -132,15 +156,17 @@ def _replica(mesh: Any) -> tuple[int, int]:
     return coordinate, count
 
 
-def train(mesh: Any, schedule: str, kind: str, recompute: bool, n_stages: int = 0, meta: bool = False) -> dict:
-    """One configuration: STEPS Adam steps on this rank's data shard. ``meta``: the model is
-    built on the meta device and materialised by the runner (init_fn copies the reference's
-    initial weights), so parallelize sees materialised stages."""
+def train(mesh: Any, schedule: str, kind: str, recompute: bool, n_stages: int = 0, variant: str = "") -> dict:
+    """One configuration: STEPS Adam steps on this rank's data shard. ``variant="meta"``: the
+    MLP is built on the meta device and materialised by the runner (init_fn copies the
+    reference's initial weights), so parallelize sees materialised stages; ``"named"``: the
+    traced :class:`NamedNet` instead of the MLP."""
+    meta = variant == "meta"
     calls: list[tuple[list[str], bool]] = []
 
     def parallelize(stage: nn.Module, stage_mesh: Any) -> nn.Module:
         assert not any(p.is_meta for p in stage.parameters())
-        calls.append(([name for name, _ in stage.named_children()], stage_mesh is mesh))
+        calls.append(([name for name, _ in stage.named_children()], stage_mesh is mesh))  # original names
         return parallelizer(kind)(stage, stage_mesh)
 
     init_fn = None
@@ -155,7 +181,7 @@ def train(mesh: Any, schedule: str, kind: str, recompute: bool, n_stages: int = 
                     value.copy_(initial[name])
     else:
         model = mlp()
-    pipe = conveyor.pipeline(model, n_stages=n_stages or mesh["pp"].size())
+    pipe = named_pipe() if variant == "named" else conveyor.pipeline(model, n_stages=n_stages or mesh["pp"].size())
     runner = conveyor.PipelineRunner(pipe, mesh=mesh, parallelize=parallelize, schedule=schedule,
                                      n_microbatches=N_MICROBATCHES, loss_fn=mse, recompute=recompute,
                                      init_fn=init_fn)
@@ -174,14 +200,14 @@ def train(mesh: Any, schedule: str, kind: str, recompute: bool, n_stages: int = 
 
 
 def matrix(rank: int, world_size: int, sizes: dict[str, int], cases: list[tuple]) -> dict:
-    """Every case ``(schedule, kind, recompute[, meta])`` on one mesh."""
+    """Every case ``(schedule, kind, recompute[, variant])`` on one mesh."""
     torch.set_num_threads(1)
     mesh = conveyor.mesh(**sizes)
     results = {}
     for case in cases:
         schedule = case[0]
         n_stages = 4 if schedule in ("interleaved-1f1b", "zb-v") else 0
-        results[case] = train(mesh, *case[:3], n_stages=n_stages, meta=len(case) > 3 and case[3] == "meta")
+        results[case] = train(mesh, *case[:3], n_stages=n_stages, variant=case[3] if len(case) > 3 else "")
     return results
 
 

@@ -27,7 +27,7 @@ def _cases(kinds: list[str], schedules: list[str] = SCHEDULES) -> list[tuple[str
 def _assert_exact(per_rank: list[dict], case: tuple, last_stage_ranks: list[int]) -> None:
     """Every rank's weights equal the unsplit model's (names included); the last stage's ranks
     return the global mean loss of every step."""
-    expected, losses = reference()
+    expected, losses = reference(model=mesh_workers.NamedNet() if case[3:] == ("named",) else None)
     covered = set()
     for rank_result in per_rank:
         result = rank_result[case]
@@ -43,7 +43,8 @@ def _assert_exact(per_rank: list[dict], case: tuple, last_stage_ranks: list[int]
 
 @pytest.fixture(scope="module")
 def pp2_dp2() -> list[dict]:
-    cases = _cases(DP_KINDS) + [("1f1b", "fsdp", False, "meta")]
+    cases = _cases(DP_KINDS) + _cases(["fsdp-ac"], ["1f1b", "zb-h1"]) + [("1f1b", "fsdp", False, "meta")]
+    cases += [(schedule, kind, False, "named") for schedule in ("1f1b", "zb-h1") for kind in ("fsdp-root", "ddp")]
     return conveyor.launch(mesh_workers.matrix, 4, args=({"pp": 2, "dp": 2}, cases), timeout=300)
 
 
@@ -71,6 +72,21 @@ def test_parallelize_gets_each_materialised_stage_once_with_its_layer_names_and_
     assert looped == [(["0", "1"], True), (["4", "5"], True)]  # stages 0 and 2 of 4
 
 
+def test_activation_checkpointed_fsdp2_layers_keep_the_unsplit_names_and_train_exactly(pp2_dp2: list[dict]) -> None:
+    """checkpoint_wrapper per layer, then fully_shard (torchtitan's order), also under split backward."""
+    for case in _cases(["fsdp-ac"], ["1f1b", "zb-h1"]):
+        _assert_exact(pp2_dp2, case, [2, 3])
+
+
+def test_a_traced_model_with_named_children_keeps_them_for_parallelize_and_trains_exactly(
+        pp2_dp2: list[dict]) -> None:
+    for schedule in ("1f1b", "zb-h1"):
+        for kind in ("fsdp-root", "ddp"):
+            case = (schedule, kind, False, "named")
+            assert [names for names, _ in pp2_dp2[2][case]["calls"]] == [["blocks", "out"]]
+            _assert_exact(pp2_dp2, case, [2, 3])
+
+
 def test_a_meta_device_model_is_materialised_before_parallelize_and_trains_exactly(pp2_dp2: list[dict]) -> None:
     _assert_exact(pp2_dp2, ("1f1b", "fsdp", False, "meta"), [2, 3])
 
@@ -90,7 +106,7 @@ def test_pp2_dp2_tp2_fsdp_and_tensor_parallel_stages_train_exactly_under_zb_h1()
 
 @pytest.mark.slow
 def test_pp2_dp2_tp2_fsdp_and_tensor_parallel_stages_train_exactly_under_every_schedule() -> None:
-    cases = _cases(["fsdp", "fsdp-keep"])
+    cases = _cases(["fsdp", "fsdp-keep", "plain"])  # plain: tensor parallel, conveyor all-reduces over dp
     per_rank = conveyor.launch(mesh_workers.matrix, 8, args=({"pp": 2, "dp": 2, "tp": 2}, cases), timeout=600)
     for case in cases:
         _assert_exact(per_rank, case, [0, 1, 2, 3] if case[0] == "zb-v" else [4, 5, 6, 7])

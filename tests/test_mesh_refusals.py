@@ -109,3 +109,11 @@ def test_weights_tied_across_fsdp2_stages_are_refused(one_rank_group: None) -> N
 def test_replicas_and_mesh_together_are_refused(one_rank_group: None) -> None:
     with pytest.raises(ValueError, match="replicas= and mesh= cannot be combined"):
         conveyor.PipelineRunner(_pipe(), mesh=conveyor.mesh(pp=1), replicas=[1], **OPTIONS)
+
+
+def test_sharding_the_layers_of_a_traced_stage_that_never_calls_them_is_refused(one_rank_group: None) -> None:
+    mesh = conveyor.mesh(pp=1, dp=1)
+    pipe = conveyor.pipeline(mesh_workers.NamedNet(), n_stages=1, example_args=(mesh_workers.global_batch(0)[0][:4],))
+    with pytest.raises(ValueError, match=r"traced graph that reads the parameters of 'inp' without calling it"):
+        conveyor.PipelineRunner(pipe, mesh=mesh, parallelize=lambda m, s: mesh_workers._fully_shard(m, s["dp"], True),
+                                **OPTIONS)

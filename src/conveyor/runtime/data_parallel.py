@@ -282,12 +282,29 @@ def refuse_unsupported(module: nn.Module, stage: int) -> None:
         if name and _is_ddp_replicate(sub):
             raise ValueError(f"{label} has the DDP-based replicate applied inside the stage: apply replicate to the "
                              "whole stage module")
+    _refuse_hooks_a_graph_never_runs(unwrap(module), where)
     if FSDPModule is not None and not isinstance(unwrap(module), FSDPModule):
         inner = [name for name, sub in module.named_modules() if isinstance(sub, FSDPModule)]
         if inner:
             raise ValueError(f"{where}: fully_shard was applied to {inner[:3]} but not to the stage module itself; "
                              "conveyor reduces a stage's gradients through its root: also call "
                              "fully_shard(stage_module, mesh=...) last in parallelize")
+
+
+def _refuse_hooks_a_graph_never_runs(module: nn.Module, where: str) -> None:
+    """A traced stage (an fx graph that reads its submodules' parameters without calling them)
+    never runs forward hooks of its submodules, which FSDP2 and tensor parallelism rely on."""
+    if not isinstance(module, torch.fx.GraphModule):
+        return
+    called = {node.target for node in module.graph.nodes if node.op == "call_module"}
+    for name, sub in module.named_modules():
+        if not name or any(name == c or name.startswith(f"{c}.") for c in called):
+            continue
+        if (FSDPModule is not None and isinstance(sub, FSDPModule)) or sub._forward_pre_hooks or sub._forward_hooks:
+            raise ValueError(f"{where} is a traced graph that reads the parameters of {name!r} without calling it, so "
+                             f"the hooks put on {name!r} (fully_shard, parallelize_module, ...) would never run: "
+                             "apply fully_shard to the stage module as a whole, or cut the model as an "
+                             "nn.Sequential or a list of stage modules to shard or tensor-parallelise its layers")
 
 
 def sync_for(module: nn.Module, layout: MeshLayout | None, stage: int) -> GradientSync:
