@@ -350,3 +350,51 @@ def spare_step(rank: int, world_size: int, schedule: str, unused: list[str]) -> 
     except RuntimeError as error:
         return str(error)
     return "trained"
+
+
+# --- token-weighted losses ----------------------------------------------------------------------------
+def token_target(step: int) -> torch.Tensor:
+    """Class labels for the global batch with ignored rows (-100) all in the first replica's shard."""
+    generator = torch.Generator().manual_seed(200 + step)
+    labels = torch.randint(0, WIDTH, (ROWS,), generator=generator)
+    labels[[0, 3, 5, 8]] = -100  # one per micro-batch of the first shard (a micro-batch of only ignored rows is NaN)
+    return labels
+
+
+def token_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return nn.functional.cross_entropy(output, target, ignore_index=-100)
+
+
+def token_reference() -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
+    model = mlp()
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    losses = []
+    for step in range(STEPS):
+        optimizer.zero_grad()
+        loss = token_loss(model(global_batch(step)[0]), token_target(step))
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.detach())
+    return {k: v.clone() for k, v in model.state_dict().items()}, losses
+
+
+def token_weighted(rank: int, world_size: int, cases: list[tuple[str, str]]) -> dict:
+    """loss_weighting="tokens" on pp2 x dp2: replicas with different counts of counted tokens."""
+    torch.set_num_threads(1)
+    mesh = conveyor.mesh(pp=2, dp=2)
+    replica, replicas = _replica(mesh)
+    results = {}
+    for schedule, kind in cases:
+        runner = conveyor.PipelineRunner(conveyor.pipeline(mlp(), n_stages=2), mesh=mesh,
+                                         parallelize=parallelizer(kind), schedule=schedule,
+                                         n_microbatches=N_MICROBATCHES, loss_fn=token_loss, loss_weighting="tokens")
+        optimizer = torch.optim.Adam(runner.parameters(), lr=0.01)
+        losses = []
+        for step in range(STEPS):
+            optimizer.zero_grad()
+            x, y = shard_of(global_batch(step)[0], replica, replicas), shard_of(token_target(step), replica, replicas)
+            losses.append(runner.step(x, target=y))
+            optimizer.step()
+        results[(schedule, kind)] = {"weights": {n: _full(v) for n, v in runner.state_dict().items()},
+                                     "losses": losses}
+    return results

@@ -162,3 +162,18 @@ def test_a_trainable_parameter_without_gradient_is_an_error_naming_it_unless_mar
     marked = conveyor.launch(mesh_workers.spare_step, 4, args=("zb-h1", ["1.spare.weight", "1.spare.bias"]),
                              timeout=120)
     assert marked == ["trained"] * 4
+
+
+def test_token_weighted_losses_average_over_the_counted_tokens_of_every_replica() -> None:
+    """The replicas count 5 and 7 target tokens (the rest is ignore_index): each micro-batch's
+    loss is weighed by its share of all 12, not of its replica's."""
+    cases = [("1f1b", "fsdp"), ("zb-h1", "ddp")]
+    per_rank = conveyor.launch(mesh_workers.token_weighted, 4, args=(cases,), timeout=120)
+    expected, losses = mesh_workers.token_reference()
+    for case in cases:
+        for rank_result in per_rank:
+            for name, tensor in rank_result[case]["weights"].items():
+                torch.testing.assert_close(tensor, expected[name], rtol=0, atol=1e-10, msg=f"{case} {name}")
+        for rank in (2, 3):
+            torch.testing.assert_close(torch.stack(per_rank[rank][case]["losses"]), torch.stack(losses), rtol=0,
+                                       atol=1e-10)
