@@ -335,13 +335,13 @@ class WithSpare(nn.Module):
         return self.used(x)
 
 
-def spare_step(rank: int, world_size: int, schedule: str, unused: list[str]) -> str:
-    """One step of pp2 x dp2 FSDP2 stages, stage 1 holding a never-called layer: the error, or "trained"."""
+def spare_step(rank: int, world_size: int, schedule: str, kind: str, unused: list[str]) -> str:
+    """One step of pp2 x dp2 stages, stage 1 holding a never-called layer: the error, or "trained"."""
     torch.set_num_threads(1)
     mesh = conveyor.mesh(pp=2, dp=2)
     torch.manual_seed(0)
     pipe = conveyor.pipeline([nn.Sequential(nn.Linear(WIDTH, WIDTH, dtype=DTYPE)), WithSpare()])
-    runner = conveyor.PipelineRunner(pipe, mesh=mesh, parallelize=parallelizer("fsdp"), schedule=schedule,
+    runner = conveyor.PipelineRunner(pipe, mesh=mesh, parallelize=parallelizer(kind), schedule=schedule,
                                      n_microbatches=2, loss_fn=mse, unused_parameters=unused)
     x, y = global_batch(0)
     replica = mesh["dp"].get_local_rank()

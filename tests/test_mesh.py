@@ -154,12 +154,15 @@ def test_ddp_stages_all_reduce_one_bucket_pass_per_step(collective_counts: list[
 
 
 # --- parameters without a gradient ------------------------------------------------------------------
-def test_a_trainable_parameter_without_gradient_is_an_error_naming_it_unless_marked_unused() -> None:
-    per_rank = conveyor.launch(mesh_workers.spare_step, 4, args=("zb-h1", []), timeout=120)
+@pytest.mark.parametrize("kind", ["fsdp", "plain"])
+def test_a_trainable_parameter_without_gradient_is_an_error_naming_it_unless_marked_unused(kind: str) -> None:
+    """Under zb-h1 the weight pass must reach every parameter the graph used; one never called
+    is named (fsdp: FSDP2 layers; plain: conveyor's own all-reduce over 'dp')."""
+    per_rank = conveyor.launch(mesh_workers.spare_step, 4, args=("zb-h1", kind, []), timeout=120)
     assert per_rank[:2] == ["trained", "trained"]
     for message in per_rank[2:]:
         assert "'1.spare.weight'" in message and "unused_parameters" in message
-    marked = conveyor.launch(mesh_workers.spare_step, 4, args=("zb-h1", ["1.spare.weight", "1.spare.bias"]),
+    marked = conveyor.launch(mesh_workers.spare_step, 4, args=("zb-h1", kind, ["1.spare.weight", "1.spare.bias"]),
                              timeout=120)
     assert marked == ["trained"] * 4
 

@@ -38,7 +38,7 @@ from ..schedule.actions import BACKWARD, WEIGHT_GRAD, Action
 from .mesh import MeshLayout
 
 __all__ = ["GradientSync", "PlainSync", "FSDPSync", "DDPSync", "ComposableReplicateSync", "sync_for",
-           "unwrap", "last_backwards", "graph_leaves", "refuse_unsupported"]
+           "unwrap", "last_backwards", "graph_leaves", "refuse_unsupported", "has_dtensors"]
 
 try:
     from torch.distributed.fsdp import FSDPModule
@@ -172,9 +172,10 @@ class PlainSync(GradientSync):
         for p, local in zip(params, grads):
             part = flat[offset:offset + local.numel()].view_as(local)
             offset += local.numel()
-            if p.grad is None:
-                p.grad = DTensor.from_local(part.clone(), p.device_mesh, p.placements) if isinstance(p, DTensor) \
-                    else part.clone()
+            if p.grad is None:  # no gradient here: it stays None (an error after the step) unless a peer had one
+                if bool(part.any()):
+                    p.grad = DTensor.from_local(part.clone(), p.device_mesh, p.placements) if isinstance(p, DTensor) \
+                        else part.clone()
             else:
                 local.copy_(part)
 
