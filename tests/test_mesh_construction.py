@@ -1,5 +1,6 @@
-"""What a runner on a device mesh refuses at construction, each with an error naming the problem
-and the fix (one-rank process group: nothing here needs a peer)."""
+"""Building a runner on a device mesh: ``conveyor.mesh``, the pipeline dimension, and what is
+refused at construction, each with an error naming the problem and the fix (one-rank process
+group: nothing here needs a peer)."""
 
 from __future__ import annotations
 
@@ -117,3 +118,11 @@ def test_sharding_the_layers_of_a_traced_stage_that_never_calls_them_is_refused(
     with pytest.raises(ValueError, match=r"traced graph that reads the parameters of 'inp' without calling it"):
         conveyor.PipelineRunner(pipe, mesh=mesh, parallelize=lambda m, s: mesh_workers._fully_shard(m, s["dp"], True),
                                 **OPTIONS)
+
+
+def test_the_pipeline_dimension_may_have_another_name(one_rank_group: None) -> None:
+    mesh = init_device_mesh("cpu", (1, 1), mesh_dim_names=("pipe", "dp"))
+    runner = conveyor.PipelineRunner(_pipe(), mesh=mesh, pp_dim="pipe", **OPTIONS)
+    assert runner.mesh is mesh and runner.mesh_layout.pp_dim == "pipe" and runner.mesh_layout.data_size == 1
+    x, y = mesh_workers.global_batch(0)
+    assert runner.step(x, target=y) is not None
