@@ -85,6 +85,7 @@ class Profile:
     model: str = ""
     concurrent: int = 1         # processes that were profiling at once (contention included in the times)
     action_overhead_s: float = 0.0  # the runtime's own cost per action and hand-off (message latency included)
+    tied_blocks: list[list[int]] = field(default_factory=list)  # per weight held by several blocks: those blocks
 
     @property
     def n_blocks(self) -> int:
@@ -144,7 +145,7 @@ def _median_profile(profiles: Sequence[Profile]) -> Profile:
                                    first.param_bytes, first.activation_bytes_per_row, first.output_bytes_per_row))
     head = profiles[0]
     return Profile(blocks, head.link, head.rows, head.threads, head.cores, head.units, head.model, len(profiles),
-                   head.action_overhead_s)
+                   head.action_overhead_s, head.tied_blocks)
 
 
 def profile(model: nn.Module | Sequence[nn.Module], example_args: Any, example_kwargs: dict | None = None, *,
@@ -213,6 +214,11 @@ def profile(model: nn.Module | Sequence[nn.Module], example_args: Any, example_k
         link = Link()
     elif not isinstance(link, Link):
         raise ValueError(f"link={link!r}: pass 'measure', a conveyor.planning.Link or None")
+    holders: dict[int, list[int]] = {}
+    for index, module in enumerate(units.modules):
+        for parameter in module.parameters():
+            holders.setdefault(id(parameter), []).append(index)
+    tied = [blocks for blocks in holders.values() if len(blocks) > 1]
     return Profile(blocks, link, rows=tuple(sorted({rows_small, rows_large})), threads=threads or old_threads,
                    cores=os.cpu_count() or 1, units=units.kind, model=name or type(model).__name__,
-                   action_overhead_s=overhead)
+                   action_overhead_s=overhead, tied_blocks=tied)
