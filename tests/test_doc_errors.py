@@ -1,6 +1,6 @@
 """Every error message docs/errors.md quotes is what the code says: each is triggered and its text
 compared with the quote (placeholders such as ``N``, ``'x'``, ``[...]`` and ``...`` stand for any
-value); the few that need a failing disk or a dying peer are looked up in the source instead."""
+value); the two that need three ranks or no process group are looked up in the source instead."""
 
 from __future__ import annotations
 
@@ -49,6 +49,13 @@ def _pattern(quoted: str) -> re.Pattern[str]:
         position = match.end()
     parts.append(re.escape(quoted[position:]))
     return re.compile("".join(parts), re.DOTALL)
+
+
+def test_placeholders_stand_for_values_but_the_words_must_match() -> None:
+    quote = "cannot cut N layers into K stages: use one of [...]; 'x' ..."
+    assert _pattern(quote).search("cannot cut 8 layers into 9 stages: use one of ['a', 'b']; 'gpipe' and more")
+    assert not _pattern(quote).search("cannot split 8 layers into 9 stages: use one of ['a']; 'gpipe'")
+    assert not _pattern(quote).search("cannot cut 8 layers into 9 pieces: use one of ['a']; 'gpipe'")
 
 
 # --- triggers: each returns the exception the documented situation raises ---------------------------
