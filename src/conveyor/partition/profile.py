@@ -72,9 +72,8 @@ class _Clock:
         return time.perf_counter() - start, result
 
 
-def _grad(outputs: list[torch.Tensor], wrt: list[torch.Tensor], *, retain: bool) -> None:
-    torch.autograd.grad(outputs, wrt, [torch.ones_like(t) for t in outputs], retain_graph=retain,
-                        allow_unused=True)
+def _grad(outputs: list[torch.Tensor], grads: list[torch.Tensor], wrt: list[torch.Tensor], *, retain: bool) -> None:
+    torch.autograd.grad(outputs, wrt, grads, retain_graph=retain, allow_unused=True)
 
 
 def measure_blocks(modules: Sequence[nn.Module], args: tuple, kwargs: dict | None = None, *, target: Any = None,
@@ -115,16 +114,17 @@ def measure_blocks(modules: Sequence[nn.Module], args: tuple, kwargs: dict | Non
                     saved = _Saved({p.untyped_storage().data_ptr() for p in module.parameters()})
                     with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t):
                         forward_s, (output, outs) = clock.timed(forward)
+                    grads = [torch.ones_like(t) for t in outs]
                     input_s = weight_s = 0.0
                     if split_backward:
                         if outs and leaves:
-                            input_s, _ = clock.timed(_grad, outs, leaves, retain=True)
+                            input_s, _ = clock.timed(_grad, outs, grads, leaves, retain=True)
                         if outs and params:
-                            weight_s, _ = clock.timed(_grad, outs, params, retain=False)
+                            weight_s, _ = clock.timed(_grad, outs, grads, params, retain=False)
                         _, (_, outs) = clock.timed(forward)  # the graph was consumed: a fresh one for B
                     backward_s = 0.0
                     if outs and (leaves or params):
-                        backward_s, _ = clock.timed(_grad, outs, leaves + params, retain=False)
+                        backward_s, _ = clock.timed(_grad, outs, grads, leaves + params, retain=False)
                     if run > 0:
                         for key, seconds in zip("FBIW", (forward_s, backward_s, input_s, weight_s)):
                             samples[index][key].append(seconds)
