@@ -20,7 +20,7 @@ test: $(BIN)/conveyor-ready
 	$(BIN)/python -m pytest -q
 
 lint: $(BIN)/conveyor-ready
-	$(BIN)/ruff check src tests bench examples
+	$(BIN)/ruff check src tests bench scripts examples
 
 bench: $(BIN)/conveyor-ready
 	$(BIN)/python -m bench

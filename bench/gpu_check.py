@@ -1,8 +1,8 @@
 """GPU check for one machine with one GPU: gradients equal the unsplit model's on CUDA, and the
 per-step cost of each execution mode, written as a markdown section for BENCHMARKS.md.
 
-    python bench/gpu_check.py [--out gpu_check.md]      # on the GPU machine (writes $OUT/ by default)
-    python bench/gpu_check.py --cpu-dry-run             # the same code on CPU, small and quick
+    python bench/gpu_check.py [--out FILE]   # on the GPU machine (writes $OUT/ or out/gpu_check.md)
+    python bench/gpu_check.py --cpu-dry-run # the same code on CPU, small and quick
 
 Modes: ``unsplit`` (the model itself), ``local`` (LocalPipeline: both stages in this process,
 each rank a CUDA stream), ``2 procs host-staged`` (two processes sharing the GPU over gloo,
@@ -300,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cpu-dry-run", action="store_true", help="run the same code on CPU, small and quick")
     parser.add_argument("--out", type=Path, default=None,
-                        help="markdown file to write (default: $OUT/gpu_check.md, else ./gpu_check.md)")
+                        help="markdown file to write (default: $OUT/gpu_check.md, else out/gpu_check.md)")
     parser.add_argument("--gpt2", choices=["auto", "transformers", "builtin"], default="auto",
                         help="which GPT-2 implementation to time (auto: transformers when installed)")
     args = parser.parse_args(argv)
@@ -310,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = Settings(args.cpu_dry_run, args.gpt2)
     if settings.dry_run:
         torch.set_num_threads(1)  # like each launched rank; more threads than free cores only adds noise
-    out = args.out or Path(os.environ.get("OUT", ".")) / "gpu_check.md"
+    out = args.out or Path(os.environ.get("OUT", "out")) / "gpu_check.md"  # out/ is git-ignored
     began = time.perf_counter()
     equality_rows, ok = equality(settings)
     print("\n".join(equality_rows), flush=True)

@@ -115,6 +115,16 @@ def test_bench_without_the_repository_says_so(monkeypatch: pytest.MonkeyPatch,
     assert "not importable" in capsys.readouterr().err
 
 
+def test_timeline_picture_without_matplotlib_names_the_plot_extra(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")] + ["matplotlib"]:
+        monkeypatch.setitem(sys.modules, name, None)  # import fails as if matplotlib were not installed
+    assert main(["timeline", "--ranks", "2", "--microbatches", "2", "-o", str(tmp_path / "t.png")]) == 1
+    error = capsys.readouterr().err
+    assert "pip install conveyor[plot]" in error and len(error.strip().splitlines()) == 1
+    assert not (tmp_path / "t.png").exists()
+
+
 def test_demo_and_timeline_still_run(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["timeline", "--ranks", "2", "--microbatches", "2"]) == 0
     assert main(["demo", "--stages", "2", "--steps", "2", "--batch-size", "4", "--microbatches", "2"]) == 0

@@ -229,3 +229,20 @@ def replace_concurrent(profile: Profile) -> Profile:
     from dataclasses import replace
 
     return replace(profile, concurrent=1)
+
+
+def test_a_weight_tied_across_stages_makes_asynchronous_candidates_unrunnable() -> None:
+    prof = uniform(4)
+    prof.tied_blocks = [[0, 3]]  # e.g. GPT-2's wte (first block) and lm_head (last block)
+    result = plan(prof, n_ranks=2, batch_size=4)
+    asynchronous = [c for c in result.candidates if c.is_async]
+    synchronous = [c for c in result.candidates if not c.is_async]
+    assert asynchronous and not any(c.runnable for c in asynchronous)
+    assert any(c.runnable for c in synchronous) and not result.best_runnable.is_async
+
+
+def test_profile_records_which_blocks_hold_a_tied_weight() -> None:
+    first, middle, last = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4)
+    last.weight = first.weight
+    prof = profile(nn.Sequential(first, middle, last), (torch.randn(4, 4),), runs=1, link=None)
+    assert prof.tied_blocks == [[0, 2]]

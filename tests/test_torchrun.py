@@ -30,7 +30,7 @@ def test_torchrun_two_nodes_gives_the_gradients_of_launch(tmp_path: Path) -> Non
         subprocess.Popen(
             [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "2",
              "--node-rank", str(node), "--master-addr", "127.0.0.1", "--master-port", str(port),
-             str(HERE / "torchrun_script.py"), str(tmp_path)],
+             str(HERE / "helpers" / "torchrun_script.py"), str(tmp_path)],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for node in range(2)
     ]

@@ -3,6 +3,7 @@ markers, errors; gradients of a traced split equal the unsplit model's."""
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import re
 
@@ -41,6 +42,38 @@ def test_stages_run_in_sequence_give_the_unsplit_output_and_gradients() -> None:
             grads[name] = parameter.grad
     for name, parameter in reference.named_parameters():
         assert torch.allclose(grads[name], parameter.grad, atol=ATOL, rtol=0), name
+
+
+class _DictOut(nn.Module):
+    """Takes a positional and a keyword input, returns a dict holding a tuple: a pytree both ways."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(tw.WIDTH, tw.WIDTH)
+        self.b = nn.Linear(tw.WIDTH, tw.WIDTH)
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> dict:
+        h = self.a(x) + bias
+        return {"out": self.b(h), "parts": (h, x * 2)}
+
+
+def test_stage_modules_take_the_model_signature_and_return_pytrees() -> None:
+    """graph_split keeps torch.fx's private _PyTreeCodeGen (torch has no public code generator that
+    takes and returns pytrees): this pins what it does on the installed torch. Stage 0 is called
+    like the model (by position or by name), a later stage with the one value it receives, and the
+    last stage returns the model's own output structure."""
+    torch.manual_seed(0)
+    model = _DictOut().double()
+    x, bias = torch.randn(3, tw.WIDTH, dtype=torch.float64), torch.randn(tw.WIDTH, dtype=torch.float64)
+    pipe = conveyor.pipeline(model, split_points=["b"], example_args=(x, bias))
+    first, last = pipe.stage_module(0), pipe.stage_module(1)
+    assert list(inspect.signature(first.forward).parameters) == ["x", "bias"]
+    positional, by_name = first(x, bias), first(x=x, bias=bias)
+    assert all(torch.equal(p, n) for p, n in zip(positional, by_name))
+    out, expected = last(positional), model(x, bias)
+    assert set(out) == {"out", "parts"} and isinstance(out["parts"], tuple)
+    assert torch.allclose(out["out"], expected["out"], atol=ATOL, rtol=0)
+    assert all(torch.allclose(o, e, atol=ATOL, rtol=0) for o, e in zip(out["parts"], expected["parts"]))
 
 
 def test_stage_modules_use_the_unsplit_models_parameter_and_buffer_names() -> None:

@@ -19,8 +19,11 @@ def _demo(args: argparse.Namespace) -> None:
 
 def _timeline(args: argparse.Namespace) -> None:
     from .schedule import simulate
+    from .schedule.render import require_matplotlib
     from .timeline import chrome_trace, measured_bubble, render, sleep_costs, sleep_pipeline_trace
 
+    if args.output and not args.output.endswith(".json"):
+        require_matplotlib()  # before running anything
     stage_seconds = (args.forward_ms / 1e3, args.input_grad_ms / 1e3, args.weight_grad_ms / 1e3)
     n_stages = args.stages or args.ranks
     predicted = simulate(args.schedule, n_stages, args.microbatches, sleep_costs(n_stages, stage_seconds),
@@ -82,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     timeline.add_argument("--input-grad-ms", type=float, default=10.0, help="input-gradient time (default 10)")
     timeline.add_argument("--weight-grad-ms", type=float, default=10.0, help="weight-gradient time (default 10)")
     timeline.add_argument("--run", action="store_true", help="run it on local processes and draw what happened")
-    timeline.add_argument("-o", "--output", help="write a picture (.png/.svg/.pdf) or Chrome trace (.json)")
+    timeline.add_argument("-o", "--output", help="write a picture (.png/.svg/.pdf; needs matplotlib: pip "
+                                                 "install conveyor[plot]) or a Chrome trace (.json)")
     timeline.set_defaults(handler=_timeline)
     cli_train.register(commands)
     cli_plan.register(commands)

@@ -27,7 +27,7 @@ from torch.export.graph_signature import InputKind, OutputKind
 from torch.fx.graph import _PyTreeCodeGen, _PyTreeInfo
 from torch.utils import _pytree as pytree
 
-__all__ = ["Captured", "Plan", "build_stage", "plan_stages"]
+__all__ = ["Captured", "StageCuts", "build_stage", "plan_stages"]
 
 # ops whose train flag was frozen at trace time: they follow the stage's train()/eval() instead
 _TRAIN_FLAG_ARG = {
@@ -121,15 +121,16 @@ class Captured:
 
 
 @dataclass
-class Plan:
-    """Which stage runs each node, and the values that leave each stage."""
+class StageCuts:
+    """Which stage runs each node, and the values that leave each stage (the splitter's cut of one
+    captured graph; not to be confused with ``planning.search.Plan``, the planner's ranked choices)."""
 
     n_stages: int
     stage_of: dict[fx.Node, int]
     boundaries: list[list[fx.Node]]  # boundaries[s]: values stage s hands to stage s+1, in graph order
 
 
-def plan_stages(captured: Captured, cuts: Sequence[int]) -> Plan:
+def plan_stages(captured: Captured, cuts: Sequence[int]) -> StageCuts:
     """Assign nodes to stages: ``cuts`` are positions in ``captured.compute`` where a stage starts."""
     n_stages = len(cuts) + 1
     stage_of: dict[fx.Node, int] = {node: 0 for node in captured.user_inputs}
@@ -154,7 +155,7 @@ def plan_stages(captured: Captured, cuts: Sequence[int]) -> Plan:
                 last = n_stages - 1
         for stage in range(made, last):
             boundaries[stage].append(node)
-    return Plan(n_stages, stage_of, boundaries)
+    return StageCuts(n_stages, stage_of, boundaries)
 
 
 def _bundle(values: Sequence[Any]) -> Any:
@@ -217,8 +218,8 @@ def _attach_state(stage: nn.Module, model: nn.Module, held: set[str]) -> None:
 class _StageGraph:
     """Builds the graph of one stage."""
 
-    def __init__(self, captured: Captured, plan: Plan, index: int) -> None:
-        self.captured, self.plan, self.index = captured, plan, index
+    def __init__(self, captured: Captured, cuts: StageCuts, index: int) -> None:
+        self.captured, self.cuts, self.index = captured, cuts, index
         self.graph = fx.Graph()
         self.env: dict[fx.Node, fx.Node] = {}
         self.held: set[str] = set()
@@ -271,7 +272,7 @@ class _StageGraph:
         return self._training
 
     def inputs(self) -> list[fx.Node]:
-        return self.captured.user_inputs if self.index == 0 else self.plan.boundaries[self.index - 1]
+        return self.captured.user_inputs if self.index == 0 else self.cuts.boundaries[self.index - 1]
 
     def _rewrite(self, argument: Any) -> Any:
         if isinstance(argument, torch.device) and argument in self.captured.devices:
@@ -285,13 +286,13 @@ class _StageGraph:
         return argument
 
     def build(self) -> fx.Graph:
-        captured, plan, graph = self.captured, self.plan, self.graph
+        captured, cuts, graph = self.captured, self.cuts, self.graph
         for node in self.inputs():
             placeholder = graph.placeholder(node.name)
             placeholder.meta = dict(node.meta)
             self.env[node] = placeholder
         for node in captured.compute:
-            if plan.stage_of[node] != self.index:
+            if cuts.stage_of[node] != self.index:
                 continue
             args = self._rewrite(node.args)  # nodes it adds (device, training) come before the copy
             kwargs = self._rewrite(node.kwargs)
@@ -303,15 +304,15 @@ class _StageGraph:
             new.meta = dict(node.meta)
             self.env[node] = new
         for value, buffer in captured.mutations:
-            if plan.stage_of.get(value) == self.index:
+            if cuts.stage_of.get(value) == self.index:
                 self.held.add(buffer)
                 graph.call_function(_assign, (graph.get_attr(buffer), self.env[value]))
-        last = self.index == plan.n_stages - 1
+        last = self.index == cuts.n_stages - 1
         if last:
             results = [self.env[v] if isinstance(v, fx.Node) else v for v in captured.outputs]
             out_spec = captured.program.call_spec.out_spec
         else:
-            leaving = plan.boundaries[self.index]
+            leaving = cuts.boundaries[self.index]
             results = [self.env[v] for v in leaving]
             out_spec = pytree.tree_structure(_bundle(leaving))
         graph.output(tuple(results))
@@ -325,13 +326,16 @@ class _StageGraph:
         else:
             in_spec = pytree.tree_structure(((_bundle(self.inputs()),), {}))
             names = ["value"]
-        graph._codegen = _PyTreeCodeGen(_PyTreeInfo(names, in_spec, out_spec))
+        # torch has no public code generator that takes and returns pytrees (torch.export's own
+        # unflattened modules use this one); Graph.set_codegen is public. Pinned by
+        # tests/test_trace.py::test_stage_modules_take_the_model_signature_and_return_pytrees.
+        graph.set_codegen(_PyTreeCodeGen(_PyTreeInfo(names, in_spec, out_spec)))
         return graph
 
 
-def build_stage(captured: Captured, plan: Plan, index: int) -> tuple[fx.GraphModule, set[str]]:
+def build_stage(captured: Captured, cuts: StageCuts, index: int) -> tuple[fx.GraphModule, set[str]]:
     """The module of stage ``index`` and the names of the parameters and buffers it holds."""
-    builder = _StageGraph(captured, plan, index)
+    builder = _StageGraph(captured, cuts, index)
     graph = builder.build()
     empty = fx.Graph()
     empty.output(None)

@@ -79,7 +79,8 @@ class Pipe:
         return "\n".join(lines)
 
 
-def _is_meta(module: nn.Module) -> bool:
+def is_meta(module: nn.Module) -> bool:
+    """Whether any parameter or buffer of ``module`` is on the meta device (has no storage)."""
     return any(t.is_meta for t in list(module.parameters()) + list(module.buffers()))
 
 
@@ -92,7 +93,7 @@ def materialize(module: nn.Module, device: torch.device | str = "cpu",
     ``reset_parameters`` fills stay uninitialised: pass ``init_fn`` or load a checkpoint.
     A module with no meta tensors is only moved to ``device``.
     """
-    if not _is_meta(module):
+    if not is_meta(module):
         return module.to(device)
     module.to_empty(device=device)
     if init_fn is not None:

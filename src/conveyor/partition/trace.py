@@ -26,8 +26,8 @@ from torch.utils import _pytree as pytree
 
 from ..errors import ConveyorError
 from .balance import decide_on_rank_zero, partition_min_max
-from .graph_split import Captured, Plan, build_stage, plan_stages
-from .pipe import Pipe
+from .graph_split import Captured, StageCuts, build_stage, plan_stages
+from .pipe import Pipe, is_meta
 from .profile import profile_times
 
 __all__ = ["TraceError", "TracedPipe", "capture", "from_traced", "pipe_split"]
@@ -60,10 +60,6 @@ class TraceError(ConveyorError):
     """The model's forward could not be captured as a graph."""
 
 
-def _is_meta(model: nn.Module) -> bool:
-    return any(t.is_meta for t in list(model.parameters()) + list(model.buffers()))
-
-
 def _as_args(example_args: Any) -> tuple:
     if example_args is None:
         return ()
@@ -91,7 +87,7 @@ def capture(model: nn.Module, example_args: Any, example_kwargs: dict | None) ->
     if not args and not kwargs:
         raise ValueError(f"tracing {name} needs example inputs: pass example_args=(inputs,) (and example_kwargs="
                          "{...}) as you will pass them to runner.step(); or pass a list of stage modules")
-    if _is_meta(model):  # only shapes matter to the trace; meta inputs keep it off real storage
+    if is_meta(model):  # only shapes matter to the trace; meta inputs keep it off real storage
         args, kwargs = pytree.tree_map_only(torch.Tensor, lambda t: t.to("meta"), (args, kwargs))
     dynamic = _dynamic_shapes(model, args, kwargs)
     try:
@@ -192,24 +188,24 @@ def _blocks(captured: Captured) -> tuple[str, list[str]]:
     return f"the {len(children)} top-level children", sorted(children, key=lambda b: spans[b][0])
 
 
-def _parameter_numel(captured: Captured, plan: Plan) -> list[dict[str, int]]:
+def _parameter_numel(captured: Captured, cuts: StageCuts) -> list[dict[str, int]]:
     """Per stage: the parameters its nodes use, with their sizes."""
-    used: list[dict[str, int]] = [{} for _ in range(plan.n_stages)]
+    used: list[dict[str, int]] = [{} for _ in range(cuts.n_stages)]
     for node in captured.compute:
         for argument in node.all_input_nodes:
             kind_name = captured.states.get(argument)
             if kind_name is not None and kind_name[0] == "parameter":
-                used[plan.stage_of[node]][kind_name[1]] = captured.model.get_parameter(kind_name[1]).numel()
+                used[cuts.stage_of[node]][kind_name[1]] = captured.model.get_parameter(kind_name[1]).numel()
     return used
 
 
-def _labels(captured: Captured, plan: Plan, depth: int) -> list[str]:
+def _labels(captured: Captured, cuts: StageCuts, depth: int) -> list[str]:
     """Per stage: its first and last module (paths cut to ``depth`` components)."""
-    seen: list[dict[str, None]] = [{} for _ in range(plan.n_stages)]
+    seen: list[dict[str, None]] = [{} for _ in range(cuts.n_stages)]
     for node in captured.compute:
         paths = [p for p in captured.modules_of(node) if p.count(".") < depth]
         if paths:
-            seen[plan.stage_of[node]][paths[-1]] = None
+            seen[cuts.stage_of[node]][paths[-1]] = None
     labels = []
     for paths in seen:
         leaves = [p for p in paths if not any(q.startswith(p + ".") for q in paths)]
@@ -269,7 +265,7 @@ def from_traced(model: nn.Module, *, n_stages: int | None, split_points: Any, ba
     if balance == "time" and (example_args is None and not example_kwargs):
         raise ValueError("balance='time' profiles the model and needs example inputs: pass example_args=(...) "
                          "(a micro-batch), or use balance='params'")
-    if balance == "time" and _is_meta(model):
+    if balance == "time" and is_meta(model):
         raise ValueError(f"balance='time' cannot profile {name}: it is on the meta device and its weights have no "
                          "storage; use balance='params', or build the model on a real device to profile it")
     if not (isinstance(balance, str) and balance in ("params", "time")) and not isinstance(balance, (list, tuple)):
@@ -285,8 +281,8 @@ def from_traced(model: nn.Module, *, n_stages: int | None, split_points: Any, ba
         depth = max([str(n).count(".") + 1 for n in (split_points or [])] or [1])
         how = "split points" if not marked else "pipe_split() markers" if split_points is None else \
             "split points and pipe_split() markers"
-        plan = plan_stages(captured, cuts)
-        costs = [float(sum(used.values())) for used in _parameter_numel(captured, plan)]
+        stage_cuts = plan_stages(captured, cuts)
+        costs = [float(sum(used.values())) for used in _parameter_numel(captured, stage_cuts)]
         cost_unit, description = "parameters", f"traced with torch.export, cut at {how}"
     else:
         if n_stages is None:
@@ -319,22 +315,22 @@ def from_traced(model: nn.Module, *, n_stages: int | None, split_points: Any, ba
             sizes = partition_min_max(unit_costs, n_stages)
         starts = [sum(sizes[:j]) for j in range(1, len(sizes))]
         cuts = [candidates[start - 1] for start in starts]
-        plan = plan_stages(captured, cuts)
+        stage_cuts = plan_stages(captured, cuts)
         if cost_unit == "seconds":
             bounds = [0, *starts, len(blocks)]
             costs = [sum(unit_costs[bounds[j]:bounds[j + 1]]) for j in range(len(sizes))]
         else:
-            costs = [float(sum(used.values())) for used in _parameter_numel(captured, plan)]
+            costs = [float(sum(used.values())) for used in _parameter_numel(captured, stage_cuts)]
         depth = blocks[0].count(".") + 1
         description = f"traced with torch.export, balanced by {how} among {what}"
     stages, held = [], []
-    for index in range(plan.n_stages):
-        stage, names = build_stage(captured, plan, index)
+    for index in range(stage_cuts.n_stages):
+        stage, names = build_stage(captured, stage_cuts, index)
         stages.append(stage)
         held.append(names)
     parameters = {n for n, _ in model.named_parameters()}
-    ties = {n: [s for s in range(plan.n_stages) if n in held[s]] for n in sorted(parameters)}
+    ties = {n: [s for s in range(stage_cuts.n_stages) if n in held[s]] for n in sorted(parameters)}
     ties = {n: stages_of for n, stages_of in ties.items() if len(stages_of) > 1}
-    boundaries = [[_describe(node) for node in values] for values in plan.boundaries]
-    return TracedPipe(stages, description, costs, cost_unit=cost_unit, labels=_labels(captured, plan, depth),
+    boundaries = [[_describe(node) for node in values] for values in stage_cuts.boundaries]
+    return TracedPipe(stages, description, costs, cost_unit=cost_unit, labels=_labels(captured, stage_cuts, depth),
                       boundaries=boundaries, ties=ties, total_parameters=sum(p.numel() for p in model.parameters()))

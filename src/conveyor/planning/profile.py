@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,6 +22,8 @@ import torch
 import torch.nn as nn
 from torch.utils import _pytree as pytree
 
+from ..partition.pipe import is_meta
+from ..partition.profile import measure_blocks, tensors_of
 from .units import cuttable_units
 
 __all__ = ["BlockProfile", "Cost", "Link", "Profile", "profile"]
@@ -84,6 +85,7 @@ class Profile:
     model: str = ""
     concurrent: int = 1         # processes that were profiling at once (contention included in the times)
     action_overhead_s: float = 0.0  # the runtime's own cost per action and hand-off (message latency included)
+    tied_blocks: list[list[int]] = field(default_factory=list)  # per weight held by several blocks: those blocks
 
     @property
     def n_blocks(self) -> int:
@@ -110,89 +112,9 @@ class Profile:
         return Profile.from_json(Path(path).read_text())
 
 
-# --- measuring ---------------------------------------------------------------------------------------
-def _tensors(value: Any) -> list[torch.Tensor]:
-    return [t for t in pytree.tree_leaves(value) if isinstance(t, torch.Tensor)]
-
-
-def _as_stage_input(value: Any) -> Any:
-    """Detached copies, floating ones requiring grad: what a stage receives from its neighbour."""
-    def leaf(item: Any) -> Any:
-        if not isinstance(item, torch.Tensor):
-            return item
-        return item.detach().requires_grad_(True) if item.is_floating_point() else item.detach()
-    return pytree.tree_map(leaf, value)
-
-
+# --- measuring (partition/profile.py: the profiler the splitter's balance="time" uses too) ---------
 def _rows(value: Any, rows: int) -> Any:
     return pytree.tree_map(lambda t: t[:rows] if isinstance(t, torch.Tensor) and t.dim() > 0 else t, value)
-
-
-class _Saved:
-    """Counts the bytes autograd saves for the backward (each storage once, parameters excluded)."""
-
-    def __init__(self, exclude: set[int]) -> None:
-        self.exclude, self.seen, self.bytes = exclude, set(), 0
-
-    def pack(self, tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        key = storage.data_ptr()
-        if key not in self.exclude and key not in self.seen and storage.nbytes() > 0:
-            self.seen.add(key)
-            self.bytes += storage.nbytes()
-        return tensor
-
-
-def _timed(fn: Callable[[], Any]) -> tuple[float, Any]:
-    start = time.perf_counter()
-    result = fn()
-    return time.perf_counter() - start, result
-
-
-def _grad_seconds(outputs: list[torch.Tensor], wrt: list[torch.Tensor], grads: list[torch.Tensor], *,
-                  retain: bool) -> float:
-    start = time.perf_counter()
-    torch.autograd.grad(outputs, wrt, grads, retain_graph=retain, allow_unused=True)
-    return time.perf_counter() - start
-
-
-def _measure(modules: Sequence[nn.Module], args: tuple, kwargs: dict, target: Any,
-             loss_fn: Callable[[Any, Any], torch.Tensor] | None, runs: int) -> list[dict[str, float]]:
-    """Median seconds (F, B, I, W) and bytes (saved, output) of each module, chained as stages."""
-    samples: list[dict[str, list[float]]] = [{k: [] for k in "FBIW"} for _ in modules]
-    memory: list[dict[str, float]] = [{} for _ in modules]
-    for run in range(runs + 1):
-        value: Any = None
-        for index, module in enumerate(modules):
-            params = [p for p in module.parameters() if p.requires_grad]
-            inputs = (args, kwargs) if index == 0 else ((_as_stage_input(value),), {})
-            leaves = [t for t in _tensors(inputs) if t.requires_grad]
-            last = index == len(modules) - 1
-
-            def forward(a: tuple = inputs[0], k: dict = inputs[1], m: nn.Module = module, last: bool = last) -> Any:
-                output = m(*a, **k)
-                return output, [loss_fn(output, target)] if last and loss_fn else \
-                    [t for t in _tensors(output) if t.requires_grad]
-
-            saved = _Saved({p.untyped_storage().data_ptr() for p in module.parameters()})
-            with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t):
-                forward_s, (output, outs) = _timed(forward)
-            grads = [torch.ones_like(t) for t in outs]
-            input_s = weight_s = backward_s = 0.0
-            if outs and leaves:
-                input_s = _grad_seconds(outs, leaves, grads, retain=True)
-            if outs and params:
-                weight_s = _grad_seconds(outs, params, grads, retain=False)
-            _, (_, outs) = _timed(forward)
-            if outs and (leaves or params):
-                backward_s = _grad_seconds(outs, leaves + params, grads, retain=False)
-            if run > 0:
-                for key, seconds in zip("FBIW", (forward_s, backward_s, input_s, weight_s)):
-                    samples[index][key].append(seconds)
-            memory[index] = {"saved": float(saved.bytes),
-                             "output": float(sum(t.nbytes for t in _tensors(output))) if not last else 0.0}
-            value = output
-    return [{**{k: statistics.median(v) for k, v in s.items()}, **m} for s, m in zip(samples, memory)]
 
 
 def _fit(small: float, large: float, rows_small: int, rows_large: int) -> Cost:
@@ -223,7 +145,7 @@ def _median_profile(profiles: Sequence[Profile]) -> Profile:
                                    first.param_bytes, first.activation_bytes_per_row, first.output_bytes_per_row))
     head = profiles[0]
     return Profile(blocks, head.link, head.rows, head.threads, head.cores, head.units, head.model, len(profiles),
-                   head.action_overhead_s)
+                   head.action_overhead_s, head.tied_blocks)
 
 
 def profile(model: nn.Module | Sequence[nn.Module], example_args: Any, example_kwargs: dict | None = None, *,
@@ -263,27 +185,21 @@ def profile(model: nn.Module | Sequence[nn.Module], example_args: Any, example_k
     args = example_args if isinstance(example_args, tuple) else (example_args,)
     kwargs = dict(example_kwargs or {})
     units = cuttable_units(model, args, kwargs)
-    rows_large = next((t.shape[0] for t in _tensors((args, kwargs)) if t.dim() > 0), 1)
+    rows_large = next((t.shape[0] for t in tensors_of((args, kwargs)) if t.dim() > 0), 1)
     rows_small = max(1, rows_large // 4)
-    parameters = {id(p): p for m in units.modules for p in m.parameters()}
-    buffers = {id(b): b for m in units.modules for b in m.buffers()}
-    if any(t.is_meta for t in [*parameters.values(), *buffers.values()]):
+    if any(is_meta(m) for m in units.modules):
         raise ValueError("cannot profile a model on the meta device: build it on a real device")
-    saved_buffers = {k: b.detach().clone() for k, b in buffers.items()}
     old_threads = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
     try:
         with torch.random.fork_rng():
-            large = _measure(units.modules, args, kwargs, target, loss_fn, runs)
-            small = large if rows_small == rows_large else _measure(
-                units.modules, _rows(args, rows_small), _rows(kwargs, rows_small), _rows(target, rows_small),
-                loss_fn, runs)
+            large = measure_blocks(units.modules, args, kwargs, target=target, loss_fn=loss_fn, runs=runs)
+            small = large if rows_small == rows_large else measure_blocks(
+                units.modules, _rows(args, rows_small), _rows(kwargs, rows_small), target=_rows(target, rows_small),
+                loss_fn=loss_fn, runs=runs)
     finally:
         torch.set_num_threads(old_threads)
-        with torch.no_grad():
-            for key, buffer in buffers.items():
-                buffer.copy_(saved_buffers[key])
     blocks = []
     for unit_name, module, s, big in zip(units.names, units.modules, small, large):
         costs = [_fit(s[k], big[k], rows_small, rows_large) for k in "FBIW"]
@@ -298,6 +214,11 @@ def profile(model: nn.Module | Sequence[nn.Module], example_args: Any, example_k
         link = Link()
     elif not isinstance(link, Link):
         raise ValueError(f"link={link!r}: pass 'measure', a conveyor.planning.Link or None")
+    holders: dict[int, list[int]] = {}
+    for index, module in enumerate(units.modules):
+        for parameter in module.parameters():
+            holders.setdefault(id(parameter), []).append(index)
+    tied = [blocks for blocks in holders.values() if len(blocks) > 1]
     return Profile(blocks, link, rows=tuple(sorted({rows_small, rows_large})), threads=threads or old_threads,
                    cores=os.cpu_count() or 1, units=units.kind, model=name or type(model).__name__,
-                   action_overhead_s=overhead)
+                   action_overhead_s=overhead, tied_blocks=tied)

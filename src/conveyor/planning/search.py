@@ -54,6 +54,7 @@ class Candidate:
     replicas: tuple[int, ...] | None = None
     peak_microbatches: tuple[int, ...] = ()
     stage_seconds: tuple[float, ...] = ()  # F + B per micro-batch of each stage
+    tied_across_stages: bool = False       # a weight held by blocks of two stages (GPT-2's wte / lm_head)
 
     @property
     def n_stages(self) -> int:
@@ -68,6 +69,8 @@ class Candidate:
         """Whether the runtime can run it: a registered schedule, and replicas only where the
         schedule takes them and every replica gets the same number of micro-batches."""
         if self.schedule not in SCHEDULES:
+            return False
+        if self.is_async and self.tied_across_stages:  # each stage updates its own copy: they would drift
             return False
         if self.replicas is None or all(r == 1 for r in self.replicas):
             return True
@@ -301,6 +304,11 @@ def _async_candidate(profile: Profile, schedule: str, sizes: tuple[int, ...], sp
                      stage_seconds=tuple(f + b for f, b in zip(costs["F"], costs["B"])))
 
 
+def _tied_across_stages(profile: Profile, sizes: Sequence[int]) -> bool:
+    stage_of = [stage for stage, size in enumerate(sizes) for _ in range(size)]
+    return any(len({stage_of[block] for block in blocks}) > 1 for blocks in profile.tied_blocks)
+
+
 def plan(profile: Profile, n_ranks: int, *, memory_per_rank: float | None = None, batch_size: int | None = None,
          schedules: Sequence[str] | None = None, microbatches: Sequence[int] | None = None,
          optimizer_factor: float = 2.0, max_chunks: int = 4, cores: int | None = None,
@@ -355,6 +363,7 @@ def plan(profile: Profile, n_ranks: int, *, memory_per_rank: float | None = None
         raise ValueError(f"no schedule fits {profile.n_blocks} blocks on {n_ranks} ranks with batch {batch_size}")
     for c in candidates:
         c.fits = memory_per_rank is None or c.peak_memory <= memory_per_rank
+        c.tied_across_stages = _tied_across_stages(profile, c.sizes)
     order = {name: i for i, name in enumerate(SYNC_SCHEDULES + ASYNC_SCHEDULES)}
     candidates.sort(key=lambda c: (not c.fits, -round(c.throughput, 9), round(c.peak_memory), order[c.schedule],
                                    c.n_microbatches))

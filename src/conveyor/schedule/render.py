@@ -20,7 +20,7 @@ from typing import Any
 
 from .actions import Action
 
-__all__ = ["chrome_trace", "render_timeline"]
+__all__ = ["MATPLOTLIB_MISSING", "chrome_trace", "render_timeline", "require_matplotlib"]
 
 TimedAction = tuple[int, str, float, float]
 
@@ -60,9 +60,23 @@ def _mix(rgb: tuple[float, ...], amount: float) -> tuple[float, ...]:
     return tuple(c + (target - c) * abs(amount) for c in rgb[:3])
 
 
+MATPLOTLIB_MISSING = ("drawing a timeline needs matplotlib, which is not installed: pip install conveyor[plot] "
+                      "(or pip install matplotlib); a path ending in .json writes a Chrome trace without it")
+
+
+def require_matplotlib() -> None:
+    """Raise ``ModuleNotFoundError`` naming the ``plot`` extra when matplotlib is missing."""
+    try:
+        import matplotlib  # noqa: F401
+    except ModuleNotFoundError:
+        raise ModuleNotFoundError(MATPLOTLIB_MISSING, name="matplotlib") from None
+
+
 def render_timeline(events: Iterable[Any], path: str | Path, *, title: str | None = None,
                     n_ranks: int | None = None) -> Path:
-    """Draw ``events`` as a pipeline timeline and write it to ``path`` (``.png``, ``.svg`` or ``.pdf``)."""
+    """Draw ``events`` as a pipeline timeline and write it to ``path`` (``.png``, ``.svg`` or ``.pdf``;
+    needs matplotlib: ``pip install conveyor[plot]``)."""
+    require_matplotlib()
     from matplotlib import colormaps
     from matplotlib.figure import Figure
     from matplotlib.patches import Patch, Rectangle
