@@ -63,9 +63,14 @@ def _mix(rgb: tuple[float, ...], amount: float) -> tuple[float, ...]:
 def render_timeline(events: Iterable[Any], path: str | Path, *, title: str | None = None,
                     n_ranks: int | None = None) -> Path:
     """Draw ``events`` as a pipeline timeline and write it to ``path`` (``.png``, ``.svg`` or ``.pdf``)."""
-    from matplotlib import colormaps
-    from matplotlib.figure import Figure
-    from matplotlib.patches import Patch, Rectangle
+    try:
+        from matplotlib import colormaps
+        from matplotlib.figure import Figure
+        from matplotlib.patches import Patch, Rectangle
+    except ModuleNotFoundError:
+        raise ModuleNotFoundError("drawing a timeline needs matplotlib, which is not installed: "
+                                  "pip install 'conveyor[plot]' (or write a Chrome trace: a .json name)",
+                                  name="matplotlib") from None
 
     path = Path(path)
     fmt = path.suffix.lstrip(".").lower()
