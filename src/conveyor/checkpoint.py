@@ -12,7 +12,9 @@ share, so a checkpoint saved by 4 stages loads into 2 stages, one process, or th
         model-00001.safetensors ...
 
 A tensor held by several ranks (a tied parameter) is written once, by the lowest rank holding
-it; every holder reads it back from there. The same goes for its optimizer state.
+it; every holder reads it back from there. The same goes for its optimizer state. A tied alias
+(``head.weight``, the same tensor as ``embed.weight``) is not written again: the manifest's
+``aliases`` maps it to the name it is stored under, and :func:`load_full` gives both names.
 
 Verified: the manifest holds the SHA-256 of every data file (``checksums``); :func:`load` and
 :func:`load_full` check each file against it before reading, only read files inside the
@@ -48,6 +50,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .errors import CheckpointError
+from .partition.pipe import state_aliases
 
 __all__ = ["FORMAT_VERSION", "CheckpointError", "load", "load_full", "read_manifest", "save", "save_full"]
 
@@ -69,19 +72,21 @@ class _View:
     load_state: Callable[[dict[str, torch.Tensor], bool], None] | None
     device: torch.device
     layout: dict[str, Any]
+    aliases: dict[str, str]  # tied alias -> the name its tensor is saved under (not in ``state``)
 
 
 def _view(target: Any) -> _View:
     if isinstance(target, Mapping):
         state = dict(target)
         return _View(0, 1, {0: list(state)}, state, {}, lambda value: [value], None, torch.device("cpu"),
-                     {"schedule": None, "n_microbatches": None, "placement": [0], "ties": {}})
+                     {"schedule": None, "n_microbatches": None, "placement": [0], "ties": {}}, {})
     if isinstance(target, nn.Module):
-        state = target.state_dict()
+        aliases = state_aliases(target)
+        state = {n: t for n, t in target.state_dict().items() if n not in aliases}
         names = {id(p): n for n, p in target.named_parameters()}
         device = next(iter(state.values())).device if state else torch.device("cpu")
         return _View(0, 1, {0: list(state)}, state, names, lambda value: [value], target.load_state_dict,
-                     device, {"schedule": None, "n_microbatches": None, "placement": [0], "ties": {}})
+                     device, {"schedule": None, "n_microbatches": None, "placement": [0], "ties": {}}, aliases)
     runner = target  # a PipelineRunner (duck-typed, so this module does not import the runtime)
     group = runner.group
 
@@ -91,11 +96,13 @@ def _view(target: Any) -> _View:
         return out
 
     stages = {index: list(stage.module.state_dict()) for index, stage in sorted(runner.stages.items())}
-    return _View(runner.rank, runner.n_ranks, stages, runner.state_dict(),
+    aliases = dict(getattr(runner, "state_aliases", {}))
+    state = {n: t for n, t in runner.state_dict().items() if n not in aliases}
+    return _View(runner.rank, runner.n_ranks, stages, state,
                  {id(p): n for n, p in runner.named_parameters()}, gather, runner.load_state_dict, runner.device,
                  {"schedule": runner.schedule.name, "n_microbatches": runner.n_microbatches,
                   "placement": list(runner.schedule.placement),
-                  "ties": {k: list(v) for k, v in (runner.ties or {}).items()}})
+                  "ties": {k: list(v) for k, v in (runner.ties or {}).items()}}, aliases)
 
 
 def _describe(tensor: torch.Tensor) -> dict[str, Any]:
@@ -193,7 +200,7 @@ def save(target: Any, path: str | os.PathLike, optimizer: torch.optim.Optimizer 
         rng[_RNG_CUDA] = torch.cuda.get_rng_state(view.device)
     mine = {"stages": view.stages, "tensors": {n: _describe(t) for n, t in view.state.items()},
             "opt_tensors": {n: _describe(t) for n, t in opt_tensors.items()}, "opt_values": opt_values,
-            "opt_groups": opt_groups, "rng": sorted(rng), "id": uuid.uuid4().hex[:12]}
+            "opt_groups": opt_groups, "rng": sorted(rng), "id": uuid.uuid4().hex[:12], "aliases": view.aliases}
     everyone = view.gather(mine)
     root = Path(path)
     data = f"data-{everyone[0]['id']}"
@@ -226,6 +233,8 @@ def save(target: Any, path: str | os.PathLike, optimizer: torch.optim.Optimizer 
 
     manifest = _manifest(view, everyone, files, model_writer, opt_writer, optimizer, step, extra, data)
     manifest["checksums"] = dict(sorted(all_checksums.items()))
+    manifest["aliases"] = {alias: name for share in everyone for alias, name in share["aliases"].items()
+                           if name in manifest["tensors"]}
     error = None
     if view.rank == 0:
         try:
@@ -389,9 +398,11 @@ class _Files:
 
 def _check_names(view: _View, manifest: dict, strict: bool) -> None:
     model: dict[str, list[int]] = {}
-    for share in view.gather({n: list(t.shape) for n, t in view.state.items()}):
-        model.update(share)
-    saved = {n: e["shape"] for n, e in manifest["tensors"].items()}
+    aliases: set[str] = set()
+    for shapes, tied in view.gather(({n: list(t.shape) for n, t in view.state.items()}, list(view.aliases))):
+        model.update(shapes)
+        aliases.update(tied)
+    saved = {n: e["shape"] for n, e in manifest["tensors"].items() if n not in aliases}  # older saves held aliases
     shapes = [f"{n} (checkpoint {tuple(saved[n])}, model {tuple(s)})" for n, s in model.items()
               if n in saved and list(saved[n]) != list(s)]
     missing = [n for n in model if n not in saved] if strict else []
@@ -421,7 +432,9 @@ def load(target: Any, path: str | os.PathLike, optimizer: torch.optim.Optimizer 
     _check_names(view, manifest, strict)
     present = [n for n in view.state if n in manifest["tensors"]]
     files = _Files(root, manifest)
-    view.load_state(files.read(manifest["tensors"], present), strict)
+    tensors = files.read(manifest["tensors"], present)
+    tensors.update({alias: tensors[name] for alias, name in view.aliases.items() if name in tensors})
+    view.load_state(tensors, strict)
     if optimizer is not None:
         _load_optimizer(view, files, manifest, optimizer, strict)
     if manifest["world_size"] == view.world_size:
@@ -484,7 +497,9 @@ def load_full(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     ``model.load_state_dict(load_full(path))`` for the plain ``nn.Module``."""
     root = Path(path)
     manifest = read_manifest(root)
-    return _Files(root, manifest).read(manifest["tensors"], list(manifest["tensors"]))
+    tensors = _Files(root, manifest).read(manifest["tensors"], list(manifest["tensors"]))
+    tensors.update({alias: tensors[name] for alias, name in manifest.get("aliases", {}).items() if name in tensors})
+    return tensors
 
 
 def save_full(state: nn.Module | Mapping[str, torch.Tensor], path: str | os.PathLike,
