@@ -36,6 +36,7 @@ import datetime
 import hashlib
 import json
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Callable, Iterable, Mapping
@@ -52,7 +53,7 @@ from safetensors.torch import save_file
 from .errors import CheckpointError
 from .partition.pipe import state_aliases
 
-__all__ = ["FORMAT_VERSION", "CheckpointError", "load", "load_full", "read_manifest", "save", "save_full"]
+__all__ = ["FORMAT_VERSION", "CheckpointError", "complete_steps", "latest", "load", "load_full", "read_manifest", "save", "save_full"]
 
 FORMAT = "conveyor-checkpoint"
 FORMAT_VERSION = 1
@@ -326,6 +327,31 @@ def _commit(root: Path, manifest: dict[str, Any]) -> None:
 
 
 # --- load ----------------------------------------------------------------------------------------
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def complete_steps(directory: str | os.PathLike) -> list[tuple[int, Path]]:
+    """``(N, folder)`` of every ``step-N`` folder in ``directory`` that holds a finished
+    checkpoint (a ``manifest.json``), by ``N``; folders of saves killed midway are skipped."""
+    root = Path(directory)
+    if not root.is_dir():
+        return []
+    return sorted((int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name))
+                  and (p / MANIFEST).is_file())
+
+
+def latest(directory: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint among the ``step-N`` folders of ``directory`` (``None`` if
+    there is none): what a restarted job resumes from. ``conveyor train`` saves to
+    ``<dir>/step-NNNNNN``; a script saving the same way restarts with::
+
+        found = conveyor.checkpoint.latest("ckpt")
+        first = checkpoint.load(runner, found, optimizer)["step"] if found else 0
+    """
+    found = complete_steps(directory)
+    return found[-1][1] if found else None
+
+
 def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
     """The manifest of the checkpoint in the directory ``path``."""
     file = Path(path) / MANIFEST

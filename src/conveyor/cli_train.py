@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import shutil
 import threading
 import time
@@ -21,12 +20,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from .checkpoint import complete_steps, latest
 from .cli_args import require_extra
 from .workloads import WorkloadSpec, load_workload
 
 __all__ = ["TrainConfig", "latest_checkpoint", "run_train"]
 
-_STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
 @dataclass(frozen=True)
@@ -55,25 +54,16 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig.{name} must be an integer >= {minimum}, got {value!r}")
 
 
-def _complete(directory: Path) -> list[tuple[int, Path]]:
-    """``(N, folder)`` of every ``step-N`` folder holding a finished checkpoint (a manifest), by N."""
-    if not directory.is_dir():
-        return []
-    return sorted((int(m.group(1)), p) for p in directory.iterdir() if (m := _STEP_DIR.match(p.name))
-                  and (p / "manifest.json").is_file())
-
-
 def latest_checkpoint(directory: str | os.PathLike) -> Path | None:
     """The ``step-N`` folder with the highest ``N`` that holds a finished checkpoint (a manifest)."""
-    found = _complete(Path(directory))
-    return found[-1][1] if found else None
+    return latest(directory)
 
 
 def _prune(directory: Path, keep: int) -> None:
     """Remove all but the ``keep`` newest complete checkpoints (``keep >= 1``: the newest complete
     one always stays); folders without a manifest (a save killed midway) never count, and are
     left alone."""
-    for _, path in _complete(directory)[:-max(1, keep)]:
+    for _, path in complete_steps(directory)[:-max(1, keep)]:
         shutil.rmtree(path, ignore_errors=True)
 
 
@@ -109,12 +99,17 @@ def _worker(rank: int, world_size: int, config: TrainConfig) -> dict[str, Any]:
                                      loss_fn=workload.loss_fn)
     optimizer = workload.make_optimizer(runner.parameters())
     first = 0
-    if config.resume:
-        latest = latest_checkpoint(config.checkpoint_dir or "")
-        if latest is None:
+    restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)  # torchrun --max-restarts
+    if config.resume or (restarts and config.checkpoint_dir):
+        found = latest(config.checkpoint_dir or "")
+        if found is None and config.resume:
             raise FileNotFoundError(f"--resume found no checkpoint under {config.checkpoint_dir}: train without "
                                     "--resume first (with --checkpoint-dir)")
-        first = int(checkpoint.load(runner, latest, optimizer)["step"] or 0)
+        if found is not None:
+            first = int(checkpoint.load(runner, found, optimizer)["step"] or 0)
+        if restarts and rank == 0:
+            print(f"restart {restarts}: " + (f"resuming from {found} (step {first})" if found else
+                                            "no complete checkpoint yet, starting from step 0"), flush=True)
     shows = config.progress and rank == runner.schedule.placement[-1]
     from tqdm import tqdm
     tqdm.set_lock(threading.RLock())  # its default multiprocessing lock leaks a semaphore per rank
