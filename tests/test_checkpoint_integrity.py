@@ -169,3 +169,9 @@ def test_a_damaged_manifest_is_a_checkpoint_error(saved: Path) -> None:
 
 def test_checkpoint_error_is_exported_from_errors_and_checkpoint() -> None:
     assert conveyor.CheckpointError is conveyor.errors.CheckpointError is checkpoint.CheckpointError
+
+
+def test_a_manifest_without_the_checksum_of_a_file_it_names_is_damaged(saved: Path) -> None:
+    _edit_manifest(saved, lambda manifest: manifest["checksums"].pop(_model_file(saved)))
+    with pytest.raises(conveyor.CheckpointError, match="has no checksum in the manifest; the manifest is damaged"):
+        checkpoint.load_full(saved)

@@ -143,3 +143,14 @@ def test_a_user_script_resumed_equals_training_straight_bit_for_bit(tmp_path: Pa
     assert expected.keys() == resumed.keys()
     difference = max((expected[name] - resumed[name]).abs().max().item() for name in expected)
     assert difference == 0.0
+
+
+def test_drawing_a_timeline_without_matplotlib_names_the_pip_extra(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from conveyor.schedule import simulate
+
+    events = simulate("1f1b", 2, 2).events
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(ModuleNotFoundError, match=r"drawing a timeline needs matplotlib, which is not installed: "
+                                                  r"pip install 'conveyor\[plot\]'"):
+        conveyor.timeline.render(events, tmp_path / "t.png")
