@@ -53,7 +53,8 @@ from safetensors.torch import save_file
 from .errors import CheckpointError
 from .partition.pipe import state_aliases
 
-__all__ = ["FORMAT_VERSION", "CheckpointError", "complete_steps", "latest", "load", "load_full", "read_manifest", "save", "save_full"]
+__all__ = ["FORMAT_VERSION", "CheckpointError", "complete_steps", "latest", "load", "load_full", "read_manifest",
+           "save", "save_full"]
 
 FORMAT = "conveyor-checkpoint"
 FORMAT_VERSION = 1
