@@ -82,6 +82,31 @@ def check_checkpoint_dir(directory: str | os.PathLike) -> Path:
     return root
 
 
+def _restarts(config: TrainConfig) -> int:
+    """How often torchrun (``--max-restarts``) restarted this job: the most any rank was told.
+
+    Every rank must agree, so they share it: after another node's failure an agent restarts its
+    workers without counting a restart of its own (``TORCHELASTIC_RESTART_COUNT`` stays 0)."""
+    if "TORCHELASTIC_RESTART_COUNT" not in os.environ or not config.checkpoint_dir:
+        return 0
+    counts: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(counts, int(os.environ["TORCHELASTIC_RESTART_COUNT"] or 0))
+    return max(counts)
+
+
+def _agreed_latest(directory: str, world_size: int) -> Path | None:
+    """Rank 0's newest complete checkpoint, checked to be every rank's."""
+    found = latest(directory)
+    if world_size == 1:
+        return found
+    seen: list[Any] = [None] * world_size
+    dist.all_gather_object(seen, None if found is None else str(found))
+    if len(set(seen)) > 1:
+        raise RuntimeError(f"the ranks see different newest checkpoints under {directory} ({seen}): "
+                           "--checkpoint-dir must be one folder every rank reaches (a shared file system)")
+    return found
+
+
 def _worker(rank: int, world_size: int, config: TrainConfig) -> dict[str, Any]:
     import conveyor
     from conveyor import checkpoint
@@ -99,9 +124,9 @@ def _worker(rank: int, world_size: int, config: TrainConfig) -> dict[str, Any]:
                                      loss_fn=workload.loss_fn)
     optimizer = workload.make_optimizer(runner.parameters())
     first = 0
-    restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)  # torchrun --max-restarts
+    restarts = _restarts(config)
     if config.resume or (restarts and config.checkpoint_dir):
-        found = latest(config.checkpoint_dir or "")
+        found = _agreed_latest(config.checkpoint_dir or "", world_size)
         if found is None and config.resume:
             raise FileNotFoundError(f"--resume found no checkpoint under {config.checkpoint_dir}: train without "
                                     "--resume first (with --checkpoint-dir)")
