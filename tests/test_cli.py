@@ -121,7 +121,7 @@ def test_timeline_picture_without_matplotlib_names_the_plot_extra(
         monkeypatch.setitem(sys.modules, name, None)  # import fails as if matplotlib were not installed
     assert main(["timeline", "--ranks", "2", "--microbatches", "2", "-o", str(tmp_path / "t.png")]) == 1
     error = capsys.readouterr().err
-    assert "pip install conveyor[plot]" in error and len(error.strip().splitlines()) == 1
+    assert "pip install 'conveyor[plot]'" in error and len(error.strip().splitlines()) == 1
     assert not (tmp_path / "t.png").exists()
 
 

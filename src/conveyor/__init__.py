@@ -4,8 +4,8 @@ See README.md for a tour; the public names are listed in ``__all__``.
 """
 
 from . import timeline
-from .checkpoint import CheckpointError, load_full, save_full
-from .errors import ConveyorError, LaunchError, PeerLostError, PipelineError
+from .checkpoint import load_full, save_full
+from .errors import CheckpointError, ConveyorError, LaunchError, PeerLostError, PipelineError
 from .launch import launch, run
 from .partition import Pipe, TraceError, materialize, pipe_split, pipeline
 from .planning import plan, profile

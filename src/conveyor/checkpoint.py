@@ -12,7 +12,15 @@ share, so a checkpoint saved by 4 stages loads into 2 stages, one process, or th
         model-00001.safetensors ...
 
 A tensor held by several ranks (a tied parameter) is written once, by the lowest rank holding
-it; every holder reads it back from there. The same goes for its optimizer state.
+it; every holder reads it back from there. The same goes for its optimizer state. A tied alias
+(``head.weight``, the same tensor as ``embed.weight``) is not written again: the manifest's
+``aliases`` maps it to the name it is stored under, and :func:`load_full` gives both names.
+
+Verified: the manifest holds the SHA-256 of every data file (``checksums``); :func:`load` and
+:func:`load_full` check each file against it before reading, only read files inside the
+checkpoint's folder, and read tensors with safetensors (never pickle), so a corrupted, truncated,
+replaced or foreign file is a :class:`CheckpointError` and loading never runs code. Checkpoints
+saved before checksums existed load without verification.
 
 Atomic: the data files go to a fresh ``data-<id>`` directory; once every rank has reported its
 files written, rank 0 writes ``manifest.json.tmp`` and ``os.replace``-s it over
@@ -25,8 +33,10 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import hashlib
 import json
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Callable, Iterable, Mapping
@@ -40,18 +50,16 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .errors import ConveyorError
+from .errors import CheckpointError
+from .partition.pipe import state_aliases
 
-__all__ = ["FORMAT_VERSION", "CheckpointError", "load", "load_full", "read_manifest", "save", "save_full"]
+__all__ = ["FORMAT_VERSION", "CheckpointError", "complete_steps", "latest", "load", "load_full", "read_manifest",
+           "save", "save_full"]
 
 FORMAT = "conveyor-checkpoint"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 _RNG_CPU, _RNG_CUDA = "rng/cpu", "rng/cuda"
-
-
-class CheckpointError(ConveyorError, ValueError):
-    """A checkpoint that cannot be read, or that does not fit the model or optimizer."""
 
 
 # --- what a rank holds: a pipeline runner's share, or a whole plain module ------------------------
@@ -66,19 +74,21 @@ class _View:
     load_state: Callable[[dict[str, torch.Tensor], bool], None] | None
     device: torch.device
     layout: dict[str, Any]
+    aliases: dict[str, str]  # tied alias -> the name its tensor is saved under (not in ``state``)
 
 
 def _view(target: Any) -> _View:
     if isinstance(target, Mapping):
         state = dict(target)
         return _View(0, 1, {0: list(state)}, state, {}, lambda value: [value], None, torch.device("cpu"),
-                     {"schedule": None, "n_microbatches": None, "placement": [0], "ties": {}})
+                     {"schedule": None, "n_microbatches": None, "placement": [0], "ties": {}}, {})
     if isinstance(target, nn.Module):
-        state = target.state_dict()
+        aliases = state_aliases(target)
+        state = {n: t for n, t in target.state_dict().items() if n not in aliases}
         names = {id(p): n for n, p in target.named_parameters()}
         device = next(iter(state.values())).device if state else torch.device("cpu")
         return _View(0, 1, {0: list(state)}, state, names, lambda value: [value], target.load_state_dict,
-                     device, {"schedule": None, "n_microbatches": None, "placement": [0], "ties": {}})
+                     device, {"schedule": None, "n_microbatches": None, "placement": [0], "ties": {}}, aliases)
     runner = target  # a PipelineRunner (duck-typed, so this module does not import the runtime)
     group = runner.group
 
@@ -88,11 +98,13 @@ def _view(target: Any) -> _View:
         return out
 
     stages = {index: list(module.state_dict()) for index, module in zip(sorted(runner.stages), runner.modules)}
-    return _View(runner.rank, runner.n_ranks, stages, runner.state_dict(),
+    aliases = dict(getattr(runner, "state_aliases", {}))
+    state = {n: t for n, t in runner.state_dict().items() if n not in aliases}
+    return _View(runner.rank, runner.n_ranks, stages, state,
                  {id(p): n for n, p in runner.named_parameters()}, gather, runner.load_state_dict, runner.device,
                  {"schedule": runner.schedule.name, "n_microbatches": runner.n_microbatches,
                   "placement": list(runner.schedule.placement),
-                  "ties": {k: list(v) for k, v in (runner.ties or {}).items()}})
+                  "ties": {k: list(v) for k, v in (runner.ties or {}).items()}}, aliases)
 
 
 def _describe(tensor: torch.Tensor) -> dict[str, Any]:
@@ -160,6 +172,14 @@ def _write_tensors(tensors: Mapping[str, torch.Tensor], file: Path) -> None:
         os.fsync(handle.fileno())
 
 
+def _sha256(file: Path) -> str:
+    digest = hashlib.sha256()
+    with open(file, "rb") as handle:
+        while chunk := handle.read(1 << 22):
+            digest.update(chunk)
+    return f"sha256:{digest.hexdigest()}"
+
+
 def save(target: Any, path: str | os.PathLike, optimizer: torch.optim.Optimizer | None = None, *,
          step: int | None = None, extra: Any = None) -> dict[str, Any]:
     """Save ``target``'s model state (and ``optimizer``'s) to the directory ``path``.
@@ -182,7 +202,7 @@ def save(target: Any, path: str | os.PathLike, optimizer: torch.optim.Optimizer 
         rng[_RNG_CUDA] = torch.cuda.get_rng_state(view.device)
     mine = {"stages": view.stages, "tensors": {n: _describe(t) for n, t in view.state.items()},
             "opt_tensors": {n: _describe(t) for n, t in opt_tensors.items()}, "opt_values": opt_values,
-            "opt_groups": opt_groups, "rng": sorted(rng), "id": uuid.uuid4().hex[:12]}
+            "opt_groups": opt_groups, "rng": sorted(rng), "id": uuid.uuid4().hex[:12], "aliases": view.aliases}
     everyone = view.gather(mine)
     root = Path(path)
     data = f"data-{everyone[0]['id']}"
@@ -195,19 +215,28 @@ def save(target: Any, path: str | os.PathLike, optimizer: torch.optim.Optimizer 
                 "train": f"{data}/train-{rank:05d}.safetensors" if has_train else None}
 
     error: BaseException | None = None
+    checksums: dict[str, str] = {}
     try:
         os.makedirs(root / data, exist_ok=True)
-        _write_tensors({n: t for n, t in view.state.items() if model_writer[n] == view.rank},
-                       root / files(view.rank)["model"])
+        model_file = files(view.rank)["model"]
+        assert model_file is not None
+        _write_tensors({n: t for n, t in view.state.items() if model_writer[n] == view.rank}, root / model_file)
+        checksums[model_file] = _sha256(root / model_file)
         train = files(view.rank)["train"]
         if train is not None:
             _write_tensors({**{n: t for n, t in opt_tensors.items() if opt_writer[n] == view.rank}, **rng},
                            root / train)
+            checksums[train] = _sha256(root / train)
     except Exception as caught:  # reported to every rank below, then re-raised here
         error = caught
-    _agree(view, error, root, data, f"writing its files under {root / data}")
+    all_checksums: dict[str, str] = {}
+    for share in _agree(view, error, root, data, f"writing its files under {root / data}", checksums):
+        all_checksums.update(share)
 
     manifest = _manifest(view, everyone, files, model_writer, opt_writer, optimizer, step, extra, data)
+    manifest["checksums"] = dict(sorted(all_checksums.items()))
+    manifest["aliases"] = {alias: name for share in everyone for alias, name in share["aliases"].items()
+                           if name in manifest["tensors"]}
     error = None
     if view.rank == 0:
         try:
@@ -226,12 +255,14 @@ def _lowest_holder(per_rank: Iterable[Mapping[str, Any]]) -> dict[str, int]:
     return writer
 
 
-def _agree(view: _View, error: BaseException | None, root: Path, data: str, doing: str) -> None:
-    """Every rank learns whether any rank failed; then all raise (nobody waits on a dead peer)."""
-    failures = [(rank, message) for rank, message in enumerate(view.gather(None if error is None else
-                f"{type(error).__name__}: {error}")) if message is not None]
+def _agree(view: _View, error: BaseException | None, root: Path, data: str, doing: str,
+           payload: Any = None) -> list[Any]:
+    """Every rank learns whether any rank failed; then all raise (nobody waits on a dead peer).
+    Returns every rank's ``payload`` when none failed."""
+    shares = view.gather((None if error is None else f"{type(error).__name__}: {error}", payload))
+    failures = [(rank, message) for rank, (message, _) in enumerate(shares) if message is not None]
     if not failures:
-        return
+        return [share for _, share in shares]
     if view.rank == 0:
         shutil.rmtree(root / data, ignore_errors=True)
     if error is not None:
@@ -297,36 +328,108 @@ def _commit(root: Path, manifest: dict[str, Any]) -> None:
 
 
 # --- load ----------------------------------------------------------------------------------------
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def complete_steps(directory: str | os.PathLike) -> list[tuple[int, Path]]:
+    """``(N, folder)`` of every ``step-N`` folder in ``directory`` that holds a finished
+    checkpoint (a ``manifest.json``), by ``N``; folders of saves killed midway are skipped."""
+    root = Path(directory)
+    if not root.is_dir():
+        return []
+    return sorted((int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name))
+                  and (p / MANIFEST).is_file())
+
+
+def latest(directory: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint among the ``step-N`` folders of ``directory`` (``None`` if
+    there is none): what a restarted job resumes from. ``conveyor train`` saves to
+    ``<dir>/step-NNNNNN``; a script saving the same way restarts with::
+
+        found = conveyor.checkpoint.latest("ckpt")
+        first = checkpoint.load(runner, found, optimizer)["step"] if found else 0
+    """
+    found = complete_steps(directory)
+    return found[-1][1] if found else None
+
+
 def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
     """The manifest of the checkpoint in the directory ``path``."""
     file = Path(path) / MANIFEST
     if not file.is_file():
         raise CheckpointError(f"no checkpoint at {path}: {file} does not exist")
-    with open(file) as handle:
-        manifest = json.load(handle)
+    try:
+        with open(file) as handle:
+            manifest = json.load(handle)
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"checkpoint {path}: file {MANIFEST} cannot be read ({type(error).__name__}: "
+                              f"{error}); the manifest is damaged") from None
+    if not isinstance(manifest, dict):
+        raise CheckpointError(f"checkpoint {path}: file {MANIFEST} is not a {FORMAT} manifest")
     if manifest.get("format") != FORMAT or manifest.get("version", 0) > FORMAT_VERSION:
         raise CheckpointError(f"{file} is not a {FORMAT} of version <= {FORMAT_VERSION} "
                               f"(format {manifest.get('format')!r}, version {manifest.get('version')!r})")
     return manifest
 
 
-def _read(root: Path, table: Mapping[str, Mapping[str, Any]], names: Iterable[str]) -> dict[str, torch.Tensor]:
-    by_file: dict[str, list[str]] = {}
-    for name in names:
-        by_file.setdefault(table[name]["file"], []).append(name)
-    out: dict[str, torch.Tensor] = {}
-    for file, keys in by_file.items():
-        with safe_open(str(root / file), framework="pt", device="cpu") as handle:
-            for key in keys:
-                out[key] = handle.get_tensor(key)
-    return out
+class _Files:
+    """Reads a checkpoint's tensors: only files inside its folder, each checked once against the
+    manifest's checksum (when it has one), with safetensors (no pickle: nothing is executed)."""
+
+    def __init__(self, root: Path, manifest: Mapping[str, Any]) -> None:
+        self.root = root
+        self.checksums: Mapping[str, str] | None = manifest.get("checksums")
+        self.verified: set[str] = set()
+
+    def _fail(self, file: str, problem: str, tensor: str | None = None) -> CheckpointError:
+        where = f", tensor {tensor}" if tensor is not None else ""
+        return CheckpointError(f"checkpoint {self.root}: file {file}{where}: {problem}")
+
+    def _path(self, file: Any) -> Path:
+        if not isinstance(file, str) or not file:
+            raise self._fail(repr(file), "the manifest names no file; the manifest is damaged")
+        path = (self.root / file).resolve()
+        if not path.is_relative_to(self.root.resolve()) or os.path.isabs(file):
+            raise self._fail(file, "is outside the checkpoint folder; refusing to read it (the manifest was "
+                             "edited or damaged)")
+        if not path.is_file():
+            raise self._fail(file, "is missing (the checkpoint was copied incompletely or its files deleted)")
+        if file not in self.verified:
+            if self.checksums is not None:
+                expected = self.checksums.get(file)
+                if expected is None:
+                    raise self._fail(file, "has no checksum in the manifest; the manifest is damaged")
+                if _sha256(path) != expected:
+                    raise self._fail(file, "checksum mismatch: its bytes changed after it was saved (corrupted, "
+                                     "truncated or replaced); restore it from a copy or load another checkpoint")
+            self.verified.add(file)
+        return path
+
+    def read(self, table: Mapping[str, Mapping[str, Any]], names: Iterable[str]) -> dict[str, torch.Tensor]:
+        by_file: dict[str, list[str]] = {}
+        for name in names:
+            by_file.setdefault(table[name]["file"], []).append(name)
+        out: dict[str, torch.Tensor] = {}
+        for file, keys in by_file.items():
+            path = self._path(file)
+            key = None
+            try:
+                with safe_open(str(path), framework="pt", device="cpu") as handle:
+                    for key in keys:
+                        out[key] = handle.get_tensor(key)
+            except Exception as error:  # noqa: BLE001 - safetensors' own errors name neither file nor checkpoint
+                raise self._fail(file, f"cannot be read as safetensors ({type(error).__name__}: {error}); it is "
+                                 "truncated, corrupted or not a checkpoint file", key) from None
+        return out
 
 
 def _check_names(view: _View, manifest: dict, strict: bool) -> None:
     model: dict[str, list[int]] = {}
-    for share in view.gather({n: list(t.shape) for n, t in view.state.items()}):
-        model.update(share)
-    saved = {n: e["shape"] for n, e in manifest["tensors"].items()}
+    aliases: set[str] = set()
+    for shapes, tied in view.gather(({n: list(t.shape) for n, t in view.state.items()}, list(view.aliases))):
+        model.update(shapes)
+        aliases.update(tied)
+    saved = {n: e["shape"] for n, e in manifest["tensors"].items() if n not in aliases}  # older saves held aliases
     shapes = [f"{n} (checkpoint {tuple(saved[n])}, model {tuple(s)})" for n, s in model.items()
               if n in saved and list(saved[n]) != list(s)]
     missing = [n for n in model if n not in saved] if strict else []
@@ -355,23 +458,27 @@ def load(target: Any, path: str | os.PathLike, optimizer: torch.optim.Optimizer 
     manifest = read_manifest(root)
     _check_names(view, manifest, strict)
     present = [n for n in view.state if n in manifest["tensors"]]
-    view.load_state(_read(root, manifest["tensors"], present), strict)
+    files = _Files(root, manifest)
+    tensors = files.read(manifest["tensors"], present)
+    tensors.update({alias: tensors[name] for alias, name in view.aliases.items() if name in tensors})
+    view.load_state(tensors, strict)
     if optimizer is not None:
-        _load_optimizer(view, root, manifest, optimizer, strict)
+        _load_optimizer(view, files, manifest, optimizer, strict)
     if manifest["world_size"] == view.world_size:
         entry = manifest["ranks"][view.rank]
         keys = entry.get("rng", [])
         if keys and entry.get("train"):
             table = {k: {"file": entry["train"]} for k in keys}
-            rng = _read(root, table, keys)
+            rng = files.read(table, keys)
             torch.set_rng_state(rng[_RNG_CPU])
             if _RNG_CUDA in rng and view.device.type == "cuda":
                 torch.cuda.set_rng_state(rng[_RNG_CUDA], view.device)
     return manifest
 
 
-def _load_optimizer(view: _View, root: Path, manifest: dict, optimizer: torch.optim.Optimizer,
+def _load_optimizer(view: _View, files: _Files, manifest: dict, optimizer: torch.optim.Optimizer,
                     strict: bool) -> None:
+    root = files.root
     saved = manifest.get("optimizer")
     if saved is None:
         raise CheckpointError(f"the checkpoint at {root} has no optimizer state (it was saved without optimizer=)")
@@ -389,7 +496,7 @@ def _load_optimizer(view: _View, root: Path, manifest: dict, optimizer: torch.op
         shape = next(tuple(p.shape) for g in optimizer.param_groups for p in g["params"] if id(p) not in view.names)
         raise CheckpointError(f"rank {view.rank}: the optimizer holds a parameter of shape {shape} that is not one "
                               "of this rank's parameters; build it on runner.parameters()")
-    tensors = _read(root, saved["tensors"], [f"{n}/{k}" for n in mine for k in tensor_keys.get(n, [])])
+    tensors = files.read(saved["tensors"], [f"{n}/{k}" for n in mine for k in tensor_keys.get(n, [])])
     state: dict[int, dict[str, Any]] = {}
     groups = []
     index = 0
@@ -417,7 +524,9 @@ def load_full(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     ``model.load_state_dict(load_full(path))`` for the plain ``nn.Module``."""
     root = Path(path)
     manifest = read_manifest(root)
-    return _read(root, manifest["tensors"], list(manifest["tensors"]))
+    tensors = _Files(root, manifest).read(manifest["tensors"], list(manifest["tensors"]))
+    tensors.update({alias: tensors[name] for alias, name in manifest.get("aliases", {}).items() if name in tensors})
+    return tensors
 
 
 def save_full(state: nn.Module | Mapping[str, torch.Tensor], path: str | os.PathLike,

@@ -18,12 +18,12 @@ def _demo(args: argparse.Namespace) -> None:
 
 
 def _timeline(args: argparse.Namespace) -> None:
+    from .cli_args import require_extra
     from .schedule import simulate
-    from .schedule.render import require_matplotlib
     from .timeline import chrome_trace, measured_bubble, render, sleep_costs, sleep_pipeline_trace
 
     if args.output and not args.output.endswith(".json"):
-        require_matplotlib()  # before running anything
+        require_extra("matplotlib", "plot", "timeline -o (a picture)")
     stage_seconds = (args.forward_ms / 1e3, args.input_grad_ms / 1e3, args.weight_grad_ms / 1e3)
     n_stages = args.stages or args.ranks
     predicted = simulate(args.schedule, n_stages, args.microbatches, sleep_costs(n_stages, stage_seconds),
@@ -62,31 +62,35 @@ def _bench(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from . import cli_plan, cli_train
+    from .cli_args import at_least, non_negative_float
 
     parser = argparse.ArgumentParser(prog="conveyor", description="Pipeline-parallel training for PyTorch.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser("demo", help="train a character transformer on Shakespeare with a 4-stage pipeline")
-    demo.add_argument("--stages", type=int, default=4, help="pipeline stages = local processes (default 4)")
+    demo.add_argument("--stages", type=at_least(1), default=4, help="pipeline stages = local processes (default 4)")
     demo.add_argument("--schedule", default="1f1b", help="gpipe or 1f1b (default 1f1b)")
-    demo.add_argument("--microbatches", type=int, default=8, help="micro-batches per step (default 8)")
-    demo.add_argument("--steps", type=int, default=250, help="optimizer steps (default 250)")
-    demo.add_argument("--batch-size", type=int, default=32, help="sequences per step (default 32)")
+    demo.add_argument("--microbatches", type=at_least(1), default=8, help="micro-batches per step (default 8)")
+    demo.add_argument("--steps", type=at_least(1), default=250, help="optimizer steps (default 250)")
+    demo.add_argument("--batch-size", type=at_least(1), default=32, help="sequences per step (default 32)")
     demo.add_argument("--checkpoint-dir", default=None, help="save the last step here (step-NNNNNN folders)")
     demo.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --checkpoint-dir")
     demo.set_defaults(handler=_demo)
     timeline = commands.add_parser(
         "timeline", help="simulate (or run with --run, on sleeping stages) a schedule and draw its timeline")
     timeline.add_argument("--schedule", default="1f1b", help="schedule name (default 1f1b)")
-    timeline.add_argument("--ranks", type=int, default=4, help="processes (default 4)")
-    timeline.add_argument("--stages", type=int, default=None, help="stages (default: one per rank)")
-    timeline.add_argument("--microbatches", type=int, default=8, help="micro-batches (default 8)")
-    timeline.add_argument("--forward-ms", type=float, default=10.0, help="forward time of a stage (default 10)")
-    timeline.add_argument("--input-grad-ms", type=float, default=10.0, help="input-gradient time (default 10)")
-    timeline.add_argument("--weight-grad-ms", type=float, default=10.0, help="weight-gradient time (default 10)")
+    timeline.add_argument("--ranks", type=at_least(1), default=4, help="processes (default 4)")
+    timeline.add_argument("--stages", type=at_least(1), default=None, help="stages (default: one per rank)")
+    timeline.add_argument("--microbatches", type=at_least(1), default=8, help="micro-batches (default 8)")
+    timeline.add_argument("--forward-ms", type=non_negative_float, default=10.0,
+                          help="forward time of a stage (default 10)")
+    timeline.add_argument("--input-grad-ms", type=non_negative_float, default=10.0,
+                          help="input-gradient time (default 10)")
+    timeline.add_argument("--weight-grad-ms", type=non_negative_float, default=10.0,
+                          help="weight-gradient time (default 10)")
     timeline.add_argument("--run", action="store_true", help="run it on local processes and draw what happened")
     timeline.add_argument("-o", "--output", help="write a picture (.png/.svg/.pdf; needs matplotlib: pip "
-                                                 "install conveyor[plot]) or a Chrome trace (.json)")
+                                                 "install 'conveyor[plot]') or a Chrome trace (.json)")
     timeline.set_defaults(handler=_timeline)
     cli_train.register(commands)
     cli_plan.register(commands)

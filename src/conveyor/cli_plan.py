@@ -9,6 +9,7 @@ import argparse
 import os
 import re
 
+from .cli_args import at_least, positive_float
 from .planning import Plan, Profile, plan, profile
 from .workloads import WorkloadSpec, load_workload
 
@@ -23,7 +24,13 @@ def parse_bytes(text: str) -> float:
     match = re.fullmatch(r"\s*([0-9.]+)\s*([kmgtKMGT]?)(i?[bB])?\s*", text)
     if match is None:
         raise argparse.ArgumentTypeError(f"{text!r} is not a size; write e.g. 8G, 512M or 1000000")
-    return float(match.group(1)) * _UNITS[match.group(2).lower()]
+    try:
+        value = float(match.group(1)) * _UNITS[match.group(2).lower()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size; write e.g. 8G, 512M or 1000000") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be greater than 0, got {text!r}")
+    return value
 
 
 def add_workload_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,14 +38,14 @@ def add_workload_arguments(parser: argparse.ArgumentParser) -> None:
                         help="'demo' (default), a training script (.py) or module defining build_model(), "
                              "batch(step, batch_size) and loss_fn(output, target), or a transformers model "
                              "type such as gpt2 (random init, no download)")
-    parser.add_argument("--batch-size", type=int, default=None, help="rows per step (default: the workload's)")
-    parser.add_argument("--layers", type=int, default=None, help="demo/transformers: number of blocks")
-    parser.add_argument("--width", type=int, default=None, help="demo/transformers: hidden size")
-    parser.add_argument("--heads", type=int, default=None, help="demo/transformers: attention heads")
-    parser.add_argument("--seq-len", type=int, default=None, help="demo/transformers: sequence length")
+    parser.add_argument("--batch-size", type=at_least(1), default=None, help="rows per step (default: the workload's)")
+    parser.add_argument("--layers", type=at_least(1), default=None, help="demo/transformers: number of blocks")
+    parser.add_argument("--width", type=at_least(1), default=None, help="demo/transformers: hidden size")
+    parser.add_argument("--heads", type=at_least(1), default=None, help="demo/transformers: attention heads")
+    parser.add_argument("--seq-len", type=at_least(1), default=None, help="demo/transformers: sequence length")
     parser.add_argument("--full-size", action="store_true",
                         help="transformers: keep the config's default sizes (gpt2: GPT-2 small, 124M)")
-    parser.add_argument("--seed", type=int, default=0, help="initialisation and data seed (default 0)")
+    parser.add_argument("--seed", type=at_least(0), default=0, help="initialisation and data seed (default 0)")
 
 
 def spec_from_args(args: argparse.Namespace) -> WorkloadSpec:
@@ -100,17 +107,20 @@ def register(commands: argparse._SubParsersAction) -> None:
                                  description="Profile a model (the demo by default) and rank pipeline "
                                              "configurations by predicted throughput.")
     add_workload_arguments(parser)
-    parser.add_argument("--ranks", type=int, default=4, help="pipeline ranks (default 4)")
+    parser.add_argument("--ranks", type=at_least(1), default=4, help="pipeline ranks (default 4)")
     parser.add_argument("--memory-per-rank", type=parse_bytes, default=None,
                         help="memory limit per rank, e.g. 8G (default: none)")
-    parser.add_argument("--top", type=int, default=5, help="rows of the table, candidates to verify (default 5)")
+    parser.add_argument("--top", type=at_least(1), default=5,
+                        help="rows of the table, candidates to verify (default 5)")
     parser.add_argument("--verify", action="store_true",
                         help="run the top candidates for a few steps: predicted vs measured step time")
     parser.add_argument("--runnable-only", action="store_true",
                         help="with --verify: verify the top runnable candidates (skip asynchronous ones)")
-    parser.add_argument("--steps", type=int, default=3, help="measured steps per verified candidate (default 3)")
-    parser.add_argument("--timeout", type=float, default=600.0, help="seconds per verified candidate (default 600)")
-    parser.add_argument("--runs", type=int, default=3, help="timed runs per block when profiling (default 3)")
+    parser.add_argument("--steps", type=at_least(1), default=3,
+                        help="measured steps per verified candidate (default 3)")
+    parser.add_argument("--timeout", type=positive_float, default=600.0,
+                        help="seconds per verified candidate (default 600)")
+    parser.add_argument("--runs", type=at_least(1), default=3, help="timed runs per block when profiling (default 3)")
     parser.add_argument("--contention", choices=CONTENTION, default="measured",
                         help="ranks sharing too few cores: profile them all at once and use the times as "
                              "measured (default), or divide out and re-model the sharing (reshared), or "

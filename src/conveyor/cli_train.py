@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import shutil
 import threading
 import time
@@ -18,13 +17,15 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.distributed as dist
 
+from .checkpoint import complete_steps, latest
+from .cli_args import require_extra
 from .workloads import WorkloadSpec, load_workload
 
 __all__ = ["TrainConfig", "latest_checkpoint", "run_train"]
 
-_STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
 @dataclass(frozen=True)
@@ -44,21 +45,66 @@ class TrainConfig:
     timeline: str | None = None
     progress: bool = True
 
+    def __post_init__(self) -> None:
+        at_least = {"ranks": 1, "microbatches": 1, "chunks": 1, "steps": 1, "batch_size": 1, "checkpoint_every": 0,
+                    "keep": 1}
+        for name, minimum in at_least.items():
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < minimum):
+                raise ValueError(f"TrainConfig.{name} must be an integer >= {minimum}, got {value!r}")
+
 
 def latest_checkpoint(directory: str | os.PathLike) -> Path | None:
     """The ``step-N`` folder with the highest ``N`` that holds a finished checkpoint (a manifest)."""
-    root = Path(directory)
-    if not root.is_dir():
-        return None
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name))
-             and (p / "manifest.json").is_file()]
-    return max(found)[1] if found else None
+    return latest(directory)
 
 
 def _prune(directory: Path, keep: int) -> None:
-    steps = sorted((int(m.group(1)), p) for p in directory.iterdir() if (m := _STEP_DIR.match(p.name)))
-    for _, path in steps[:-keep] if keep > 0 else []:
+    """Remove all but the ``keep`` newest complete checkpoints (``keep >= 1``: the newest complete
+    one always stays); folders without a manifest (a save killed midway) never count, and are
+    left alone."""
+    for _, path in complete_steps(directory)[:-max(1, keep)]:
         shutil.rmtree(path, ignore_errors=True)
+
+
+def check_checkpoint_dir(directory: str | os.PathLike) -> Path:
+    """Create ``directory`` and write a file into it, so that an unusable ``--checkpoint-dir``
+    fails before the first step instead of at the first save."""
+    root = Path(directory)
+    probe = root / f".conveyor-write-test-{os.getpid()}"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"conveyor")
+        probe.unlink()
+    except OSError as error:
+        raise OSError(f"--checkpoint-dir {str(root)!r} is not usable: {error.strerror or error} "
+                      "(checked before the first step; choose a writable folder)") from None
+    return root
+
+
+def _restarts(config: TrainConfig) -> int:
+    """How often torchrun (``--max-restarts``) restarted this job: the most any rank was told.
+
+    Every rank must agree, so they share it: after another node's failure an agent restarts its
+    workers without counting a restart of its own (``TORCHELASTIC_RESTART_COUNT`` stays 0)."""
+    if "TORCHELASTIC_RESTART_COUNT" not in os.environ or not config.checkpoint_dir:
+        return 0
+    counts: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(counts, int(os.environ["TORCHELASTIC_RESTART_COUNT"] or 0))
+    return max(counts)
+
+
+def _agreed_latest(directory: str, world_size: int) -> Path | None:
+    """Rank 0's newest complete checkpoint, checked to be every rank's."""
+    found = latest(directory)
+    if world_size == 1:
+        return found
+    seen: list[Any] = [None] * world_size
+    dist.all_gather_object(seen, None if found is None else str(found))
+    if len(set(seen)) > 1:
+        raise RuntimeError(f"the ranks see different newest checkpoints under {directory} ({seen}): "
+                           "--checkpoint-dir must be one folder every rank reaches (a shared file system)")
+    return found
 
 
 def _worker(rank: int, world_size: int, config: TrainConfig) -> dict[str, Any]:
@@ -66,6 +112,7 @@ def _worker(rank: int, world_size: int, config: TrainConfig) -> dict[str, Any]:
     from conveyor import checkpoint
     from conveyor.timeline import gather, measured_bubble
 
+    torch.manual_seed(config.spec.seed)
     workload = load_workload(config.spec)
     batch_size = config.batch_size or workload.batch_size
     model = workload.build_model()
@@ -77,12 +124,17 @@ def _worker(rank: int, world_size: int, config: TrainConfig) -> dict[str, Any]:
                                      loss_fn=workload.loss_fn)
     optimizer = workload.make_optimizer(runner.parameters())
     first = 0
-    if config.resume:
-        latest = latest_checkpoint(config.checkpoint_dir or "")
-        if latest is None:
+    restarts = _restarts(config)
+    if config.resume or (restarts and config.checkpoint_dir):
+        found = _agreed_latest(config.checkpoint_dir or "", world_size)
+        if found is None and config.resume:
             raise FileNotFoundError(f"--resume found no checkpoint under {config.checkpoint_dir}: train without "
                                     "--resume first (with --checkpoint-dir)")
-        first = int(checkpoint.load(runner, latest, optimizer)["step"] or 0)
+        if found is not None:
+            first = int(checkpoint.load(runner, found, optimizer)["step"] or 0)
+        if restarts and rank == 0:
+            print(f"restart {restarts}: " + (f"resuming from {found} (step {first})" if found else
+                                            "no complete checkpoint yet, starting from step 0"), flush=True)
     shows = config.progress and rank == runner.schedule.placement[-1]
     from tqdm import tqdm
     tqdm.set_lock(threading.RLock())  # its default multiprocessing lock leaks a semaphore per rank
@@ -142,6 +194,10 @@ def run_train(config: TrainConfig, *, timeout: float | None = None) -> dict[str,
 
     if config.resume and not config.checkpoint_dir:
         raise ValueError("--resume needs --checkpoint-dir (where the checkpoints are)")
+    if config.checkpoint_dir:
+        check_checkpoint_dir(config.checkpoint_dir)
+    if config.timeline and not config.timeline.endswith(".json"):
+        require_extra("matplotlib", "plot", "--timeline (a picture)")
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # under torchrun: every rank reports its own share
         per_rank = [conveyor.run(_worker, config)]
     else:
@@ -157,10 +213,10 @@ def run_train(config: TrainConfig, *, timeout: float | None = None) -> dict[str,
     elif head["first_step"] >= config.steps:
         print(f"nothing to do: the checkpoint is already at step {head['first_step']} of {config.steps}")
     if config.timeline and head["events"]:
-        try:
+        if config.timeline.endswith(".json"):
+            print(f"wrote {conveyor.timeline.chrome_trace(head['events'], config.timeline)}")
+        else:
             print(f"wrote {conveyor.timeline.render(head['events'], config.timeline)}")
-        except ImportError:
-            print("no timeline picture: matplotlib is not installed (pip install matplotlib)")
     if config.checkpoint_dir and head["summary"]:
         print(f"checkpoint: {latest_checkpoint(config.checkpoint_dir)}")
     return {"losses": trained["losses"] if trained else [], "first_step": head["first_step"]}
@@ -194,25 +250,28 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def register(commands: argparse._SubParsersAction) -> None:
+    from .cli_args import at_least, positive_float
     from .cli_plan import add_workload_arguments, parse_bytes
 
     parser = commands.add_parser("train", help="train a script, module, the demo or a transformers model on a pipeline",
                                  description="Train on a pipeline of local processes (or under torchrun) with "
                                              "checkpoints, --resume and a timeline picture. See docs/cli.md.")
     add_workload_arguments(parser)
-    parser.add_argument("--stages", type=int, default=4, help="pipeline ranks = local processes (default 4)")
+    parser.add_argument("--stages", type=at_least(1), default=4, help="pipeline ranks = local processes (default 4)")
     parser.add_argument("--schedule", default="1f1b",
                         help="gpipe, 1f1b, interleaved-1f1b, zb-h1, zb-v, pipedream, pipedream-2bw (default 1f1b)")
-    parser.add_argument("--microbatches", type=int, default=8, help="micro-batches per step (default 8)")
-    parser.add_argument("--chunks", type=int, default=None,
+    parser.add_argument("--microbatches", type=at_least(1), default=8, help="micro-batches per step (default 8)")
+    parser.add_argument("--chunks", type=at_least(1), default=None,
                         help="stages per rank (default 2 for interleaved-1f1b and zb-v, else 1)")
-    parser.add_argument("--steps", type=int, default=100, help="train up to this step (default 100)")
+    parser.add_argument("--steps", type=at_least(1), default=100, help="train up to this step (default 100)")
     parser.add_argument("--plan", action="store_true", help="profile and plan first; use the top runnable choice")
     parser.add_argument("--memory-per-rank", type=parse_bytes, default=None, help="with --plan: e.g. 8G")
     parser.add_argument("--checkpoint-dir", default=None, help="save checkpoints here (step-NNNNNN folders)")
-    parser.add_argument("--checkpoint-every", type=int, default=0, help="save every K steps (default: at the end)")
-    parser.add_argument("--keep", type=int, default=2, help="checkpoints to keep (default 2)")
+    parser.add_argument("--checkpoint-every", type=at_least(0), default=0,
+                        help="save every K steps (default: at the end)")
+    parser.add_argument("--keep", type=at_least(1), default=2,
+                        help="complete checkpoints to keep, the newest always among them (default 2)")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --checkpoint-dir")
     parser.add_argument("--timeline", default=None, help="draw the last step's timeline to this file (.png/.svg)")
-    parser.add_argument("--timeout", type=float, default=None, help="end the job after this many seconds")
+    parser.add_argument("--timeout", type=positive_float, default=None, help="end the job after this many seconds")
     parser.set_defaults(handler=_train)

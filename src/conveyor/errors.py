@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
-__all__ = ["ConveyorError", "LaunchError", "PipelineError", "PeerLostError"]
+__all__ = ["CheckpointError", "ConveyorError", "LaunchError", "PipelineError", "PeerLostError"]
 
 
 class ConveyorError(Exception):
     """Base class of conveyor's own errors."""
+
+
+class CheckpointError(ConveyorError, ValueError):
+    """A checkpoint that cannot be read (missing, corrupted, truncated or foreign files, paths
+    outside its folder), or that does not fit the model or optimizer."""
 
 
 class LaunchError(ConveyorError):

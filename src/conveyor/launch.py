@@ -4,6 +4,12 @@
 process group in each (gloo on CPU, NCCL when every rank has a GPU of its own), collects their
 return values (pickled bytes, so tensors come back whole after the child exits), and when a
 rank raises or dies it tears every other rank down and raises :class:`LaunchError` naming it.
+
+No rank outlives the launching process: each rank holds the reading end of a *lifeline* pipe
+whose only writer is the launcher, and a watchdog thread in the rank ends the rank as soon as
+that pipe reports end-of-file, which the kernel does when the launcher dies, however it dies
+(SIGKILL and SIGTERM included). ``PR_SET_PDEATHSIG`` alone is not enough: under the fork
+server a rank's parent is the server, not the launcher.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import os
 import pickle
 import signal
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
@@ -29,6 +36,7 @@ from .errors import LaunchError, PeerLostError
 __all__ = ["launch", "run", "default_backend"]
 
 _GRACE_SECONDS = 2.0
+LAUNCHER_GONE_EXIT = 75  # a rank's exit status when its launcher died
 _SECONDARY_MARKERS = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
 
 
@@ -51,6 +59,20 @@ def _die_with_parent() -> None:
         pass
 
 
+def _watch_launcher(rank: int, lifeline: mp_connection.Connection) -> None:
+    """End this rank (at once, whatever it is doing) when the launcher's end of ``lifeline`` closes."""
+    def watch() -> None:
+        try:
+            while True:
+                lifeline.recv_bytes()  # the launcher never writes: this returns only at EOF (raises)
+        except (EOFError, OSError):
+            pass
+        with contextlib.suppress(OSError):
+            os.write(2, f"conveyor: rank {rank}: the launching process is gone; ending this rank\n".encode())
+        os._exit(LAUNCHER_GONE_EXIT)
+    threading.Thread(target=watch, name="conveyor-launcher-watchdog", daemon=True).start()
+
+
 def _is_secondary(error: BaseException) -> bool:
     """Errors that only report another rank's failure (a closed connection)."""
     if isinstance(error, PeerLostError):
@@ -68,7 +90,10 @@ def _init_process_group(rank: int, world_size: int, backend: str, store: dist.St
 
 def _worker(rank: int, world_size: int, port: int, backend: str, threads: int | None,
             pg_timeout: float, fn: Callable[..., Any], args: Sequence[Any],
-            connection: mp_connection.Connection) -> None:
+            connection: mp_connection.Connection, lifeline: mp_connection.Connection,
+            lifeline_writer: mp_connection.Connection) -> None:
+    lifeline_writer.close()  # the launcher must hold the only writer (a forked child inherits it)
+    _watch_launcher(rank, lifeline)
     _die_with_parent()
     if sys.platform.startswith("linux"):
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
@@ -102,12 +127,14 @@ def _context() -> mp.context.BaseContext:
 
     The server forks from a clean process that has run no torch kernels, which keeps fork safe;
     elsewhere processes are spawned. ``torch._dynamo`` is preloaded too: building any torch
-    optimizer imports it, which otherwise costs each child about 2.5 s.
+    optimizer imports it, which otherwise costs each child about 2.5 s. ``conveyor._forkserver``
+    makes the server exit at once when the launcher dies.
     """
     method = os.environ.get("CONVEYOR_START_METHOD") or ("forkserver" if sys.platform.startswith("linux") else "spawn")
     context = mp.get_context(method)
     if method == "forkserver":
-        context.set_forkserver_preload(["torch", "torch.distributed", "torch._dynamo", "conveyor"])
+        context.set_forkserver_preload(["torch", "torch.distributed", "torch._dynamo", "conveyor",
+                                        "conveyor._forkserver"])
     return context
 
 
@@ -164,10 +191,12 @@ def launch(fn: Callable[..., Any], nprocs: int, *, args: Sequence[Any] = (), bac
     store = dist.TCPStore("127.0.0.1", 0, nprocs + 1, is_master=True, wait_for_workers=False)
     context = _context()
     pipes = [context.Pipe(duplex=False) for _ in range(nprocs)]
+    lifeline, lifeline_writer = context.Pipe(duplex=False)
     processes = [
         context.Process(
             target=_worker,
-            args=(rank, nprocs, store.port, backend, threads_per_rank, pg_timeout, fn, tuple(args), pipes[rank][1]),
+            args=(rank, nprocs, store.port, backend, threads_per_rank, pg_timeout, fn, tuple(args), pipes[rank][1],
+                  lifeline, lifeline_writer),
             name=f"conveyor-rank-{rank}",
         )
         for rank in range(nprocs)
@@ -178,9 +207,12 @@ def launch(fn: Callable[..., Any], nprocs: int, *, args: Sequence[Any] = (), bac
                 process.start()
         for _, child_end in pipes:
             child_end.close()
+        lifeline.close()
         return _collect(processes, [reader for reader, _ in pipes], timeout)
     finally:
         _stop(processes)
+        lifeline.close()
+        lifeline_writer.close()
         del store
 
 
@@ -188,6 +220,7 @@ def _collect(processes: Sequence[mp.process.BaseProcess], readers: Sequence[mp_c
              timeout: float | None) -> list[Any]:
     deadline = None if timeout is None else time.monotonic() + timeout
     results: dict[int, Any] = {}
+    returned: list[int] = []  # ranks in the order their results arrived
     failures: list[tuple[int, str, bool]] = []  # (rank, details, secondary)
     pending = set(range(len(processes)))
     first_failure_at: float | None = None
@@ -226,11 +259,20 @@ def _collect(processes: Sequence[mp.process.BaseProcess], readers: Sequence[mp_c
                 failures.append((rank, f"rank {rank} {_describe_exit(processes[rank].exitcode)}", False))
             elif message[0] == "ok":
                 results[rank] = pickle.loads(message[1])
+                returned.append(rank)
             else:
                 failures.append((rank, message[1], message[2]))
             pending.discard(rank)
             if failures and first_failure_at is None:
                 first_failure_at = time.monotonic()
+    if failures and returned and all(secondary for _, _, secondary in failures):
+        left = returned[0]  # every failure is a lost peer: the rank that returned first left them waiting
+        failed = sorted(r for r, _, _ in failures)
+        details = min(failures, key=lambda failure: failure[0])[1]
+        raise LaunchError(f"rank {left} returned while the other ranks still needed it: rank {failed[0]} then "
+                          f"failed waiting for it{f' (ranks {failed})' if len(failed) > 1 else ''}; every rank must "
+                          "make the same calls (the same number of steps, forward and stream calls)",
+                          rank=left, details=details)
     if failures:
         primary = [f for f in failures if not f[2]] or failures
         rank, details, _ = min(primary, key=lambda failure: failure[0])

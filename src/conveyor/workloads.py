@@ -13,7 +13,11 @@ A *source* is one of:
   default, trained on the Shakespeare text as bytes.
 
 Every rank builds the workload from the same :class:`WorkloadSpec` (a few strings and numbers,
-cheap to send to processes) and the same seed, so the ranks hold the same initial model.
+cheap to send to processes) and the same seed, so the ranks hold the same initial model. Every
+source is seeded from ``spec.seed``: a script or module is imported, and its ``build_model()``
+called, right after ``torch.manual_seed(seed)``; its ``batch(step, ...)`` runs with the global
+random state set from ``(seed, step)`` and restored afterwards, so a resumed run sees the same
+model and data as a straight one.
 """
 
 from __future__ import annotations
@@ -140,14 +144,31 @@ def _module(source: str) -> Any:
     return importlib.import_module(source)
 
 
-def _user(source: str) -> Workload:
+def _seeded_build(build: Callable[[], nn.Module], seed: int) -> Callable[[], nn.Module]:
+    def build_model() -> nn.Module:
+        torch.manual_seed(seed)
+        return build()
+    return build_model
+
+
+def _seeded_batch(batch: Callable[[int, int], tuple[Any, Any]], seed: int) -> Callable[[int, int], tuple[Any, Any]]:
+    """``batch`` run under the global random state of ``(seed, step)``, the caller's state restored."""
+    def seeded(step: int, batch_size: int) -> tuple[Any, Any]:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed * 1_000_003 + step)
+            return batch(step, batch_size)
+    return seeded
+
+
+def _user(source: str, seed: int) -> Workload:
+    torch.manual_seed(seed)  # module-level randomness of a first import
     module = _module(source)
     missing = [name for name in ("build_model", "batch", "loss_fn") if not hasattr(module, name)]
     if missing:
         raise AttributeError(f"{source} does not define {missing}: a training script defines build_model(), "
                              "batch(step, batch_size) and loss_fn(output, target) (see docs/cli.md)")
-    return Workload(source, module.build_model, module.batch, module.loss_fn,
-                    getattr(module, "optimizer", _adamw), int(getattr(module, "BATCH_SIZE", 16)))
+    return Workload(source, _seeded_build(module.build_model, seed), _seeded_batch(module.batch, seed),
+                    module.loss_fn, getattr(module, "optimizer", _adamw), int(getattr(module, "BATCH_SIZE", 16)))
 
 
 def _model_type(source: str) -> str | None:
@@ -174,11 +195,11 @@ def load_workload(spec: WorkloadSpec) -> Workload:
     if source == "demo":
         return _demo(spec)
     if source.endswith(".py"):
-        return _user(source)
+        return _user(source, spec.seed)
     model_type = _model_type(source)
     if model_type is not None:
         return _transformers(spec, model_type)
     if not source.startswith("hf:") and _importable(source):
-        return _user(source)
+        return _user(source, spec.seed)
     raise ValueError(f"{source!r} is neither 'demo', a .py file, an importable module, nor a transformers "
                      "model type (e.g. gpt2); check the spelling")

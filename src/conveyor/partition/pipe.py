@@ -9,7 +9,26 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-__all__ = ["Pipe", "SequentialStage", "materialize"]
+__all__ = ["ALIASES", "Pipe", "SequentialStage", "materialize", "stage_aliases", "state_aliases"]
+
+ALIASES = "_conveyor_state_aliases"  # attribute of a stage module: {alias name: name it holds the tensor under}
+
+
+def state_aliases(module: nn.Module) -> dict[str, str]:
+    """``{alias: name}`` for every ``state_dict`` entry of ``module`` that is the same tensor as an
+    earlier entry (a tied weight: ``head.weight`` -> ``embed.weight``)."""
+    first: dict[int, str] = {}
+    aliases: dict[str, str] = {}
+    for name, value in module.state_dict(keep_vars=True).items():
+        canonical = first.setdefault(id(value), name)
+        if canonical != name:
+            aliases[name] = canonical
+    return aliases
+
+
+def stage_aliases(module: nn.Module) -> dict[str, str]:
+    """The aliases a stage module answers for in its holder's ``state_dict`` (set when cutting)."""
+    return dict(getattr(module, ALIASES, {}))
 
 
 class SequentialStage(nn.Module):

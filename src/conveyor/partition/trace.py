@@ -27,7 +27,7 @@ from torch.utils import _pytree as pytree
 from ..errors import ConveyorError
 from .balance import decide_on_rank_zero, partition_min_max
 from .graph_split import Captured, StageCuts, build_stage, plan_stages
-from .pipe import Pipe, is_meta
+from .pipe import ALIASES, Pipe, is_meta, state_aliases
 from .profile import profile_times
 
 __all__ = ["TraceError", "TracedPipe", "capture", "from_traced", "pipe_split"]
@@ -328,6 +328,9 @@ def from_traced(model: nn.Module, *, n_stages: int | None, split_points: Any, ba
         stage, names = build_stage(captured, stage_cuts, index)
         stages.append(stage)
         held.append(names)
+    aliases = state_aliases(model)
+    for stage, names in zip(stages, held):  # tied names the traced stages lost (head.weight -> embed.weight)
+        object.__setattr__(stage, ALIASES, {alias: name for alias, name in aliases.items() if name in names})
     parameters = {n for n, _ in model.named_parameters()}
     ties = {n: [s for s in range(stage_cuts.n_stages) if n in held[s]] for n in sorted(parameters)}
     ties = {n: stages_of for n, stages_of in ties.items() if len(stages_of) > 1}

@@ -9,6 +9,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from ..partition.pipe import stage_aliases
+
 __all__ = ["StageModules", "original_name"]
 
 _WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_fsdp_wrapped_module.")  # wrappers that nest the module
@@ -47,16 +49,32 @@ class StageModules:
         for _, parameter in self.named_parameters():
             yield parameter
 
+    @property
+    def state_aliases(self) -> dict[str, str]:
+        """``{alias: name}``: the tied names of the unsplit model (``head.weight``) that
+        :meth:`state_dict` gives as the tensor held under another name (``embed.weight``)."""
+        aliases: dict[str, str] = {}
+        for module in self.modules:
+            aliases.update(stage_aliases(module))
+        return aliases
+
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """Parameters and buffers under the unsplit model's names (the first copy of a tie)."""
+        """Parameters and buffers under the unsplit model's names (the first copy of a tie), tied
+        aliases included: the stages' state dicts, merged, load with ``strict=True`` into the
+        unsplit model."""
         state: dict[str, torch.Tensor] = {}
         for module in self.modules:
-            for name, value in module.state_dict().items():
+            own = module.state_dict()
+            for name, value in own.items():
                 state.setdefault(name, value)
+            for alias, name in stage_aliases(module).items():
+                if name in own:
+                    state.setdefault(alias, own[name])
         return state
 
     def load_state_dict(self, state_dict: dict[str, torch.Tensor], strict: bool = True) -> None:
-        """Load the entries of ``state_dict`` that belong to the stages held here (others ignored)."""
+        """Load the entries of ``state_dict`` that belong to the stages held here (others, and tied
+        aliases, ignored: the tensor loads under the name the stage holds it by)."""
         for module in self.modules:
             own = module.state_dict().keys()
             missing = [name for name in own if name not in state_dict]

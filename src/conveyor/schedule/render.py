@@ -60,8 +60,8 @@ def _mix(rgb: tuple[float, ...], amount: float) -> tuple[float, ...]:
     return tuple(c + (target - c) * abs(amount) for c in rgb[:3])
 
 
-MATPLOTLIB_MISSING = ("drawing a timeline needs matplotlib, which is not installed: pip install conveyor[plot] "
-                      "(or pip install matplotlib); a path ending in .json writes a Chrome trace without it")
+MATPLOTLIB_MISSING = ("drawing a timeline needs matplotlib, which is not installed: pip install 'conveyor[plot]' "
+                      "(or write a Chrome trace: a .json name)")
 
 
 def require_matplotlib() -> None:
@@ -75,7 +75,7 @@ def require_matplotlib() -> None:
 def render_timeline(events: Iterable[Any], path: str | Path, *, title: str | None = None,
                     n_ranks: int | None = None) -> Path:
     """Draw ``events`` as a pipeline timeline and write it to ``path`` (``.png``, ``.svg`` or ``.pdf``;
-    needs matplotlib: ``pip install conveyor[plot]``)."""
+    needs matplotlib: ``pip install 'conveyor[plot]'``)."""
     require_matplotlib()
     from matplotlib import colormaps
     from matplotlib.figure import Figure
