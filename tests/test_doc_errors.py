@@ -1,12 +1,22 @@
 """Every error message docs/errors.md quotes is what the code says: each is triggered and its text
 compared with the quote (placeholders such as ``N``, ``'x'``, ``[...]`` and ``...`` stand for any
-value); the two that need three ranks or no process group are looked up in the source instead."""
+value); the few that cannot be triggered cheaply (SOURCE_ONLY) are looked up in the source instead."""
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import importlib
+import io
+import json
+import multiprocessing as mp
 import os
 import re
+import shutil
 import signal
+import socket
+import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -15,18 +25,24 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from torch.distributed.device_mesh import init_device_mesh
 
 import conveyor
+from conveyor import checkpoint, cli_train
+from conveyor.cli import main
 from conveyor.runtime.bundle import flatten
+from conveyor.runtime.codec import decode_head
+from conveyor.runtime.socket_mesh import _connect, join_mesh
 from conveyor.schedule import Schedule, make_schedule
 from conveyor.schedule.validate import validate
 
+import mesh_workers
 import workers
-from models import batch, mlp, mse
+from models import TiedLM, batch, mlp, mse, tied_pipe, token_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 ERRORS = ROOT / "docs" / "errors.md"
-PLACEHOLDER = re.compile(r"\[\.\.\.\]|\.\.\.|<[^>]+>|'[a-z]'|\b(?:[A-Z]|SFM|PATH|i)\b")
+PLACEHOLDER = re.compile(r"\[\.\.\.\]|\.\.\.|<[^>]+>|'[a-z]'|\b(?:[A-Z]|SFM|PATH|FILE|NAME|DIR|i)\b")
 CLASS_NAME = re.compile(r"(?:conveyor\.)?[A-Z]\w*Error")
 
 
@@ -195,6 +211,174 @@ def _outside_torchrun(monkeypatch: pytest.MonkeyPatch) -> None:
     conveyor.run(_sleep)
 
 
+def _without_process_group(action: Callable[[], object]) -> None:
+    """Run ``action`` with no process group (the module's one-rank group is rebuilt afterwards)."""
+    dist.destroy_process_group()
+    try:
+        action()
+    finally:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+
+
+def _damaged_checkpoint(tmp: Path, damage: Callable[[Path, str], None]) -> None:
+    """Save the MLP, ``damage(checkpoint, its model file)``, then load it."""
+    path = tmp / "ckpt"
+    checkpoint.save_full(mlp(), path)
+    damage(path, json.loads((path / "manifest.json").read_text())["ranks"][0]["model"])
+    checkpoint.load_full(path)
+
+
+def _edit_manifest(path: Path, edit: Callable[[dict], None]) -> None:
+    manifest = json.loads((path / "manifest.json").read_text())
+    edit(manifest)
+    (path / "manifest.json").write_text(json.dumps(manifest))
+
+
+def _flip_bytes(path: Path, file: str) -> None:
+    data = bytearray((path / file).read_bytes())
+    data[-16:] = bytes(255 - b for b in data[-16:])
+    (path / file).write_bytes(bytes(data))
+
+
+def _point_outside(path: Path, file: str) -> None:
+    def edit(manifest: dict) -> None:
+        for entry in manifest["tensors"].values():
+            entry["file"] = "../outside.safetensors"
+        manifest["checksums"]["../outside.safetensors"] = manifest["checksums"][file]
+    shutil.copy(path / file, path.parent / "outside.safetensors")
+    _edit_manifest(path, edit)
+
+
+def _foreign_file_unverified(path: Path, file: str) -> None:
+    other = path.parent / "other"
+    checkpoint.save_full(nn.Linear(2, 2), other)
+    _edit_manifest(path, lambda manifest: manifest.pop("checksums"))
+    shutil.copy(other / json.loads((other / "manifest.json").read_text())["ranks"][0]["model"], path / file)
+
+
+def _refuse_launch(*args: object, **kwargs: object) -> None:
+    raise AssertionError("conveyor.launch was called: the command line was not checked first")
+
+
+def _conveyor(monkeypatch: pytest.MonkeyPatch, *argv: str) -> None:
+    """Run the ``conveyor`` command (no processes may start); raise what it wrote to stderr."""
+    monkeypatch.setattr(conveyor, "launch", _refuse_launch)
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr):
+        try:
+            status = main(list(argv))
+        except SystemExit as exit_info:
+            status = exit_info.code
+    raise RuntimeError(f"conveyor {' '.join(argv)} exited with status {status}:\n{stderr.getvalue()}")
+
+
+def _without_matplotlib(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")] + ["matplotlib"]:
+        monkeypatch.setitem(sys.modules, name, None)  # import fails as if matplotlib were not installed
+
+
+def _unusable_checkpoint_dir(tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    blocker = tmp / "a-file"
+    blocker.write_text("not a folder")
+    _conveyor(monkeypatch, *TRAIN, "--checkpoint-dir", str(blocker / "ckpt"))
+
+
+def _timeline_picture_without_matplotlib(tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _without_matplotlib(monkeypatch)
+    _conveyor(monkeypatch, *TRAIN, "--timeline", str(tmp / "t.png"))
+
+
+def _draw_without_matplotlib(tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    events = conveyor.schedule.simulate("1f1b", 2, 2).events
+    _without_matplotlib(monkeypatch)
+    conveyor.timeline.render(events, tmp / "t.png")
+
+
+@functools.cache
+def _rank_zero_left() -> BaseException:
+    """One launch (shared by the two rows quoting its message) in which rank 0 leaves early."""
+    return _raised(lambda: conveyor.launch(_rank_zero_leaves, 2, timeout=120))
+
+
+def _launcher_dies() -> None:
+    """A rank's watchdog in a forked child (launch forks its ranks too) whose launcher's end of the
+    lifeline closes, as the kernel closes it when the launcher is killed; raises what the rank
+    wrote to its stderr and its exit status."""
+    watch_launcher = importlib.import_module("conveyor.launch")._watch_launcher  # conveyor.launch is the function
+    reader, writer = mp.Pipe(duplex=False)
+    stderr_read, stderr_write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the rank
+        try:
+            os.dup2(stderr_write, 2)
+            writer.close()
+            watch_launcher(0, reader)
+            time.sleep(30)
+        finally:
+            os._exit(1)
+    os.close(stderr_write)
+    reader.close()
+    writer.close()  # the launcher is gone
+    _, status = os.waitpid(pid, 0)
+    with os.fdopen(stderr_read) as stderr:
+        raise RuntimeError(f"exit status {os.waitstatus_to_exitcode(status)}: {stderr.read()}")
+
+
+def _stranger_then_timeout() -> None:
+    """Rank 0 of two joins the socket mesh; a stranger without the job's secret connects as rank 1,
+    and the real rank 1 never comes."""
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+    port = listener.getsockname()[1]
+    outcome: list[BaseException] = []
+
+    def rank_zero() -> None:
+        outcome.append(_raised(lambda: join_mesh(0, [port, port + 1], os.urandom(32), listener, 0.5)))
+
+    thread = threading.Thread(target=rank_zero, daemon=True)
+    thread.start()
+    with contextlib.suppress(Exception):
+        _connect(1, 0, port, os.urandom(32), time.monotonic() + 2, 2)
+    thread.join(10)
+    listener.close()
+    raise outcome[0]
+
+
+def _mesh_runner(**options: object) -> conveyor.PipelineRunner:
+    options = {"schedule": "1f1b", "n_microbatches": 2, "loss_fn": mse, **options}
+    return conveyor.PipelineRunner(options.pop("pipe", None) or conveyor.pipeline(mlp(), n_stages=1), **options)
+
+
+def _fsdp1(module: nn.Module, mesh: object) -> nn.Module:
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    class Fsdp1(FullyShardedDataParallel):  # FSDP1 cannot be built on a CPU-only machine: its type suffices
+        def __init__(self, inner: nn.Module) -> None:
+            nn.Module.__init__(self)
+            self.inner = inner
+
+    return Fsdp1(module)
+
+
+def _closed_runner() -> None:
+    runner = _one_rank_runner(mlp(), loss_fn=mse)
+    runner.close()
+    runner.step(*batch(0)[:1], target=batch(0)[1])
+
+
+class _WithSpare(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.used, self.spare = nn.Linear(6, 6).double(), nn.Linear(6, 6).double()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.used(x)
+
+
+TRAIN = ["train", str(ROOT / "examples" / "train_mlp.py"), "--stages", "2", "--microbatches", "4", "--steps", "2"]
+
+
 def _triggers(tmp: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Callable[[], object]]:
     """Per quoted message (or joined quotes of one row), what raises it; nothing runs until called."""
     m2 = dict(n_microbatches=2)
@@ -278,8 +462,7 @@ def _triggers(tmp: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Callable[
         " + ".join(MISFIT): lambda: _checkpoint_of_another_model(tmp),
         "saving the checkpoint failed on rank R while ...; the previous checkpoint at PATH (if any) is untouched":
             lambda: _reraise(conveyor.launch(_rank_one_cannot_write, 2, args=(str(tmp / "ckpt"),), timeout=120)[0]),
-        "receiving activation of stage S from rank R failed: ...": lambda: conveyor.launch(_rank_zero_leaves, 2,
-                                                                                           timeout=120),
+        "receiving activation of stage S from rank R failed: ...": lambda: _reraise(_rank_zero_left()),
         "no checkpoint at PATH": lambda: _one_rank_runner(mlp()).load(tmp / "nowhere"),
         "the checkpoint holds X state, not Y": lambda: _checkpoint_of_another_optimizer(tmp),
         # processes
@@ -288,7 +471,110 @@ def _triggers(tmp: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Callable[
         "conveyor.run needs torchrun's environment": lambda: _outside_torchrun(monkeypatch),
     }
     triggers[" + ".join(KILLED)] = lambda: conveyor.launch(_kill_rank_zero, 1, timeout=60)
+    triggers.update(_newer_triggers(tmp, monkeypatch))
     return triggers
+
+
+def _newer_triggers(tmp: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Callable[[], object]]:
+    """Checkpoint files, the command line, processes, runner options and the device mesh."""
+    mesh = conveyor.mesh
+    runner_no_gradient = ("rank R, stage S: parameter 'x' requires grad but got no gradient in this step; if it is "
+                          "unused by design, pass unused_parameters=['x'] to PipelineRunner or set "
+                          "requires_grad=False")
+    return {
+        # checkpoints
+        "checkpoint PATH: file FILE: checksum mismatch: its bytes changed after it was saved (corrupted, truncated "
+        "or replaced); restore it from a copy or load another checkpoint":
+            lambda: _damaged_checkpoint(tmp, _flip_bytes),
+        "checkpoint PATH: file FILE: is missing (the checkpoint was copied incompletely or its files deleted)":
+            lambda: _damaged_checkpoint(tmp, lambda path, file: (path / file).unlink()),
+        "checkpoint PATH: file FILE: is outside the checkpoint folder; refusing to read it (the manifest was edited "
+        "or damaged)": lambda: _damaged_checkpoint(tmp, _point_outside),
+        "checkpoint PATH: file FILE, tensor NAME: cannot be read as safetensors (...); it is truncated, corrupted or "
+        "not a checkpoint file": lambda: _damaged_checkpoint(tmp, _foreign_file_unverified),
+        "checkpoint PATH: file FILE: has no checksum in the manifest; the manifest is damaged":
+            lambda: _damaged_checkpoint(tmp, lambda path, file: _edit_manifest(
+                path, lambda manifest: manifest["checksums"].pop(file))),
+        "checkpoint PATH: file manifest.json cannot be read (...); the manifest is damaged":
+            lambda: _damaged_checkpoint(tmp, lambda path, file: (path / "manifest.json").write_text('{"format": "co')),
+        # the conveyor command
+        "argument --microbatches: must be at least 1, got 0":
+            lambda: _conveyor(monkeypatch, "train", "--microbatches", "0"),
+        "argument --checkpoint-every: must be at least 0, got -1":
+            lambda: _conveyor(monkeypatch, "train", "--checkpoint-every", "-1"),
+        "argument --timeout: must be greater than 0, got 0": lambda: _conveyor(monkeypatch, "train", "--timeout", "0"),
+        "--checkpoint-dir 'DIR' is not usable: ... (checked before the first step; choose a writable folder)":
+            lambda: _unusable_checkpoint_dir(tmp, monkeypatch),
+        "--timeline (a picture) needs matplotlib, which is not installed: pip install 'conveyor[plot]'":
+            lambda: _timeline_picture_without_matplotlib(tmp, monkeypatch),
+        "drawing a timeline needs matplotlib, which is not installed: pip install 'conveyor[plot]'":
+            lambda: _draw_without_matplotlib(tmp, monkeypatch),
+        "TrainConfig.batch_size must be an integer >= 1, got 0":
+            lambda: cli_train.TrainConfig(conveyor.workloads.WorkloadSpec(), batch_size=0),
+        # processes
+        "rank R returned while the other ranks still needed it: rank Q then failed waiting for it; every rank must "
+        "make the same calls (the same number of steps, forward and stream calls)":
+            lambda: _reraise(_rank_zero_left()),
+        "conveyor: rank R: the launching process is gone; ending this rank": _launcher_dies,
+        "socket set-up timed out after T s: rank(s) ... never connected and authenticated; refused N connection(s): "
+        "a connection announcing rank R failed authentication (wrong secret)": _stranger_then_timeout,
+        "not a conveyor message (it starts with ...)": lambda: decode_head(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"),
+        "PipelineRunner needs a process group": lambda: _without_process_group(lambda: _one_rank_runner(mlp())),
+        # runner options and steps
+        "PipelineRunner got an unexpected option 'x'; runner options: ...; schedule 'y' takes: ...":
+            lambda: _one_rank_runner(mlp(), recomptue=True),
+        "n_microbatches must be at least 1, got 0": lambda: _one_rank_runner(mlp(), n_microbatches=0),
+        "loss_weighting='x' is not one of 'rows', 'tokens'": lambda: _one_rank_runner(mlp(), loss_weighting="row"),
+        "schedule 'pipedream' cannot honour loss_weighting='tokens': ...":
+            lambda: _one_rank_runner(mlp(), schedule="pipedream", loss_weighting="tokens"),
+        "timeout must be a positive number of seconds, got 0": lambda: _one_rank_runner(mlp(), timeout=0),
+        "this PipelineRunner is closed: build a new one to run more steps": _closed_runner,
+        runner_no_gradient: lambda: _one_rank_runner([_WithSpare()], loss_fn=mse).step(*batch(0)[:1],
+                                                                                      target=batch(0)[1]),
+        "unused_parameters names [...], which the model does not have: ...":
+            lambda: _one_rank_runner(mlp(), unused_parameters=["0.wieght"]),
+        # the device mesh
+        "conveyor.mesh needs a process group": lambda: _without_process_group(lambda: mesh(pp=1)),
+        "the mesh ... has N ranks but the job has R: make the sizes multiply to R (or launch N processes)":
+            lambda: mesh(pp=2, dp=2),
+        "unknown mesh dimension(s) [...]: conveyor knows [...]": lambda: mesh(pp=1, cp=1),
+        "the mesh needs a 'pp' dimension (the pipeline's ranks), e.g. conveyor.mesh(pp=2, dp=2)": lambda: mesh(dp=1),
+        "give either dp= or dp_replicate=/dp_shard= (HSDP), not both": lambda: mesh(pp=1, dp=1, dp_shard=1),
+        "mesh dimension D=0 must be a positive integer": lambda: mesh(pp=1, dp=0),
+        "mesh= takes a torch.distributed.device_mesh.DeviceMesh, not X": lambda: _mesh_runner(mesh={"pp": 1}),
+        "the mesh has no dimension 'pp' (its dimensions: [...]): name the pipeline dimension with pp_dim=, ...":
+            lambda: _mesh_runner(mesh=init_device_mesh("cpu", (1,), mesh_dim_names=("dp",))),
+        "mesh dimension(s) [...] are neither the pipeline ('pp'), data parallel [...] nor tensor parallel [...]: ...":
+            lambda: _mesh_runner(mesh=init_device_mesh("cpu", (1, 1), mesh_dim_names=("pp", "cp"))),
+        "pass mesh= or group=, not both: ...": lambda: _mesh_runner(mesh=mesh(pp=1), group=dist.group.WORLD),
+        "replicas= and mesh= cannot be combined: ...": lambda: _mesh_runner(mesh=mesh(pp=1), replicas=[1]),
+        "parallelize= needs mesh=: ...": lambda: _mesh_runner(parallelize=lambda module, m: module),
+        "the mesh ... runs the pipeline on its 'pp' dimension of N ranks, which does not fit the schedule: ...":
+            lambda: _mesh_runner(pipe=conveyor.pipeline(mlp(), n_stages=2), mesh=mesh(pp=1, dp=1)),
+        "schedule 'pipedream' updates each stage inside the pipeline, so data-parallel and sharded stages cannot "
+        "sync once per step: ...":
+            lambda: _mesh_runner(mesh=mesh(pp=1), parallelize=lambda module, m: module, schedule="pipedream"),
+        "parallelize returned X for stage S: return the module to run ...":
+            lambda: _mesh_runner(mesh=mesh(pp=1), parallelize=lambda module, m: 3),
+        "stage S's module is wrapped in FullyShardedDataParallel (FSDP1), which conveyor cannot drive micro-batch "
+        "by micro-batch: use FSDP2, torch.distributed.fsdp.fully_shard":
+            lambda: _mesh_runner(mesh=mesh(pp=1), parallelize=_fsdp1),
+        "stage S's module is wrapped in nn.DataParallel (single-process, multi-thread), which conveyor cannot "
+        "drive: ...": lambda: _mesh_runner(mesh=mesh(pp=1), parallelize=lambda module, m: nn.DataParallel(module)),
+        "stage S: fully_shard was applied to [...] but not to the stage module itself; ...":
+            lambda: _mesh_runner(mesh=mesh(pp=1, dp=1), parallelize=mesh_workers._fully_shard_children),
+        "stage S is a traced graph that reads the parameters of 'x' without calling it, so the hooks put on 'x' "
+        "(fully_shard, parallelize_module, ...) would never run: ...":
+            lambda: _mesh_runner(pipe=conveyor.pipeline(mesh_workers.NamedNet(), n_stages=1,
+                                                        example_args=(mesh_workers.global_batch(0)[0][:4],)),
+                                 mesh=mesh(pp=1, dp=1),
+                                 parallelize=lambda module, m: mesh_workers._fully_shard(module, m["dp"], True)),
+        "parameters tied across stages ([...]) cannot be summed once they are sharded DTensors (FSDP2, tensor "
+        "parallel): ...":
+            lambda: _mesh_runner(pipe=tied_pipe(TiedLM()), mesh=mesh(pp=1, dp=1), schedule="interleaved-1f1b",
+                                 loss_fn=token_loss,
+                                 parallelize=lambda module, m: mesh_workers._fully_shard(module, m["dp"], True)),
+    }
 
 
 class _Detach(nn.Module):
@@ -298,7 +584,6 @@ class _Detach(nn.Module):
 
 # quoted messages that need a situation a test cannot set up cheaply: checked against the source
 SOURCE_ONLY = {
-    "PipelineRunner needs a process group": "this test process holds a process group",
     "forward() with a replicated last stage is not supported": "needs three ranks",
 }
 # rows quoting one message in pieces
