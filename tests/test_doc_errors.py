@@ -325,24 +325,24 @@ def _launcher_dies() -> None:
 
 
 def _stranger_then_timeout() -> None:
-    """Rank 0 of two joins the socket mesh; a stranger without the job's secret connects as rank 1,
-    and the real rank 1 never comes."""
+    """Rank 0 of two joins the socket mesh; a stranger without the job's secret has already
+    connected as rank 1 (it waits in the listener's backlog), and the real rank 1 never comes."""
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     listener.bind(("127.0.0.1", 0))
     listener.listen(4)
     port = listener.getsockname()[1]
-    outcome: list[BaseException] = []
 
-    def rank_zero() -> None:
-        outcome.append(_raised(lambda: join_mesh(0, [port, port + 1], os.urandom(32), listener, 0.5)))
+    def stranger() -> None:
+        with contextlib.suppress(Exception):
+            _connect(1, 0, port, os.urandom(32), time.monotonic() + 5, 5)
 
-    thread = threading.Thread(target=rank_zero, daemon=True)
+    thread = threading.Thread(target=stranger, daemon=True)
     thread.start()
-    with contextlib.suppress(Exception):
-        _connect(1, 0, port, os.urandom(32), time.monotonic() + 2, 2)
-    thread.join(10)
-    listener.close()
-    raise outcome[0]
+    try:
+        join_mesh(0, [port, port + 1], os.urandom(32), listener, 1.5)
+    finally:
+        thread.join(10)
+        listener.close()
 
 
 def _mesh_runner(**options: object) -> conveyor.PipelineRunner:
