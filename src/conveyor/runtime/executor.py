@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -93,6 +94,7 @@ class Executor:
         self._send = mover.send
         self._deliver_local = mover.deliver_local
         self._ready = 0.0
+        self._backward_thread: ThreadPoolExecutor | None = None  # runs the backward chunk of F&B pairs
 
     def _received(self, step: Step) -> Any:
         value = self._receive(step.receives, step.source)
@@ -108,6 +110,8 @@ class Executor:
     def run(self, step: Step, data: StepData | StreamFeed) -> None:
         """Run one action (its receive, compute and send) and append it to :attr:`trace`; a
         failure becomes a :class:`PipelineError` naming rank, stage, micro-batch and action."""
+        if step.pair is not None:
+            return self._run_pair(step.pair[0], step.pair[1], data)
         began = self._ready = time.perf_counter()
         action = step.action
         stage = self.stages[action.stage]
@@ -158,3 +162,52 @@ class Executor:
             raise PipelineError(f"{type(error).__name__}: {error}{hint}", rank=self.rank, stage=action.stage,
                                 microbatch=microbatch, action=str(action)) from error
         self.trace.append((step.text, self._ready, time.perf_counter(), self._ready - began))
+
+    def _failed(self, error: Exception, step: Step) -> PipelineError:
+        action = step.action
+        return PipelineError(f"{type(error).__name__}: {error}", rank=self.rank, stage=action.stage,
+                             microbatch=action.microbatch, action=str(action))
+
+    def _run_pair(self, forward: Step, backward: Step, data: StepData | StreamFeed) -> None:
+        """An F&B pair: the backward's gradient is received first and its engine run on a second
+        thread while this one runs the forward (receive, compute, send), so that each chunk's
+        waiting (a collective inside the stage, a transfer) hides under the other's compute. The
+        transport is used from this thread only; the forward's message goes out before the
+        backward's, as :func:`~conveyor.schedule.links.link_order` has it."""
+        began = time.perf_counter()
+        action = backward.action
+        stage = self.stages[action.stage]
+        try:
+            grads = None if backward.receives is None else self._receive(backward.receives, backward.source)
+            job = stage.backward_job(action.microbatch, grads, split=action.kind == INPUT_GRAD)
+        except Exception as error:
+            raise self._failed(error, backward) from error
+        ready = time.perf_counter()
+        if self._backward_thread is None:
+            self._backward_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"conveyor-pair-{self.rank}")
+        pending = self._backward_thread.submit(job)
+        try:
+            self.run(forward, data)
+        except BaseException:
+            pending.exception()  # the backward chunk ends before the forward's error surfaces
+            raise
+        try:
+            input_grads = pending.result()
+        except Exception as error:
+            raise self._failed(error, backward) from error
+        try:
+            if self.detect_anomaly:
+                require_finite("the gradient sent to the previous stage", input_grads)
+                if action.kind == BACKWARD:
+                    require_finite("a parameter gradient", [p.grad for p in stage.module.parameters()])
+            if backward.sends is not None:
+                self._pass_on(backward, input_grads)
+        except Exception as error:
+            raise self._failed(error, backward) from error
+        self.trace.append((backward.text, ready, time.perf_counter(), ready - began))
+
+    def close(self) -> None:
+        """Stop the thread that runs the backward chunk of F&B pairs, if one was started."""
+        if self._backward_thread is not None:
+            self._backward_thread.shutdown(wait=True)
+            self._backward_thread = None

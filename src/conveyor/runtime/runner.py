@@ -200,6 +200,7 @@ class PipelineRunner(PipelineEntry):
         return total[0]
 
     def _release(self) -> None:
+        self._executor.close()
         close = getattr(self.transport, "close", None)
         if close is not None:
             close()

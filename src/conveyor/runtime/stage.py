@@ -237,6 +237,32 @@ class StageExecutor:
             self.versions.release(stashed.version)
         return self._input_grads(stashed)
 
+    def backward_job(self, microbatch: int, output_grads: list | None,
+                     split: bool) -> Callable[[], list[torch.Tensor | None]]:
+        """The backward of ``microbatch`` (``split``: only its input half, as :meth:`backward_input`)
+        as a function that another thread may run while this one runs a forward (an F&B pair).
+        What touches the stash or the random state (recompute replays it) happens here, now; the
+        function only runs the autograd engine on this micro-batch's own graph."""
+        stashed = self._stash[microbatch] if split else self._stash.pop(microbatch)
+        self._rematerialise(stashed)
+        outputs, grads = self._pairs(stashed, output_grads)
+        if split:
+            stashed.outputs, stashed.output_grads = outputs, grads
+        wanted = tuple(leaf for leaf in stashed.input_leaves if leaf.requires_grad)
+        given = None if self.is_last else grads
+
+        def run() -> list[torch.Tensor | None]:
+            if not split:
+                if outputs:
+                    _run_engine(outputs, given)
+                return self._input_grads(stashed)
+            if not outputs or not wanted:
+                return [None] * len(stashed.input_leaves)
+            found = iter(_run_engine(outputs, given, inputs=wanted, keep_graph=True, accumulate=False))
+            return [next(found) if leaf.requires_grad else None for leaf in stashed.input_leaves]
+
+        return run
+
     def backward_input(self, microbatch: int, output_grads: list | None) -> list[torch.Tensor | None]:
         """First half of a split backward: only the gradients of the stage's inputs."""
         stashed = self._stash[microbatch]

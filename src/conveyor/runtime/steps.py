@@ -15,7 +15,8 @@ __all__ = ["Step", "step_of", "steps_of"]
 @dataclass(frozen=True, slots=True)
 class Step:
     """``action`` and its messages: ``receives`` from rank ``source``, ``sends`` to rank
-    ``destination`` (None and -1 where there is none). ``text`` is ``str(action)``, for traces."""
+    ``destination`` (None and -1 where there is none). ``text`` is ``str(action)``, for traces.
+    An F&B pair is one step whose ``pair`` holds its forward's and its backward's steps."""
 
     action: Action
     text: str
@@ -23,6 +24,7 @@ class Step:
     source: int
     sends: Message | None
     destination: int
+    pair: tuple[Step, Step] | None = None
 
 
 def step_of(action: Action, program: Schedule) -> Step:
@@ -35,5 +37,16 @@ def step_of(action: Action, program: Schedule) -> Step:
 
 
 def steps_of(program: Schedule, rank: int) -> list[Step]:
-    """The steps of ``rank``'s actions in ``program``, in order."""
-    return [step_of(action, program) for action in program.ranks[rank]]
+    """The steps of ``rank``'s actions in ``program``, in order; an F&B pair is one step."""
+    steps: list[Step] = []
+    opened: Step | None = None
+    for action in program.ranks[rank]:
+        step = step_of(action, program)
+        if opened is not None:
+            steps.append(Step(opened.action, f"{opened.text}&{step.text}", None, -1, None, -1, (opened, step)))
+            opened = None
+        elif action.overlaps_next:
+            opened = step
+        else:
+            steps.append(step)
+    return steps

@@ -14,6 +14,7 @@ from .actions import Action, Schedule
 from .gpipe import gpipe
 from .interleaved import interleaved_1f1b
 from .one_f_one_b import one_f_one_b
+from .pairs import pair_overlapping
 from .pipedream import pipedream
 from .pipedream_2bw import pipedream_2bw
 from .simulate import SimulationResult, simulate
@@ -27,6 +28,7 @@ __all__ = [
     "ScheduleError",
     "SimulationResult",
     "make_schedule",
+    "pair_overlapping",
     "supports_replicas",
     "simulate",
     "validate",

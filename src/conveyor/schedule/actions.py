@@ -13,6 +13,14 @@ U     optimizer update of the stage's weights with the gradients accumulated sin
       previous update (asynchronous schedules; ``microbatch`` is the last one it includes)
 ====  ==================================================================
 
+Two actions of one rank may form an **F&B pair** (``0F5&1B2``): one micro-batch's forward and
+another's backward (``B`` or ``I``), issued together so that the runtime can overlap the two
+chunks (their communication under each other's compute, as DualPipe does). In the program a pair
+is its forward followed by its backward, the forward flagged ``overlaps_next``: everything that
+reads a program as a list of actions (links, completeness, costs) sees F then B, so the messages
+a pair sends are ordered as the forward's then the backward's at both ends of every link. A pair
+starts only once both of its inputs are there (``validate`` checks that this cannot deadlock).
+
 A forward may carry a weight *version* (``0F5v2``: stage 0 runs micro-batch 5 with its weights
 as they were after 2 updates); its backward then uses that same version (weight stashing). An
 update may carry one too (``0U3v2``): no later forward of the stage uses an older version, so
@@ -22,7 +30,8 @@ A :class:`Schedule` holds one action list per rank plus the placement of stages 
 Communication is *not* written in the program: it follows from it (see ``links.py``), so the
 sending and the receiving rank always derive the same message order.
 
-The text form is one line per rank, actions separated by spaces, ``<stage><kind><microbatch>``::
+The text form is one line per rank, actions separated by spaces, ``<stage><kind><microbatch>``,
+a pair's two actions joined by ``&``::
 
     0F0 0F1 0B0 0B1
     1F0 1B0 1F1 1B1
@@ -34,7 +43,7 @@ import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
-__all__ = ["Action", "Schedule", "StreamFn", "FORWARD", "BACKWARD", "INPUT_GRAD", "WEIGHT_GRAD", "UPDATE"]
+__all__ = ["Action", "Schedule", "StreamFn", "FORWARD", "BACKWARD", "INPUT_GRAD", "WEIGHT_GRAD", "UPDATE", "PAIR_JOIN"]
 
 FORWARD = "F"
 BACKWARD = "B"
@@ -42,6 +51,7 @@ INPUT_GRAD = "I"
 WEIGHT_GRAD = "W"
 UPDATE = "U"
 KINDS = (FORWARD, BACKWARD, INPUT_GRAD, WEIGHT_GRAD, UPDATE)
+PAIR_JOIN = "&"  # joins the forward and the backward of an F&B pair in the text form
 
 _ACTION_TEXT = re.compile(r"^(\d+)([A-Z])(\d+)(?:v(\d+))?$")
 
@@ -50,12 +60,14 @@ _ACTION_TEXT = re.compile(r"^(\d+)([A-Z])(\d+)(?:v(\d+))?$")
 class Action:
     """One unit of work: ``kind`` (F, B, I, W or U) for ``stage`` on ``microbatch``. A forward
     may name the weight ``version`` it runs with, an update the oldest version later forwards
-    use (neither is part of the action's identity)."""
+    use (neither is part of the action's identity). ``overlaps_next``: this forward and the
+    backward after it form an F&B pair (not part of the identity either)."""
 
     kind: str
     stage: int
     microbatch: int
     version: int | None = field(default=None, compare=False)
+    overlaps_next: bool = field(default=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -64,6 +76,8 @@ class Action:
             raise ValueError(f"action {self} has a negative stage or micro-batch")
         if self.version is not None and (self.kind not in (FORWARD, UPDATE) or self.version < 0):
             raise ValueError(f"action {self}: only a forward or an update carries a weight version, and it is >= 0")
+        if self.overlaps_next and self.kind != FORWARD:
+            raise ValueError(f"action {self}: only a forward opens an F&B pair (write it first: '0F1&1B0')")
 
     def __str__(self) -> str:
         version = "" if self.version is None else f"v{self.version}"
@@ -73,6 +87,10 @@ class Action:
     def sends_gradient(self) -> bool:
         """Whether this action produces the gradient of the stage's inputs."""
         return self.kind in (BACKWARD, INPUT_GRAD)
+
+    def paired(self, flag: bool = True) -> Action:
+        """This action with ``overlaps_next`` set to ``flag``."""
+        return Action(self.kind, self.stage, self.microbatch, self.version, flag)
 
     @classmethod
     def parse(cls, text: str) -> Action:
@@ -193,10 +211,23 @@ class Schedule:
             replicas=self.replicas,
         )
 
+    @property
+    def has_pairs(self) -> bool:
+        """Whether any rank issues an F&B pair."""
+        return any(action.overlaps_next for actions in self.ranks for action in actions)
+
+    def unpaired(self) -> Schedule:
+        """The same program with every F&B pair split back into its forward and its backward."""
+        if not self.has_pairs:
+            return self
+        return Schedule(tuple(tuple(a.paired(False) if a.overlaps_next else a for a in actions)
+                              for actions in self.ranks),
+                        self.n_stages, self.n_microbatches, self.placement, self.name, self.stream, self.replicas)
+
     # --- text form -------------------------------------------------------------------------
     def to_text(self) -> str:
         """One line per rank: ``0F0 0F1 0B0 ...``; a ``# placement:`` header when not default."""
-        lines = [" ".join(str(a) for a in actions) for actions in self.ranks]
+        lines = [" ".join(_tokens(actions)) for actions in self.ranks]
         if self.is_replicated:
             lines.insert(0, "# placement: " + " ".join(",".join(map(str, group)) for group in self.replicas))
         elif self.placement != _default_placement(self.n_stages, self.n_ranks):
@@ -215,7 +246,7 @@ class Schedule:
                 continue
             if not line or line.startswith("#"):
                 continue
-            ranks.append([Action.parse(token) for token in line.split()])
+            ranks.append([action for token in line.split() for action in _parse_token(token)])
         if not ranks:
             raise ValueError("schedule text has no action lines")
         every = [a for rank in ranks for a in rank]
@@ -225,15 +256,38 @@ class Schedule:
 
     def grid(self) -> str:
         """A compact, aligned grid of the program (ranks as rows), for printing."""
-        width = max((len(str(a)) for actions in self.ranks for a in actions), default=3)
+        width = max((len(token) for actions in self.ranks for token in _tokens(actions)), default=3)
         rows = []
         for rank, actions in enumerate(self.ranks):
-            cells = " ".join(str(a).rjust(width) for a in actions)
+            cells = " ".join(token.rjust(width) for token in _tokens(actions))
             rows.append(f"rank {rank}: {cells}")
         return "\n".join(rows)
 
     def __str__(self) -> str:
         return f"{self.name}: {self.n_stages} stages, {self.n_microbatches} micro-batches\n{self.grid()}"
+
+
+def _tokens(actions: Sequence[Action]) -> list[str]:
+    """The text tokens of one rank's actions: a pair's forward and backward joined by ``&``."""
+    tokens: list[str] = []
+    joined = False
+    for action in actions:
+        if joined:
+            tokens[-1] += PAIR_JOIN + str(action)
+        else:
+            tokens.append(str(action))
+        joined = action.overlaps_next
+    return tokens
+
+
+def _parse_token(token: str) -> list[Action]:
+    parts = token.split(PAIR_JOIN)
+    if len(parts) > 2:
+        raise ValueError(f"cannot parse {token!r}: an F&B pair joins two actions, e.g. '0F3&1B1'")
+    actions = [Action.parse(part) for part in parts]
+    if len(actions) == 2:
+        actions[0] = actions[0].paired()
+    return actions
 
 
 def by_rank(n_ranks: int, actions: Iterable[tuple[int, Action]]) -> tuple[tuple[Action, ...], ...]:

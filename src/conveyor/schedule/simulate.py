@@ -9,6 +9,10 @@ so with ``comm=0`` the result is the schedule's ideal.
 
 A micro-batch's activations on a stage are live from the start of its ``F`` until its ``B`` ends
 (or its ``W`` ends, for a split backward; its ``F`` ends, for a forward-only program).
+
+An F&B pair starts once both of its inputs are there; its forward runs first and sends when it
+ends. It costs ``F + B`` unless ``overlap`` says that a fraction of the shorter chunk hides under
+the longer (``overlap=1``: the pair costs ``max(F, B)``); the hidden time comes off its backward.
 """
 
 from __future__ import annotations
@@ -95,13 +99,15 @@ def simulate(
     *,
     n_ranks: int | None = None,
     comm: float = 0.0,
+    overlap: float = 0.0,
     **options: Any,
 ) -> SimulationResult:
     """Time one step of ``schedule`` (a name from ``SCHEDULES`` or a :class:`Schedule`).
 
     ``costs`` maps an action kind to its duration, or to a list of per-stage durations
     (defaults: F=1, B=2, I=1, W=1). A named schedule needs ``n_stages`` and ``n_microbatches``;
-    ``n_ranks`` defaults to ``n_stages``. ``options`` go to the schedule's generator.
+    ``n_ranks`` defaults to ``n_stages``. ``overlap`` (0 to 1) is the fraction of an F&B pair's
+    shorter chunk that hides under the other. ``options`` go to the schedule's generator.
     Raises :class:`ScheduleError` if the program is incomplete or deadlocks.
     """
     from . import make_schedule  # the registry imports this module
@@ -114,6 +120,8 @@ def simulate(
         raise TypeError(f"simulate({schedule!r}, ...) needs n_stages and n_microbatches")
     program = make_schedule(schedule, n_ranks or n_stages, n_stages, n_microbatches, **options)
     table = _cost_table(costs, program.n_stages)
+    if not 0.0 <= overlap <= 1.0:
+        raise ValueError(f"overlap={overlap} is the fraction of a pair's shorter chunk that is hidden: give 0 to 1")
     training = program.is_training
 
     free = [0.0] * program.n_ranks
@@ -122,6 +130,7 @@ def simulate(
     events: list[Event] = []
     order = execution_order(program)  # a legal order: every message is sent before it is needed
     barrier: dict[int, float] = {}  # position in ``order`` -> start of a replicated update
+    hidden = 0.0  # of the pair being timed: the time its backward saves by overlapping its forward
     for position, (rank, action) in enumerate(order):
         group = program.replicas[action.stage]
         if action.kind == UPDATE and len(group) > 1 and position not in barrier:
@@ -131,7 +140,15 @@ def simulate(
             barrier.update(dict.fromkeys(members, max(free[order[i][0]] for i in members)))
         needed = required_message(action, program.n_stages)
         start = max(free[rank], arrival[needed] if needed is not None else 0.0, barrier.get(position, 0.0))
-        end = start + table[action.kind][action.stage]
+        duration = table[action.kind][action.stage]
+        if action.overlaps_next:  # the pair waits for its backward's input too (execution_order lists it next)
+            partner = order[position + 1][1]
+            partner_needs = required_message(partner, program.n_stages)
+            start = max(start, arrival[partner_needs] if partner_needs is not None else 0.0)
+            hidden = overlap * min(duration, table[partner.kind][partner.stage])
+        elif position and order[position - 1][1].overlaps_next and order[position - 1][0] == rank:
+            duration -= hidden
+        end = start + duration
         free[rank] = end
         timing[action] = (start, end)
         events.append(Event(rank, action, start, end))

@@ -75,6 +75,25 @@ def _check_versions(schedule: Schedule) -> None:
                 newest[action.stage] = action.version
 
 
+def _check_pairs(schedule: Schedule) -> None:
+    """An F&B pair is a forward followed, on the same rank, by the backward (B or I) of another
+    (stage, micro-batch), in a synchronous program."""
+    for rank, actions in enumerate(schedule.ranks):
+        for position, action in enumerate(actions):
+            if not action.overlaps_next:
+                continue
+            partner = actions[position + 1] if position + 1 < len(actions) else None
+            if partner is None or partner.kind not in (BACKWARD, INPUT_GRAD):
+                raise ScheduleError(f"rank {rank}: the F&B pair opened by {action} has no backward after it (it "
+                                    f"is followed by {partner or 'nothing'}): pair a forward with a B or an I")
+            if (partner.stage, partner.microbatch) == (action.stage, action.microbatch):
+                raise ScheduleError(f"rank {rank}: {action}&{partner} pairs a micro-batch's forward with its own "
+                                    "backward, which needs the forward first: pair it with another micro-batch")
+            if schedule.stream is not None:
+                raise ScheduleError(f"rank {rank}: {action}&{partner}: F&B pairs are for synchronous programs; "
+                                    f"{schedule.name!r} updates weights inside the pipeline")
+
+
 def execution_order(schedule: Schedule) -> list[tuple[int, Action]]:
     """Run the program with unbounded buffers; return the ``(rank, action)`` order of a legal run.
 
@@ -83,6 +102,7 @@ def execution_order(schedule: Schedule) -> list[tuple[int, Action]]:
     """
     _check_complete(schedule)
     _check_versions(schedule)
+    _check_pairs(schedule)
     cursor = [0] * schedule.n_ranks
     updates = [0] * schedule.n_ranks  # U actions each rank has run (replicas update together)
     done: set[Action] = set()
@@ -123,6 +143,19 @@ def execution_order(schedule: Schedule) -> list[tuple[int, Action]]:
                 needed = required_message(action, schedule.n_stages)
                 if needed is not None and needed not in delivered:
                     break
+                if action.overlaps_next:  # a pair starts once both of its inputs are there
+                    partner = actions[cursor[rank] + 1]
+                    needed = required_message(partner, schedule.n_stages)
+                    if needed is not None and needed not in delivered:
+                        break
+                    first = _local_prerequisite(partner, done)
+                    if first is not None and first not in done:
+                        raise ScheduleError(f"rank {rank} runs {action}&{partner} before {first}: a stage's "
+                                            "backward must follow its forward on the same rank")
+                    run(rank, action)
+                    run(rank, partner)
+                    progress = True
+                    continue
                 if action.kind == UPDATE and len(schedule.replicas[action.stage]) > 1:
                     group = replicas_ready(action)
                     if group is None:
@@ -132,15 +165,21 @@ def execution_order(schedule: Schedule) -> list[tuple[int, Action]]:
                 else:
                     run(rank, action)
                 progress = True
-    blocked = [
-        f"rank {rank} waits at {actions[cursor[rank]]} for "
-        f"{required_message(actions[cursor[rank]], schedule.n_stages) or 'the other replicas of its stage'}"
-        for rank, actions in enumerate(schedule.ranks)
-        if cursor[rank] < len(actions)
-    ]
+    blocked = [_waits(schedule, rank, actions, cursor[rank], delivered)
+               for rank, actions in enumerate(schedule.ranks) if cursor[rank] < len(actions)]
     if blocked:
         raise ScheduleError("the program deadlocks: " + "; ".join(blocked))
     return order
+
+
+def _waits(schedule: Schedule, rank: int, actions: tuple[Action, ...], at: int, delivered: set) -> str:
+    action = actions[at]
+    needed = required_message(action, schedule.n_stages)
+    if action.overlaps_next and (needed is None or needed in delivered):
+        partner = actions[at + 1]
+        return (f"rank {rank} waits at the pair {action}&{partner} for "
+                f"{required_message(partner, schedule.n_stages)} (a pair needs both inputs before it starts)")
+    return f"rank {rank} waits at {action} for {needed or 'the other replicas of its stage'}"
 
 
 def validate(schedule: Schedule) -> Schedule:
