@@ -7,10 +7,11 @@ import pytest
 import torch
 
 import conveyor
-import pair_workers
 from conveyor.errors import LaunchError
 from conveyor.schedule import Schedule, ScheduleError, make_schedule, pair_overlapping, simulate, validate
 from conveyor.schedule.links import link_order
+
+import pair_workers
 
 PAIRED_TEXT = "0F0 0F1&0B0 0B1\n1F0 1B0 1F1 1B1\n"
 
