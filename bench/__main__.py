@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from . import asynchronous, compute, efficiency, memory, overhead, scaling
+from . import asynchronous, compute, efficiency, memory, moe_pairs, overhead, scaling
 from .harness import FULL, QUICK, Plan, busy_cpu_seconds
 from .report import Section, write_report
 
@@ -22,6 +22,7 @@ BENCHMARKS: dict[str, Runner] = {
     "memory": memory.run,
     "scaling": scaling.run,
     "async": asynchronous.run,
+    "pairs": moe_pairs.run,
 }
 
 PACKAGE = Path(__file__).resolve().parent

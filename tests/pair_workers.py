@@ -52,3 +52,30 @@ def failing_pair(rank: int, world_size: int) -> None:
                                  loss_fn=mse) as runner:
         x, y = batch(0)
         runner.step(x, target=y)
+
+
+def moe_paired_and_unpaired(rank: int, world_size: int, schedule: str, n_microbatches: int) -> dict:
+    """Two 2-stage pipelines (ranks 0-1 and 2-3) of toy MoE stages whose expert groups ({0, 2}
+    for stage 0, {1, 3} for stage 1) run an all-to-all in every forward and backward: the
+    gradients of two steps, unpaired and paired."""
+    from conveyor.testing_moe import ExpertGroups, MoEStage
+
+    pipelines = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+    experts = [ExpertGroups.new([0, 2]), ExpertGroups.new([1, 3])]
+    program = make_schedule(schedule, 2, 2, n_microbatches)
+    paired = pair_overlapping(program)
+    results: dict = {"pairs": sum(a.overlaps_next for a in paired.ranks[rank % 2])}
+    for label, chosen in (("unpaired", program), ("paired", paired)):
+        stages = [MoEStage(6, experts[s], seed=10 * s + rank // 2) for s in range(2)]
+        with conveyor.PipelineRunner(conveyor.pipeline(stages), schedule=chosen, n_microbatches=n_microbatches,
+                                     loss_fn=mse, group=pipelines[rank // 2]) as runner:
+            grads = []
+            for step in range(2):
+                for p in runner.parameters():
+                    p.grad = None
+                x, y = batch(step + rank // 2, rows=4 * n_microbatches)
+                runner.step(x, target=y)
+                grads.append({name: p.grad.clone() for name, p in runner.named_parameters()})
+        results[label] = grads
+    dist.barrier()
+    return results

@@ -109,3 +109,14 @@ def test_a_failing_backward_chunk_names_its_action() -> None:
     with pytest.raises(LaunchError, match=r"backward exploded") as caught:
         conveyor.launch(pair_workers.failing_pair, 2, timeout=60)
     assert "rank 0" in str(caught.value) and "0B" in str(caught.value)
+
+
+@pytest.mark.parametrize("schedule", ["1f1b", "zb-h1"])
+def test_moe_stages_with_their_own_all_to_all_give_the_same_gradients_paired(schedule: str) -> None:
+    runs = conveyor.launch(pair_workers.moe_paired_and_unpaired, 4, args=(schedule, 6), timeout=120)
+    assert all(rank["pairs"] > 0 for rank in runs[:1])
+    for rank in runs:
+        for mine, theirs in zip(rank["paired"], rank["unpaired"]):
+            assert mine.keys() == theirs.keys()
+            for name in theirs:
+                assert torch.equal(mine[name], theirs[name]), name

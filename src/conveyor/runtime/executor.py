@@ -184,7 +184,11 @@ class Executor:
             raise self._failed(error, backward) from error
         ready = time.perf_counter()
         if self._backward_thread is None:
-            self._backward_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"conveyor-pair-{self.rank}")
+            # torch's intra-op thread count is per thread: a new thread would use every core (and on a
+            # shared CPU spin against the other ranks), so it gets this thread's count
+            self._backward_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"conveyor-pair-{self.rank}",
+                                                       initializer=torch.set_num_threads,
+                                                       initargs=(torch.get_num_threads(),))
         pending = self._backward_thread.submit(job)
         try:
             self.run(forward, data)

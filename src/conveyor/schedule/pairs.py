@@ -23,31 +23,34 @@ def _pairable(first: Action, second: Action) -> bool:
     return {first.kind, second.kind} in ({FORWARD, BACKWARD}, {FORWARD, INPUT_GRAD})
 
 
-def _makespan(schedule: Schedule, ranks: list[list[Action]], costs: Costs | None, comm: float) -> float | None:
-    """The simulated makespan with pairs that hide nothing, or None if the program deadlocks."""
+def _makespan(schedule: Schedule, ranks: list[list[Action]], costs: Costs | None, comm: float,
+              overlap: float) -> float | None:
+    """The simulated makespan, or None if the program deadlocks."""
     program = Schedule(tuple(tuple(r) for r in ranks), schedule.n_stages, schedule.n_microbatches,
                        schedule.placement, schedule.name, replicas=schedule.replicas)
     try:
-        return simulate(program, costs=costs, comm=comm).makespan
+        return simulate(program, costs=costs, comm=comm, overlap=overlap).makespan
     except ScheduleError:
         return None
 
 
-def pair_overlapping(schedule: Schedule, *, costs: Costs | None = None, comm: float = 0.0,
+def pair_overlapping(schedule: Schedule, *, costs: Costs | None = None, comm: float = 0.0, overlap: float = 0.0,
                      reorder: bool = True) -> Schedule:
     """``schedule`` with adjacent forward/backward actions of each rank joined into F&B pairs.
 
     Rank by rank, left to right, a forward next to a backward (``B`` or ``I``) of another (stage,
     micro-batch) becomes a pair (written forward first) if the program stays deadlock-free with
-    it (a pair waits for both of its inputs) and its simulated makespan (``costs`` and ``comm`` as
-    in :func:`simulate`) does not grow even when the pair hides nothing: a pair can then only
-    gain. ``reorder=False`` pairs only a forward followed by a backward. Streaming and
-    forward-only programs are returned unchanged.
+    it (a pair waits for both of its inputs) and its simulated makespan (``costs``, ``comm`` and
+    ``overlap`` as in :func:`simulate`) does not grow. With the default ``overlap=0`` that holds
+    even if the pairs hide nothing, so pairing can only gain; a larger ``overlap`` (what the
+    stages are known to hide) also accepts pairs that pay off only by overlapping.
+    ``reorder=False`` pairs only a forward followed by a backward. Streaming and forward-only
+    programs are returned unchanged.
     """
     if schedule.stream is not None or not schedule.is_training:
         return schedule
     ranks = [list(actions) for actions in schedule.ranks]
-    best = _makespan(schedule, ranks, costs, comm)
+    best = _makespan(schedule, ranks, costs, comm, overlap)
     if best is None:
         raise ScheduleError(f"cannot pair {schedule.name!r}: the program itself deadlocks")
     for actions in ranks:
@@ -57,7 +60,7 @@ def pair_overlapping(schedule: Schedule, *, costs: Costs | None = None, comm: fl
             if _pairable(first, second) and (first.kind == FORWARD or reorder):
                 forward, backward = (first, second) if first.kind == FORWARD else (second, first)
                 actions[position], actions[position + 1] = forward.paired(), backward
-                makespan = _makespan(schedule, ranks, costs, comm)
+                makespan = _makespan(schedule, ranks, costs, comm, overlap)
                 if makespan is not None and makespan <= best + 1e-9:
                     best = makespan
                     position += 2
