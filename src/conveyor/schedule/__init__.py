@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .actions import Action, Schedule
+from .auto import search
 from .gpipe import gpipe
 from .interleaved import interleaved_1f1b
 from .one_f_one_b import one_f_one_b
@@ -29,6 +30,7 @@ __all__ = [
     "SimulationResult",
     "make_schedule",
     "pair_overlapping",
+    "search",
     "supports_replicas",
     "simulate",
     "validate",
