@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 from .actions import BACKWARD, FORWARD, INPUT_GRAD, WEIGHT_GRAD, Action, Schedule
 from .simulate import simulate
@@ -148,7 +147,7 @@ def _seeds(table: dict[str, list[float]], p: int, m: int, comm: float, limit: in
     from . import SCHEDULES
 
     found = []
-    for name, generator in SCHEDULES.items():
+    for generator in SCHEDULES.values():
         try:
             schedule = generator(p, p, m)
         except (ValueError, TypeError):
