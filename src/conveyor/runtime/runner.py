@@ -15,6 +15,7 @@ from ..partition.pipe import Pipe
 from ..schedule import Schedule, make_schedule
 from ..schedule.actions import FORWARD, Action
 from ..schedule.links import incoming, incoming_stream
+from .auto import AUTO, choose_schedule
 from .data_parallel import last_backwards
 from .data_parallel import unwrap as unwrap_module
 from .devices import default_device, make_transport
@@ -43,6 +44,10 @@ class PipelineRunner(PipelineEntry):
     Every rank constructs the runner and makes the same calls. ``schedule`` is a name from
     ``conveyor.schedule.SCHEDULES`` or a :class:`Schedule`; ``schedule_options`` go to its
     generator (an option neither the runner nor the generator takes is a TypeError).
+    ``schedule="auto"`` (one stage per rank) profiles the stages on the first training step's
+    first micro-batch and runs the program ``conveyor.schedule.search`` finds for them, holding
+    at most ``memory_limit`` micro-batches of activations per rank (option; default the number
+    of ranks); ``auto_profile`` then holds the costs on rank 0 (``runtime/auto.py``).
     ``loss_weighting="tokens"`` weights micro-batch losses by the number of target entries that
     differ from ``ignore_index`` (for token-averaged losses), ``"rows"`` (default) by rows.
     ``broadcast_loss=True`` returns the loss on every rank. ``detect_anomaly=True`` stops the
@@ -90,6 +95,16 @@ class PipelineRunner(PipelineEntry):
         self.n_ranks = dist.get_world_size(group)
         if replicas is not None:
             schedule_options["replicas"] = list(replicas)
+        self._auto_limit: int | None = None
+        self._auto = schedule == AUTO
+        if self._auto:
+            self._auto_limit = schedule_options.pop("memory_limit", None)
+            if schedule_options or pipe.n_stages != self.n_ranks:
+                raise ValueError(f"schedule='auto' takes only the option memory_limit (got {sorted(schedule_options)}) "
+                                 f"and places one stage per rank (the pipe has {pipe.n_stages} stages for "
+                                 f"{self.n_ranks} ranks): cut the model into {self.n_ranks} stages")
+            schedule = "1f1b"  # until the first training step has profiled the stages
+        self.auto_profile: dict[str, Any] | None = None
         with self._mesh.explaining_schedule_errors(self.n_ranks):
             self.schedule = make_schedule(schedule, self.n_ranks, pipe.n_stages, n_microbatches, **schedule_options)
         self._mesh.check_schedule(self.schedule)
@@ -239,6 +254,8 @@ class PipelineRunner(PipelineEntry):
 
     def _execute(self, data: StepData) -> None:
         """Run this rank's program for ``data`` (training or forward-only)."""
+        if self._auto and data.training:
+            self._adopt(choose_schedule(self, data, self._auto_limit))
         for stage in self.stages.values():
             stage.reset_stats()
         executor = self._executor
@@ -249,6 +266,15 @@ class PipelineRunner(PipelineEntry):
         for step in self._steps[data.training]:
             run(step, data)
         self.transport.finish()
+
+    def _adopt(self, program: Schedule) -> None:
+        """Run ``program`` from now on (the same stages on the same ranks)."""
+        self._auto = False
+        self.schedule = program
+        forward_program = program.forward_only()
+        self._incoming = {True: incoming(program, self.rank), False: incoming(forward_program, self.rank)}
+        self._steps = {True: steps_of(program, self.rank), False: steps_of(forward_program, self.rank)}
+        self._executor.last_backward = last_backwards(program, self.rank)
 
     def stream(self, batches: Iterable[Any], optimizer: torch.optim.Optimizer) -> Iterator[torch.Tensor]:
         """Train on a stream of ``(inputs, target)`` batches without draining between them
