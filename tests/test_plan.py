@@ -246,3 +246,14 @@ def test_profile_records_which_blocks_hold_a_tied_weight() -> None:
     last.weight = first.weight
     prof = profile(nn.Sequential(first, middle, last), (torch.randn(4, 4),), runs=1, link=None)
     assert prof.tied_blocks == [[0, 2]]
+
+
+def test_the_automatic_schedule_is_a_runnable_candidate_at_least_as_fast_as_the_named_ones() -> None:
+    blocks = [BlockProfile.simple(f"b{i}", 1e-3, 2e-3) for i in range(3)]
+    blocks.append(BlockProfile.simple("head", 2e-3, 4e-3))  # a last stage twice as slow
+    prof = Profile(blocks, Link(latency_s=5e-4, bandwidth_bytes_s=float("inf")), rows=(1,))
+    result = plan(prof, 4, batch_size=8, schedules=["1f1b", "zb-h1", "auto"], microbatches=[8])
+    auto = next(c for c in result.candidates if c.schedule == "auto")
+    assert auto.runnable and auto.fits and max(auto.peak_microbatches) <= 4
+    named = [c for c in result.candidates if c.schedule != "auto" and c.sizes == auto.sizes]
+    assert named and all(auto.step_s <= c.step_s + 1e-12 for c in named)

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 
 from ..partition.balance import partition_min_max
-from ..schedule import SCHEDULES, ScheduleError, simulate, supports_replicas
+from ..schedule import SCHEDULES, ScheduleError, search, simulate, supports_replicas
 from .costs import (
     MemoryEstimate,
     async_steady_state,
@@ -27,7 +27,7 @@ from .costs import (
 )
 from .profile import Profile
 
-__all__ = ["ASYNC_SCHEDULES", "Candidate", "Plan", "SYNC_SCHEDULES", "microbatch_counts", "plan"]
+__all__ = ["ASYNC_SCHEDULES", "AUTO_SCHEDULE", "Candidate", "Plan", "SYNC_SCHEDULES", "microbatch_counts", "plan"]
 
 SYNC_SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b", "zb-h1", "zb-v")
 ASYNC_SCHEDULES = ("pipedream", "pipedream-2bw")
@@ -69,7 +69,7 @@ class Candidate:
         """Whether the runtime can run it: a registered schedule, and replicas only where the
         schedule takes them and every replica gets the same number of micro-batches."""
         if self.schedule not in SCHEDULES:
-            return False
+            return self.schedule == AUTO_SCHEDULE
         if self.is_async and self.tied_across_stages:  # each stage updates its own copy: they would drift
             return False
         if self.replicas is None or all(r == 1 for r in self.replicas):
@@ -182,7 +182,7 @@ class Plan:
             lines.append(f"  split by {other_split.split} {list(other_split.sizes)}: {other_split.step_s * 1e3:.1f} "
                          f"ms (slowest stage {max(other_split.stage_seconds) * 1e3:.2f} ms vs "
                          f"{max(chosen.stage_seconds) * 1e3:.2f} ms).")
-        for name in SYNC_SCHEDULES + ASYNC_SCHEDULES:
+        for name in SYNC_SCHEDULES + ASYNC_SCHEDULES + (AUTO_SCHEDULE,):
             if name == chosen.schedule:
                 continue
             c = first(lambda c, name=name: c.schedule == name)
@@ -309,6 +309,31 @@ def _tied_across_stages(profile: Profile, sizes: Sequence[int]) -> bool:
     return any(len({stage_of[block] for block in blocks}) > 1 for blocks in profile.tied_blocks)
 
 
+# --- the automatic schedule as a candidate (conveyor.schedule.search; PipelineRunner(schedule="auto")) --------
+AUTO_SCHEDULE = "auto"
+AUTO_MAX_MICROBATCHES = 32  # the list scheduler's sweep grows with m: larger counts are left to the named schedules
+AUTO_BUDGET_S = 0.1  # local search per candidate
+
+
+def _auto_candidate(profile: Profile, sizes: tuple[int, ...], split: str, m: int, batch_size: int, n_ranks: int,
+                    slots: float, optimizer_factor: float) -> Candidate | None:
+    """The program ``search`` finds for one stage per rank at 1F1B's memory (``n_ranks`` micro-batches)."""
+    if len(sizes) != n_ranks or m > AUTO_MAX_MICROBATCHES:
+        return None
+    rows = batch_size / m
+    costs = stage_costs(profile, sizes, rows)
+    comm = message_time(profile, sizes, rows)
+    program = search({kind: costs[kind] for kind in ("F", "I", "W")}, n_ranks, n_microbatches=m, comm=comm,
+                     budget_s=AUTO_BUDGET_S)
+    result = simulate(program, costs=costs, comm=comm)
+    step = result.makespan if slots >= n_ranks else shared_core_makespan(program, costs, comm, slots)
+    memory = rank_memory(profile, sizes, program.placement, rows, result.peak_activations, AUTO_SCHEDULE,
+                         optimizer_factor, n_ranks)
+    return Candidate(AUTO_SCHEDULE, sizes, split, m, rows, n_ranks, tuple(program.placement), step, batch_size / step,
+                     result.bubble, result.makespan, comm, memory, peak_microbatches=result.peak_activations,
+                     stage_seconds=tuple(f + b for f, b in zip(costs["F"], costs["B"])))
+
+
 def plan(profile: Profile, n_ranks: int, *, memory_per_rank: float | None = None, batch_size: int | None = None,
          schedules: Sequence[str] | None = None, microbatches: Sequence[int] | None = None,
          optimizer_factor: float = 2.0, max_chunks: int = 4, cores: int | None = None,
@@ -318,7 +343,8 @@ def plan(profile: Profile, n_ranks: int, *, memory_per_rank: float | None = None
     ``memory_per_rank`` (bytes) marks candidates that do not fit; ``batch_size`` (rows per step,
     default the profile's largest micro-batch) is cut into each count of ``microbatches``
     (default :func:`microbatch_counts`). ``schedules`` defaults to every synchronous and
-    asynchronous schedule; ``optimizer_factor`` is the optimizer state in units of the weights
+    asynchronous schedule and ``"auto"`` (:func:`conveyor.schedule.search`'s program, for up to
+    ``AUTO_MAX_MICROBATCHES`` micro-batches); ``optimizer_factor`` is the optimizer state in units of the weights
     (Adam: 2, SGD with momentum: 1). ``cores`` overrides the profile's core count (0: a device
     per rank, no sharing). A profile taken by several processes at once (``concurrent > 1``) is
     used as measured, as if every rank were always busy; ``reshare=True`` instead divides out the
@@ -335,16 +361,23 @@ def plan(profile: Profile, n_ranks: int, *, memory_per_rank: float | None = None
         profile = replace(profile, cores=cores)
     if profile.concurrent > 1 and not reshare:  # the sharing is in the times: take them as they are
         profile = replace(profile, cores=0, concurrent=1)
-    names = list(schedules or SYNC_SCHEDULES + ASYNC_SCHEDULES)
-    unknown = [n for n in names if n not in SYNC_SCHEDULES + ASYNC_SCHEDULES]
+    known = SYNC_SCHEDULES + ASYNC_SCHEDULES + (AUTO_SCHEDULE,)
+    names = list(schedules or known)
+    unknown = [n for n in names if n not in known]
     if unknown:
-        raise ValueError(f"unknown schedules {unknown}; the planner knows {list(SYNC_SCHEDULES + ASYNC_SCHEDULES)}")
+        raise ValueError(f"unknown schedules {unknown}; the planner knows {list(known)}")
     slots = compute_slots(profile, n_ranks)
     counts = [m for m in (microbatches or microbatch_counts(batch_size)) if 1 <= m <= batch_size]
     candidates: list[Candidate] = []
     for m in counts:
         rows = batch_size / m
         for name in names:
+            if name == AUTO_SCHEDULE:
+                for sizes, split in _splits(profile, n_ranks, rows).items():
+                    candidate = _auto_candidate(profile, sizes, split, m, batch_size, n_ranks, slots, optimizer_factor)
+                    if candidate is not None:
+                        candidates.append(candidate)
+                continue
             if name in ASYNC_SCHEDULES:
                 for sizes, split in _splits(profile, n_ranks, rows).items():
                     candidates.append(_async_candidate(profile, name, sizes, split, m, batch_size, n_ranks, None,
@@ -364,7 +397,7 @@ def plan(profile: Profile, n_ranks: int, *, memory_per_rank: float | None = None
     for c in candidates:
         c.fits = memory_per_rank is None or c.peak_memory <= memory_per_rank
         c.tied_across_stages = _tied_across_stages(profile, c.sizes)
-    order = {name: i for i, name in enumerate(SYNC_SCHEDULES + ASYNC_SCHEDULES)}
+    order = {name: i for i, name in enumerate(known)}
     candidates.sort(key=lambda c: (not c.fits, -round(c.throughput, 9), round(c.peak_memory), order[c.schedule],
                                    c.n_microbatches))
     return Plan(candidates, n_ranks, batch_size, memory_per_rank, measured, reshare)
