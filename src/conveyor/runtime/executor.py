@@ -179,7 +179,8 @@ class Executor:
         stage = self.stages[action.stage]
         try:
             grads = None if backward.receives is None else self._receive(backward.receives, backward.source)
-            job = stage.backward_job(action.microbatch, grads, split=action.kind == INPUT_GRAD)
+            last = action in self.last_backward
+            job = stage.backward_job(action.microbatch, grads, split=action.kind == INPUT_GRAD, last=last)
         except Exception as error:
             raise self._failed(error, backward) from error
         ready = time.perf_counter()
@@ -197,6 +198,7 @@ class Executor:
             raise
         try:
             input_grads = pending.result()
+            stage.backward_job_done(last)
         except Exception as error:
             raise self._failed(error, backward) from error
         try:

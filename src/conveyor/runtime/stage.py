@@ -237,17 +237,20 @@ class StageExecutor:
             self.versions.release(stashed.version)
         return self._input_grads(stashed)
 
-    def backward_job(self, microbatch: int, output_grads: list | None,
-                     split: bool) -> Callable[[], list[torch.Tensor | None]]:
+    def backward_job(self, microbatch: int, output_grads: list | None, split: bool,
+                     last: bool = False) -> Callable[[], list[torch.Tensor | None]]:
         """The backward of ``microbatch`` (``split``: only its input half, as :meth:`backward_input`)
         as a function that another thread may run while this one runs a forward (an F&B pair).
-        What touches the stash or the random state (recompute replays it) happens here, now; the
-        function only runs the autograd engine on this micro-batch's own graph."""
+        What touches the stash, the random state (recompute replays it) or the data-parallel
+        hooks happens here, now; the function only runs the autograd engine on this
+        micro-batch's own graph. After it, call :meth:`backward_job_done` on this thread."""
         stashed = self._stash[microbatch] if split else self._stash.pop(microbatch)
         self._rematerialise(stashed)
         outputs, grads = self._pairs(stashed, output_grads)
         if split:
             stashed.outputs, stashed.output_grads = outputs, grads
+            stashed.weight_leaves = self.sync.weight_leaves(outputs, stashed.input_leaves)
+        self.sync.before_backward(outputs, last and not split)
         wanted = tuple(leaf for leaf in stashed.input_leaves if leaf.requires_grad)
         given = None if self.is_last else grads
 
@@ -262,6 +265,11 @@ class StageExecutor:
             return [next(found) if leaf.requires_grad else None for leaf in stashed.input_leaves]
 
         return run
+
+    def backward_job_done(self, last: bool) -> None:
+        """After a :meth:`backward_job` of a whole backward: the data-parallel sync if it was the last."""
+        if last:
+            self.sync.after_last_backward()
 
     def backward_input(self, microbatch: int, output_grads: list | None) -> list[torch.Tensor | None]:
         """First half of a split backward: only the gradients of the stage's inputs."""
