@@ -14,6 +14,7 @@ import torch.nn as nn
 from torch.func import functional_call
 
 from .bundle import detached_leaves, flatten
+from .compiled import is_compiled
 from .data_parallel import GradientSync
 from .versions import WeightVersions
 
@@ -107,6 +108,7 @@ class StageExecutor:
         self.precision_context: Callable[[], AbstractContextManager[Any]] = nullcontext  # autocast (precision.py)
         self._output_where = f"stage {index} output"
         self.sync = GradientSync(module, None, index)  # data-parallel sync (data_parallel.py), set by the runner
+        self._whole: tuple[nn.Module, bool] | None = None  # (module, whether I must run its whole backward)
 
     # --- helpers -----------------------------------------------------------------------------
     def _rng_state(self) -> tuple:
@@ -154,6 +156,14 @@ class StageExecutor:
     def _store(self, microbatch: int, stashed: _Stashed) -> None:
         self._stash[microbatch] = stashed
         self.peak_stashed = max(self.peak_stashed, len(self._stash))
+
+    @property
+    def whole_backward(self) -> bool:
+        """Whether a split backward runs whole at I time, W doing nothing: a compiled module's
+        backward cannot be split (``compiled.py``)."""
+        if self._whole is None or self._whole[0] is not self.module:
+            self._whole = (self.module, is_compiled(self.module))
+        return self._whole[1]
 
     @property
     def stashed(self) -> int:
@@ -247,7 +257,10 @@ class StageExecutor:
         stashed = self._stash[microbatch] if split else self._stash.pop(microbatch)
         self._rematerialise(stashed)
         outputs, grads = self._pairs(stashed, output_grads)
-        if split:
+        whole = not split or self.whole_backward
+        if split and whole:  # a compiled stage: the whole backward now, W finds nothing left
+            stashed.outputs, stashed.weight_leaves = [], []
+        elif split:
             stashed.outputs, stashed.output_grads = outputs, grads
             stashed.weight_leaves = self.sync.weight_leaves(outputs, stashed.input_leaves)
         self.sync.before_backward(outputs, last and not split)
@@ -255,7 +268,7 @@ class StageExecutor:
         given = None if self.is_last else grads
 
         def run() -> list[torch.Tensor | None]:
-            if not split:
+            if whole:
                 if outputs:
                     _run_engine(outputs, given)
                 return self._input_grads(stashed)
@@ -272,9 +285,12 @@ class StageExecutor:
             self.sync.after_last_backward()
 
     def backward_input(self, microbatch: int, output_grads: list | None) -> list[torch.Tensor | None]:
-        """First half of a split backward: only the gradients of the stage's inputs."""
+        """First half of a split backward: only the gradients of the stage's inputs (a compiled
+        stage: the whole backward, see :attr:`whole_backward`)."""
         stashed = self._stash[microbatch]
         self._rematerialise(stashed)
+        if self.whole_backward:
+            return self._whole_input(stashed, output_grads)
         stashed.outputs, stashed.output_grads = self._pairs(stashed, output_grads)
         stashed.weight_leaves = self.sync.weight_leaves(stashed.outputs, stashed.input_leaves)
         self.sync.before_backward(stashed.outputs, False)
@@ -284,6 +300,16 @@ class StageExecutor:
         grads = None if self.is_last else stashed.output_grads
         found = iter(_run_engine(stashed.outputs, grads, inputs=tuple(wanted), keep_graph=True, accumulate=False))
         return [next(found) if leaf.requires_grad else None for leaf in stashed.input_leaves]
+
+    def _whole_input(self, stashed: _Stashed, output_grads: list | None) -> list[torch.Tensor | None]:
+        """I of a compiled stage: the whole backward now, weight gradients included; W then finds
+        no graph left (``outputs`` empty) and only does the data-parallel sync if it is the last."""
+        outputs, grads = self._pairs(stashed, output_grads)
+        self.sync.before_backward(outputs, False)
+        if outputs:
+            _run_engine(outputs, None if self.is_last else grads)
+        stashed.outputs, stashed.weight_leaves = [], []
+        return self._input_grads(stashed)
 
     def backward_weight(self, microbatch: int, last: bool = False) -> None:
         """Second half of a split backward: accumulate the gradients of the parameter leaves the
