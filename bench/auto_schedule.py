@@ -52,7 +52,8 @@ def worker(rank: int, world: int, plan: Plan, cases: list[str]) -> dict[str, Any
             return lambda: runner.step(inputs, target=target)
 
         measured = alternate({name: step_of(runner) for name, runner in runners.items()}, plan)
-        results[case] = {"times": measured.times, "profile": runners["auto"].auto_profile,
+        results[case] = {"times": measured.times, "foreign": measured.foreign, "redone": measured.redone,
+                         "profile": runners["auto"].auto_profile,
                          "programs": {name: runner.schedule.to_text() for name, runner in runners.items()}}
         for runner in runners.values():
             runner.close()
@@ -65,7 +66,8 @@ def run(plan: Plan, figures: Path) -> Section:
     from conveyor.schedule import Schedule, simulate
 
     started = time.perf_counter()
-    results = conveyor.launch(worker, N_RANKS, args=(plan, list(CASES)), threads_per_rank=1, timeout=1800)[0]
+    cases = list(CASES) if plan.min_steps > 1 else list(CASES)[:1]  # --quick: one case
+    results = conveyor.launch(worker, N_RANKS, args=(plan, cases), threads_per_rank=1, timeout=1800)[0]
     section = Section("auto", "10. The automatic schedule (sleeping stages, unequal costs, 4 ranks, 8 micro-batches)",
                       short="auto schedule")
     section.text.append(
@@ -76,8 +78,8 @@ def run(plan: Plan, figures: Path) -> Section:
         "*auto / best hand-written* is per round, median over rounds.")
     table = Table(["case (F, I, W ms per stage)", "schedule", "simulated ms", "median ms", "min", "max",
                    "measured / simulated", "auto / best hand-written (paired)"])
-    for case, costs in CASES.items():
-        data = results[case]
+    for case in cases:
+        data, costs = results[case], CASES[case]
         profile = data["profile"]
         table_costs = dict(profile["costs"])
         label = f"{case}: " + " ".join(f"({f * 1e3:g},{i * 1e3:g},{w * 1e3:g})" for f, i, w in costs)
@@ -94,6 +96,8 @@ def run(plan: Plan, figures: Path) -> Section:
                              + ", ".join(f"{kind} " + "/".join(f"{v * 1e3:.1f}" for v in values)
                                          for kind, values in table_costs.items())
                              + f"; p2p latency {profile['comm'] * 1e3:.2f} ms.")
+    section.foreign = [share for data in results.values() for share in data["foreign"]]
+    section.redone = sum(data["redone"] for data in results.values())
     section.tables.append(table)
     section.seconds = time.perf_counter() - started
     return section

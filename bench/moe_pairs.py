@@ -87,7 +87,8 @@ def worker(rank: int, world: int, plan: Plan, cases: list[tuple[str, int, int]])
         measured = alternate({label: _step(runner, x, y) for label, runner in runners.items()}, plan)
         counted: list[int | None] = [None] * world
         dist.all_gather_object(counted, pairs)
-        results[schedule] = {"times": measured.times, "pairs": counted, "program": runners["paired"].schedule.to_text()}
+        results[schedule] = {"times": measured.times, "foreign": measured.foreign, "redone": measured.redone,
+                             "pairs": counted, "program": runners["paired"].schedule.to_text()}
         for runner in runners.values():
             runner.close()
     return results if rank == 0 else None
@@ -99,7 +100,8 @@ def run(plan: Plan, figures: Path) -> Section:
     from conveyor.schedule import make_schedule, pair_overlapping, simulate
 
     started = time.perf_counter()
-    results = conveyor.launch(worker, 4, args=(plan, CASES), threads_per_rank=1, timeout=1200)[0]
+    cases = CASES if plan.min_steps > 1 else CASES[:1]  # --quick: one case
+    results = conveyor.launch(worker, 4, args=(plan, cases), threads_per_rank=1, timeout=1200)[0]
     section = Section("pairs", "9. F&B pairs on a toy MoE pipeline (2 pipelines x 2 ranks, an all-to-all per stage)",
                       short="F&B pairs")
     section.text.append(
@@ -118,7 +120,7 @@ def run(plan: Plan, figures: Path) -> Section:
         "given the same costs and overlap, so it keeps the pairs that pay off when they hide that much.")
     table = Table(["schedule", "stages", "m", "pairs per rank", "unpaired median ms", "paired median ms",
                    "paired / unpaired (paired rounds)", "simulated unpaired ms", "simulated paired, hidden ms"])
-    for schedule, n_stages, n_microbatches in CASES:
+    for schedule, n_stages, n_microbatches in cases:
         data = results[schedule]
         unpaired, paired = pooled(data["times"]["unpaired"]), pooled(data["times"]["paired"])
         speed = paired_ratios(data["times"]["paired"], data["times"]["unpaired"])
@@ -131,6 +133,8 @@ def run(plan: Plan, figures: Path) -> Section:
                            ms(simulate(program, costs=costs).makespan),
                            ms(simulate(paired_program, costs=costs, overlap=HIDDEN).makespan)])
         section.notes.append(f"{schedule} paired program (rank 0 / rank 1):\n\n```\n{data['program']}```")
+    section.foreign = [share for data in results.values() for share in data["foreign"]]
+    section.redone = sum(data["redone"] for data in results.values())
     section.tables.append(table)
     section.seconds = time.perf_counter() - started
     return section
