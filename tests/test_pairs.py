@@ -120,3 +120,18 @@ def test_moe_stages_with_their_own_all_to_all_give_the_same_gradients_paired(sch
             assert mine.keys() == theirs.keys()
             for name in theirs:
                 assert torch.equal(mine[name], theirs[name]), name
+
+
+def test_local_pipeline_runs_a_paired_program_to_the_unpaired_results() -> None:
+    from models import batch, mlp, mse
+
+    program = make_schedule("zb-v", 2, 4, 4)
+    results = []
+    for chosen in (program, pair_overlapping(program)):
+        runner = conveyor.LocalPipeline(conveyor.pipeline(mlp(layers=8), n_stages=4), schedule=chosen,
+                                        n_microbatches=4, loss_fn=mse, n_ranks=2, devices="cpu")
+        x, y = batch(0)
+        results.append((runner.step(x, target=y), {name: p.grad for name, p in runner.named_parameters()}))
+    (loss, grads), (paired_loss, paired_grads) = results
+    assert pair_overlapping(program).has_pairs and torch.equal(loss, paired_loss)
+    assert all(torch.equal(grads[name], paired_grads[name]) for name in grads)
