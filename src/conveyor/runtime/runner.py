@@ -270,6 +270,7 @@ class PipelineRunner(PipelineEntry):
     def _adopt(self, program: Schedule) -> None:
         """Run ``program`` from now on (the same stages on the same ranks)."""
         self._auto = False
+        self._mesh.check_schedule(program)
         self.schedule = program
         forward_program = program.forward_only()
         self._incoming = {True: incoming(program, self.rank), False: incoming(forward_program, self.rank)}
