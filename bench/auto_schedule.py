@@ -60,6 +60,11 @@ def worker(rank: int, world: int, plan: Plan, cases: list[str]) -> dict[str, Any
     return results if rank == 0 else None
 
 
+def _gain(value: float, best_hand: str, programs: dict[str, str]) -> str:
+    same = [name for name in ("1f1b", "zb-h1") if programs[name] == programs["auto"]]
+    return f"{ratio(value)} vs {best_hand}" + (f" (the same program as {same[0]}: noise)" if same else "")
+
+
 def run(plan: Plan, figures: Path) -> Section:
     """Run the benchmark and build its report section."""
     import conveyor
@@ -82,6 +87,7 @@ def run(plan: Plan, figures: Path) -> Section:
         data, costs = results[case], CASES[case]
         profile = data["profile"]
         table_costs = dict(profile["costs"])
+        table_costs["B"] = [i + w for i, w in zip(table_costs["I"], table_costs["W"])]  # 1F1B's whole backward
         label = f"{case}: " + " ".join(f"({f * 1e3:g},{i * 1e3:g},{w * 1e3:g})" for f, i, w in costs)
         simulated = {name: simulate(Schedule.from_text(text), costs=table_costs, comm=profile["comm"]).makespan
                      for name, text in data["programs"].items()}
@@ -91,10 +97,10 @@ def run(plan: Plan, figures: Path) -> Section:
             summary = pooled(data["times"][name])
             table.rows.append([label if name == CONTENDERS[0] else "", name, ms(simulated[name]), ms(summary.median),
                                ms(summary.min), ms(summary.max), ratio(summary.median / simulated[name]),
-                               f"{ratio(gain.median)} vs {best_hand}" if name == "auto" else ""])
+                               _gain(gain.median, best_hand, data["programs"]) if name == "auto" else ""])
         section.notes.append(f"{case}: auto's program\n\n```\n{data['programs']['auto']}```\nprofiled costs (ms): "
                              + ", ".join(f"{kind} " + "/".join(f"{v * 1e3:.1f}" for v in values)
-                                         for kind, values in table_costs.items())
+                                         for kind, values in profile["costs"].items())
                              + f"; p2p latency {profile['comm'] * 1e3:.2f} ms.")
     section.foreign = [share for data in results.values() for share in data["foreign"]]
     section.redone = sum(data["redone"] for data in results.values())

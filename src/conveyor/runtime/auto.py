@@ -1,9 +1,10 @@
 """``PipelineRunner(schedule="auto")``: profile the stages on the first step's first micro-batch,
 search a program (``conveyor.schedule.search``) and run it from then on.
 
-Profiling runs ZB-H1's one-micro-batch program (every rank: F, I, W) twice on micro-batch 0 and
-times the second run's actions; the p2p latency comes from rank 0's round trip (from sending its
-activation to receiving the gradient back) less the downstream compute, all on rank 0's clock.
+Profiling runs ZB-H1's one-micro-batch program (every rank: F, I, W) four times on micro-batch 0
+and takes the median of the last three runs' action times (the first pays first-call costs);
+the p2p latency comes from rank 0's round trip (from sending its activation to receiving the
+gradient back) less the downstream compute, all on rank 0's clock.
 Rank 0 gathers the costs, searches, and broadcasts the program's text. Profiling leaves nothing
 behind: gradients, buffers and random state are restored, so the step's results are those of
 the found program alone.
@@ -11,6 +12,7 @@ the found program alone.
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Iterable
 from contextlib import contextmanager
 from typing import Any
@@ -28,7 +30,7 @@ from .steps import steps_of
 __all__ = ["AUTO", "choose_schedule", "untouched"]
 
 AUTO = "auto"
-PROFILE_RUNS = 2  # the first run pays first-call costs; the second is timed
+PROFILE_RUNS = 4  # the first run pays first-call costs; the median of the others is taken
 SEARCH_BUDGET_S = 1.0
 
 
@@ -60,16 +62,19 @@ def _profile(rank: int, n_ranks: int, executor: Executor, transport: Any, data: 
     program = make_schedule("zb-h1", n_ranks, n_ranks, 1)
     first = StepData(microbatches=data.microbatches[:1], targets=data.targets[:1], weights=data.weights[:1])
     links, steps = incoming(program, rank), steps_of(program, rank)
+    samples: list[tuple[dict[str, float], float]] = []
     for _ in range(PROFILE_RUNS):
         executor.trace = []
         transport.expect(links)
         for step in steps:
             executor.run(step, first)
         transport.finish()
-    timed = {text[-2]: (ready, end) for text, ready, end, _ in executor.trace}  # "3F0" -> "F"
+        timed = {text[-2]: (ready, end) for text, ready, end, _ in executor.trace}  # "3F0" -> "F"
+        samples.append(({kind: end - ready for kind, (ready, end) in timed.items()}, timed["I"][0] - timed["F"][1]))
     executor.trace = []
-    costs = {kind: end - ready for kind, (ready, end) in timed.items()}
-    round_trip = timed["I"][0] - timed["F"][1]
+    kept = samples[1:]
+    costs = {kind: statistics.median(sample[0][kind] for sample in kept) for kind in kept[0][0]}
+    round_trip = statistics.median(sample[1] for sample in kept)
     return costs, round_trip
 
 
