@@ -38,7 +38,7 @@ from ..schedule.links import Message
 from .codec import Described, MessageError, Slot, decode_head, encode, unpack
 from .transport import InOrderTransport
 
-__all__ = ["DirectTransport", "MIN_CAPACITY", "DATA_TAG"]
+__all__ = ["DirectTransport", "MIN_CAPACITY", "DATA_TAG", "PROTOCOLS"]
 
 MIN_CAPACITY = 4096
 DATA_TAG = 2  # gloo: data too large to travel inline (tag 1 carries replicas' gradient sums)
@@ -158,6 +158,45 @@ class _Inbound:
         return head.message, unpack(structure, specs, data, self.transport.device)
 
 
+PROTOCOLS = ("gloo", "nccl")
+
+
+def _protocol(requested: str | None, backend: str, device: torch.device) -> str:
+    """The message protocol: the backend's own unless ``requested``; ``"nccl"`` over gloo with CPU
+    tensors rehearses the NCCL protocol (device headers, one receive posted per link, one tag, a
+    second group for downward messages) where NCCL is absent, as the CPU tests do."""
+    if requested is None:
+        return "nccl" if backend == "nccl" else "gloo"
+    if requested not in PROTOCOLS:
+        raise ValueError(f"protocol={requested!r} is not one of {PROTOCOLS}")
+    if backend == "nccl" and requested != "nccl":
+        raise ValueError(f"an NCCL group cannot run the {requested!r} message protocol: "
+                         "leave protocol=None (or 'nccl')")
+    if requested == "nccl" and backend != "nccl" and device.type != "cpu":
+        raise ValueError(f"protocol='nccl' over {backend} rehearses NCCL's protocol with CPU tensors, but this "
+                         f"rank's stages are on {device}: use device='cpu' or an NCCL group")
+    return requested
+
+
+_DOWNWARD: dict[tuple[int, ...], tuple[Any, dist.ProcessGroup]] = {}  # ranks -> (default group, group)
+
+
+def _downward_group(pg: dist.ProcessGroup, timeout: timedelta) -> dist.ProcessGroup:
+    """The group carrying NCCL-protocol messages to lower ranks of ``pg``: created once per set of
+    ranks (and default group) and shared by every later transport on them. Never destroyed and
+    created again: torch names a group made with ``use_local_synchronization`` after its ranks
+    and the number of live groups, so a recreated one would meet its predecessor's rendezvous
+    keys in the store (found by the CPU rehearsal: the second runner's group failed to connect)."""
+    ranks = tuple(dist.get_process_group_ranks(pg))
+    world = dist.group.WORLD
+    cached = _DOWNWARD.get(ranks)
+    if cached is not None and cached[0] is world:
+        return cached[1]
+    group = dist.new_group(list(ranks), timeout=timeout, use_local_synchronization=True)
+    _DOWNWARD[ranks] = (world, group)
+    return group
+
+
 def _wait_for(work: Any, limit: timedelta | None) -> None:
     if limit is None:
         work.wait()
@@ -184,28 +223,32 @@ class _InFlight:
 
 class DirectTransport(InOrderTransport):
     """Sends and receives boundary values for one rank of a pipeline group over the group's own
-    point-to-point operations; every wait is bounded by ``timeout`` seconds."""
+    point-to-point operations; every wait is bounded by ``timeout`` seconds. ``protocol``: the
+    message protocol, by default the backend's (``"nccl"`` or ``"gloo"``); ``"nccl"`` on a gloo
+    group with CPU tensors runs NCCL's protocol over gloo, so CPU tests exercise it."""
 
     def __init__(self, group: dist.ProcessGroup | None, device: torch.device, *, timeout: float = 300.0,
-                 pin_memory: bool = False) -> None:
+                 pin_memory: bool = False, protocol: str | None = None) -> None:
         self.group = group
         self.pg: dist.ProcessGroup = group if group is not None else dist.group.WORLD
         self.rank = dist.get_rank(group)
         self.device = device
         self.timeout = float(timeout)
         limit = timedelta(seconds=self.timeout)
+        backend = dist.get_backend(group)
+        self.protocol = _protocol(protocol, backend, device)
         # gloo's wait takes the limit; NCCL's wait(limit) would block the host until the GPU is done
         # (instead of ordering the stream), so there NCCL's watchdog bounds it by the group's timeout
-        self.wait_limit = limit if dist.get_backend(group) != "nccl" else None
+        self.wait_limit = limit if backend != "nccl" else None
         self.pin_memory = pin_memory  # receive into pinned host memory (the host-staged transport)
-        self.wire_device = device if dist.get_backend(group) == "nccl" else torch.device("cpu")  # headers
+        nccl = self.protocol == "nccl"
+        self.wire_device = device if nccl else torch.device("cpu")  # where message headers travel
         # NCCL runs a pair's operations in order on one stream: messages to lower ranks get their
         # own communicators, so an early receive never waits in front of a send (docs/gpu.md)
-        self._downward = self.pg if self.wire_device.type == "cpu" else dist.new_group(
-            dist.get_process_group_ranks(self.pg), timeout=limit, use_local_synchronization=True)
+        self._downward = self.pg if not nccl else _downward_group(self.pg, limit)
         # receives posted ahead per link (gloo); NCCL keeps one, and with it the tag-free order
-        self.lag = 2 if self.wire_device.type == "cpu" else 1
-        self.data_tag = DATA_TAG if self.lag > 1 else 0
+        self.lag = 1 if nccl else 2
+        self.data_tag = 0 if nccl else DATA_TAG
         self.capacities: dict[Key, int] = {}  # inbound, learned from earlier messages (_Capacities)
         self._send_capacities: dict[Key, int] = {}
         self._inbound_links: dict[int, _Capacities] = {}
@@ -254,8 +297,9 @@ class DirectTransport(InOrderTransport):
                                                               capacity, self._described.get(key))
         link.learn(position, key, needed)
         slot, buffer = (encoded, encoded.message) if isinstance(encoded, Slot) else (None, encoded)
-        if self.wire_device.type == "cuda":  # NCCL: a pinned copy, so the host does not wait for the GPU
-            buffer = buffer.pin_memory().to(self.wire_device, non_blocking=True)
+        if self.protocol == "nccl":  # the header goes to the device: a pinned copy, so the host does not wait
+            buffer = (buffer.pin_memory().to(self.wire_device, non_blocking=True) if self.wire_device.type == "cuda"
+                      else buffer.clone())  # the CPU rehearsal (protocol="nccl" over gloo) copies too
         pg = self.link_pg(self.rank, destination)
         works = [pg.send([buffer], destination, 0)]
         if data is not None:
@@ -285,13 +329,10 @@ class DirectTransport(InOrderTransport):
         self._inbound = {}
 
     def close(self) -> None:
-        """Drop this rank's buffers and destroy the group this transport created for NCCL's
-        downward messages; idempotent."""
+        """Drop this rank's buffers; idempotent. The group for NCCL's downward messages stays for
+        the next transport on the same ranks (:func:`_downward_group`)."""
         if self.closed:
             return
         self.closed = True
         self._inbound, self._arrived, self._pending_sends = {}, {}, []
         self._described.clear()
-        if self._downward is not self.pg:
-            dist.destroy_process_group(self._downward)
-            self._downward = self.pg

@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import select
 import socket
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -29,7 +30,8 @@ from .comm import DirectTransport
 from .staged import HostStagedTransport
 from .transport import Transport
 
-__all__ = ["TRANSPORTS", "default_device", "choose_transport", "local_rank", "make_transport", "sockets_supported"]
+__all__ = ["TRANSPORTS", "TransportFactory", "default_device", "choose_transport", "local_rank", "make_transport",
+           "sockets_supported"]
 
 TRANSPORTS = ("auto", "direct", "host-staged", "sockets")
 
@@ -87,14 +89,21 @@ def choose_transport(requested: str, backend: str, device: torch.device) -> str:
 _CHOICES = ("direct", "host-staged", "sockets")
 
 
-def make_transport(requested: str, group: dist.ProcessGroup | None, device: torch.device, *,
+TransportFactory = Callable[..., Transport]
+
+
+def make_transport(requested: str | TransportFactory, group: dist.ProcessGroup | None, device: torch.device, *,
                    timeout: float = 300.0) -> Transport:
     """The transport for this rank: ``requested`` resolved by :func:`choose_transport`, every
     wait bounded by ``timeout`` seconds. Sockets need every rank of the group to choose them and
     to run on one host (agreed collectively); otherwise such ranks use the group's own
-    point-to-point ("direct")."""
+    point-to-point ("direct"). A callable ``requested`` is a factory called as
+    ``requested(group, device, timeout=timeout)`` (e.g. ``functools.partial(DirectTransport,
+    protocol="nccl")``, NCCL's message protocol over gloo, as the CPU tests run it)."""
     if timeout <= 0:
         raise ValueError(f"timeout must be a positive number of seconds, got {timeout}")
+    if callable(requested):
+        return requested(group, device, timeout=timeout)
     chosen = choose_transport(requested, dist.get_backend(group), device)
     if dist.get_backend(group) != "nccl":
         mine = torch.tensor([_CHOICES.index(chosen)], dtype=torch.int64)

@@ -18,7 +18,7 @@ from ..schedule.links import incoming, incoming_stream
 from .auto import AUTO, choose_schedule
 from .data_parallel import last_backwards
 from .data_parallel import unwrap as unwrap_module
-from .devices import default_device, make_transport
+from .devices import TransportFactory, default_device, make_transport
 from .entry import PipelineEntry, check_arguments, check_options
 from .executor import Executor, TraceEvent
 from .feed import StepData, StreamFeed
@@ -74,7 +74,7 @@ class PipelineRunner(PipelineEntry):
                  replicas: list[int] | None = None, loss_weighting: str = "rows", ignore_index: int = -100,
                  broadcast_loss: bool = False, detect_anomaly: bool = False,
                  init_fn: Callable[[nn.Module], None] | None = None, precision: str = "fp32",
-                 transport: str = "auto", mesh: Any = None, pp_dim: str = "pp",
+                 transport: str | TransportFactory = "auto", mesh: Any = None, pp_dim: str = "pp",
                  parallelize: Callable[[nn.Module, Any], nn.Module | None] | None = None,
                  unused_parameters: Iterable[str] = (), timeout: float | None = None,
                  **schedule_options: Any) -> None:
