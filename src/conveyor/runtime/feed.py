@@ -9,7 +9,7 @@ first stage's rank keeps inputs and only the last stage's rank keeps targets.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,7 +39,7 @@ class StepData:
 
     microbatches: list[tuple[tuple, dict]] = field(default_factory=list)
     targets: list[Any] = field(default_factory=list)
-    weights: list[float] = field(default_factory=list)
+    weights: Sequence[float] = field(default_factory=list)
     losses: dict[int, torch.Tensor] = field(default_factory=dict)
     outputs: dict[int, Any] = field(default_factory=dict)
     training: bool = True

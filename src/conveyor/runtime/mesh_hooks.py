@@ -7,7 +7,7 @@ Without a mesh every method is a no-op (or returns its argument), so a plain run
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -22,7 +22,7 @@ from .mesh import MeshLayout
 from .stage import StageExecutor
 from .stage_modules import original_name
 
-__all__ = ["MeshHooks"]
+__all__ = ["MeshHooks", "GlobalWeights"]
 
 Parallelize = Callable[[nn.Module, Any], "nn.Module | None"]
 
@@ -102,18 +102,15 @@ class MeshHooks:
                              "sharded DTensors (FSDP2, tensor parallel): untie them, or keep tied modules unsharded")
 
     def global_weights(self, targets: list[Any], weights: list[float], mode: str, ignore_index: int,
-                       device: torch.device) -> list[float]:
+                       device: torch.device) -> Sequence[float]:
         """Each micro-batch's loss weight as a share of the global batch (all data-parallel replicas,
-        each feeding its own shard), times the replica count the wrappers average over."""
+        each feeding its own shard), times the replica count the wrappers average over. The count's
+        all-reduce is started here and waited for when the first weight is read (the first loss):
+        the step's first forwards do not wait on it."""
         layout = self.layout
         if layout is None or not layout.data_groups:
             return weights
-        counts = _counts(targets, mode, ignore_index)
-        total = torch.tensor([sum(counts)], dtype=torch.float64, device=device)
-        for group in layout.data_groups:
-            dist.all_reduce(total, group=group)
-        scale = layout.data_size / float(total[0])
-        return [count * scale for count in counts]
+        return GlobalWeights(_counts(targets, mode, ignore_index), layout.data_groups, layout.data_size, device)
 
     def global_loss(self, loss: torch.Tensor) -> torch.Tensor:
         """The global mean loss from this replica's weighted sum (weights of :meth:`global_weights`)."""
@@ -145,6 +142,35 @@ class MeshHooks:
                     raise RuntimeError(f"rank {rank}, stage {index}: parameter {name!r} requires grad but got no "
                                        "gradient in this step; if it is unused by design, pass "
                                        f"unused_parameters=[{name!r}] to PipelineRunner or set requires_grad=False")
+
+
+class GlobalWeights(Sequence[float]):
+    """Loss weights whose global denominator is being summed over the data-parallel groups: the
+    first group's all-reduce runs in the background from construction; the first read waits for
+    it (then sums over any further groups, in order) and fixes every weight."""
+
+    def __init__(self, counts: list[float], groups: Sequence[Any], data_size: int, device: torch.device) -> None:
+        self._counts = counts
+        self._groups = list(groups)
+        self._data_size = data_size
+        self._total = torch.tensor([sum(counts)], dtype=torch.float64, device=device)
+        self._work: Any = dist.all_reduce(self._total, group=self._groups[0], async_op=True)
+        self._weights: list[float] | None = None
+
+    def _resolve(self) -> list[float]:
+        if self._weights is None:
+            self._work.wait()
+            for group in self._groups[1:]:
+                dist.all_reduce(self._total, group=group)
+            scale = self._data_size / float(self._total[0])
+            self._weights = [count * scale for count in self._counts]
+        return self._weights
+
+    def __getitem__(self, index: Any) -> Any:
+        return self._resolve()[index]
+
+    def __len__(self) -> int:
+        return len(self._counts)
 
 
 def _counts(targets: list[Any], mode: str, ignore_index: int) -> list[float]:
