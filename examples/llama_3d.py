@@ -232,9 +232,9 @@ def main(argv: list[str] | None = None) -> None:
         results = conveyor.launch(train, config.pp * config.dp * config.tp, args=(config,), timeout=1800)
         losses = results[-1]["losses"]  # the last rank holds the last stage
     reference = train_unsplit(config)
-    print(f"{'step':>4}  {'3D loss':>10}  {'unsplit':>10}")
+    print(f"{'step':>4}  {'3D loss':>10}  {'unsplit':>10}  {'difference':>10}")
     for step, (ours, unsplit) in enumerate(zip(losses, reference)):
-        print(f"{step:>4}  {ours:>10.6f}  {unsplit:>10.6f}")
+        print(f"{step:>4}  {ours:>10.6f}  {unsplit:>10.6f}  {ours - unsplit:>10.2e}")
     print(f"final loss {losses[-1]:.6f} (unsplit model: {reference[-1]:.6f}); checkpoint: {result_dir(config)}")
 
 

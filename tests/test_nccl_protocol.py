@@ -4,14 +4,11 @@ CPU machine cannot exercise of the NCCL path is NCCL itself."""
 
 from __future__ import annotations
 
-import functools
-
 import pytest
 import torch
-import torch.distributed as dist
 
 import conveyor
-from conveyor.runtime.comm import DirectTransport
+from conveyor.runtime.comm import _protocol
 
 import protocol_workers
 
@@ -47,17 +44,18 @@ def test_the_rehearsal_runs_nccls_protocol_not_gloos(rehearsed: list[dict]) -> N
             assert ran["second_group"]  # messages to lower ranks travel on their own group
 
 
-def _protocol_of(rank: int, world_size: int, protocol: str | None) -> str:
-    return DirectTransport(dist.group.WORLD, torch.device("cpu"), protocol=protocol).protocol
-
-
 def test_a_gloo_group_runs_gloos_protocol_unless_nccls_is_asked_for() -> None:
-    assert conveyor.launch(functools.partial(_protocol_of, protocol=None), 1, timeout=60) == ["gloo"]
+    assert _protocol(None, "gloo", torch.device("cpu")) == "gloo"
+    assert _protocol("nccl", "gloo", torch.device("cpu")) == "nccl"
+    assert _protocol(None, "nccl", torch.device("cuda")) == "nccl"
+
+
+def test_the_rehearsal_needs_cpu_stages() -> None:
+    with pytest.raises(ValueError, match="use device='cpu' or an NCCL group"):
+        _protocol("nccl", "gloo", torch.device("cuda"))
 
 
 def test_an_unknown_protocol_is_refused_naming_the_choices() -> None:
-    from conveyor.runtime.comm import _protocol
-
     with pytest.raises(ValueError, match="not one of"):
         _protocol("ucx", "gloo", torch.device("cpu"))
     with pytest.raises(ValueError, match="cannot run the 'gloo' message protocol"):

@@ -41,7 +41,10 @@ def reference() -> list[dict[str, torch.Tensor]]:
 
 
 def schedules_over_nccl_protocol(rank: int, world_size: int, schedules: list[str]) -> dict:
-    """Per schedule: this rank's gradients at every step and what its transport ran."""
+    """Per schedule: this rank's gradients at every step and what its transport ran. The runners
+    follow one another in one job, each closed before the next: a later transport must reuse the
+    downward group (one destroyed and created again met its predecessor's store keys and failed
+    to connect)."""
     results: dict = {}
     for schedule in schedules:
         n_stages = 2 * world_size if schedule in ("interleaved-1f1b", "zb-v") else world_size
