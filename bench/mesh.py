@@ -1,4 +1,4 @@
-"""Benchmark 9, pipelines on a device mesh: pp2 x dp2 on 4 processes, each stage sharded by FSDP2
+"""Benchmark 11, pipelines on a device mesh: pp2 x dp2 on 4 processes, each stage sharded by FSDP2
 over ``dp`` (every Linear its own unit, then the stage), conveyor's ``PipelineRunner(mesh=...,
 parallelize=...)`` against ``torch.distributed.pipelining``'s ``PipelineStage`` + schedule with the
 same FSDP2 stages on the same mesh, alternated in one run; and the FSDP2 collectives each library
@@ -209,8 +209,8 @@ def run(plan: Plan, figures: Path, schedules: list[str] | None = None) -> Sectio
     if plan.rounds > 1:  # a full run: many short blocks, so each pair of blocks shares the machine's load
         plan = dataclasses.replace(plan, rounds=ROUNDS, min_steps=2 * ROUNDS, min_seconds=0.0, warmup=1)
     results = conveyor.launch(worker, N_RANKS, args=(schedules, plan), threads_per_rank=1, timeout=1200)[0]
-    section = Section("mesh", "9. Pipelines on a device mesh: pp2 x dp2 with FSDP2 stages (4 processes)")
-    section.short = "9. mesh (FSDP2)"
+    section = Section("mesh", "11. Pipelines on a device mesh: pp2 x dp2 with FSDP2 stages (4 processes)")
+    section.short = "11. mesh (FSDP2)"
     section.text.append(
         f"`conveyor.mesh(pp=2, dp=2)` on 4 processes (1 thread each, 2 cores): an MLP of {LAYERS} Linear({WIDTH}, "
         f"{WIDTH}) + GELU layers in float32 cut into 2 stages; each stage sharded by FSDP2 over `dp` (every "

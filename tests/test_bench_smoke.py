@@ -20,7 +20,7 @@ SECTIONS = [
     "## 5. Activation memory",
     "## 6. Scaling with micro-batches and stages",
     "## 7. Asynchronous pipelines",
-    "## 9. Pipelines on a device mesh",
+    "## 11. Pipelines on a device mesh",
 ]
 
 
