@@ -7,9 +7,12 @@ it returns the norms and the clipped gradients whole, by the unsplit model's nam
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
 import conveyor
@@ -46,7 +49,7 @@ def reference_clipped() -> dict:
 
 def _runner(mesh: Any, kind: str, replicas: list[int] | None = None) -> conveyor.PipelineRunner:
     if mesh is None:
-        pipe = conveyor.pipeline(mlp(), n_stages=len(replicas) if replicas else torch.distributed.get_world_size())
+        pipe = conveyor.pipeline(mlp(), n_stages=len(replicas) if replicas else dist.get_world_size())
         return conveyor.PipelineRunner(pipe, schedule="1f1b", n_microbatches=N_MICROBATCHES, loss_fn=mse,
                                        replicas=replicas)
     pipe = conveyor.pipeline(mlp(), n_stages=mesh["pp"].size())
@@ -67,6 +70,23 @@ def _train_and_clip(runner: conveyor.PipelineRunner, mesh: Any) -> tuple[torch.o
     two = runner.clip_grad_norm_(MAX_NORM)
     grads = {name: _whole(p.grad) for name, p in runner.named_parameters()}
     return optimizer, {"inf": inf, "two": two, "grads": grads}
+
+
+@contextmanager
+def _all_reduces() -> Iterator[list[Any]]:
+    """The group of every ``dist.all_reduce`` called inside."""
+    groups: list[Any] = []
+    original = dist.all_reduce
+
+    def counted(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        groups.append(kwargs.get("group"))
+        return original(tensor, *args, **kwargs)
+
+    dist.all_reduce = counted
+    try:
+        yield groups
+    finally:
+        dist.all_reduce = original
 
 
 def held(runner: conveyor.PipelineRunner, optimizer: torch.optim.Optimizer) -> dict:
@@ -92,15 +112,21 @@ def save_3d(rank: int, world_size: int, path: str) -> dict:
 
 
 def four_ranks(rank: int, world_size: int, path: str) -> dict:
-    """Clipping on pp2 x dp2 (FSDP2), pp2 x tp2 and replicas=[2, 2]; the 3-D checkpoint at
+    """Clipping on pp2 x dp2 (FSDP2, DDP), pp2 x tp2 and replicas=[2, 2] (counting the
+    all-reduces over the replicas' group); the 3-D checkpoint at
     ``path`` loaded into pp4 and into pp2 x dp2 with FSDP2."""
     torch.set_num_threads(1)
     out: dict[str, Any] = {}
     dp_mesh = conveyor.mesh(pp=2, dp=2)
     tp_mesh = conveyor.mesh(pp=2, tp=2)
-    for label, mesh, kind, replicas in (("pp2xdp2-fsdp", dp_mesh, "fsdp", None), ("pp2xtp2", tp_mesh, "tp", None),
-                                        ("replicas", None, "", [2, 2])):
-        out[label] = _train_and_clip(_runner(mesh, kind, replicas), mesh)[1]
+    for label, mesh, kind in (("pp2xdp2-fsdp", dp_mesh, "fsdp"), ("pp2xdp2-ddp", dp_mesh, "ddp"),
+                              ("pp2xtp2", tp_mesh, "tp")):
+        out[label] = _train_and_clip(_runner(mesh, kind), mesh)[1]
+    runner = _runner(None, "", [2, 2])
+    replica_group = next(iter(runner._replicas.values())).collective
+    with _all_reduces() as groups:
+        out["replicas"] = _train_and_clip(runner, None)[1]
+    out["replica all-reduces"] = sum(group is replica_group for group in groups)
     for label, mesh, kind in (("pp4", None, ""), ("pp2xdp2-fsdp", dp_mesh, "fsdp")):
         runner = _runner(mesh, kind)
         optimizer = torch.optim.Adam(runner.parameters(), lr=0.5)

@@ -75,11 +75,19 @@ def test_the_norm_over_fsdp2_and_tensor_parallel_shards_on_pp2_dp2_tp2_is_the_un
     _assert_clipped_like_the_unsplit_model([r["clipped"] for r in written[1]], reference, "pp2xdp2xtp2")
 
 
-@pytest.mark.parametrize("label", ["pp2xdp2-fsdp", "pp2xtp2", "replicas"])
+@pytest.mark.parametrize("label", ["pp2xdp2-fsdp", "pp2xdp2-ddp", "pp2xtp2", "replicas"])
 def test_the_norm_over_sharded_or_replicated_stages_is_the_unsplit_models(four: list[dict], reference: dict,
                                                                           label: str) -> None:
-    """pp2 x dp2 with FSDP2, pp2 x tp2 (Colwise/Rowwise), replicas=[2, 2] (each stage counted once)."""
+    """pp2 x dp2 with FSDP2 and with DDP (plain copies counted once), pp2 x tp2 (Colwise/Rowwise),
+    replicas=[2, 2] (each stage counted once)."""
     _assert_clipped_like_the_unsplit_model([r[label] for r in four], reference, label)
+
+
+def test_replicated_stages_sum_gradients_with_one_all_reduce_over_their_group_per_step(four: list[dict]) -> None:
+    """replicas=[2, 2]: per step, the first stage's replicas all-reduce their gradients once (one
+    bucket); the last stage's also sum the loss."""
+    steps = TRAINED + 1
+    assert [r["replica all-reduces"] for r in four] == [steps, steps, 2 * steps, 2 * steps]
 
 
 def test_a_3d_checkpoint_is_the_unsplit_models_weights_and_adam_state(written: tuple[Path, list[dict]],

@@ -49,7 +49,7 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .checkpoint_dtensor import full, full_state, is_dtensor, job_of, shard_like
+from .checkpoint_dtensor import is_dtensor, job_of, shard_like, whole_share
 from .errors import CheckpointError
 from .partition.pipe import state_aliases
 
@@ -160,7 +160,7 @@ def _optimizer_share(optimizer: torch.optim.Optimizer, view: _View) -> tuple[dic
         for name, parameter in zip(names, group["params"]):
             for key, value in optimizer.state.get(parameter, {}).items():
                 if isinstance(value, torch.Tensor):
-                    tensors[f"{name}/{key}"] = full(value)  # a DTensor's state gathered whole
+                    tensors[f"{name}/{key}"] = value  # a DTensor (sharded state): gathered when written
                 elif (stored := _json_value(value)) is not _SKIP:
                     values.setdefault(name, {})[key] = stored
     return tensors, values, groups
@@ -198,7 +198,6 @@ def save(target: Any, path: str | os.PathLike, optimizer: torch.optim.Optimizer 
     if optimizer is not None and not view.names:
         raise CheckpointError("saving optimizer state needs the parameters' names: pass the nn.Module or "
                               "the runner, not a state dict")
-    view.state = full_state(view.state)  # sharded (DTensor) values gathered whole, in the same order on every holder
     opt_tensors, opt_values, opt_groups = _optimizer_share(optimizer, view) if optimizer else ({}, {}, [])
     rng = {_RNG_CPU: torch.get_rng_state()} if not isinstance(target, Mapping) else {}
     if view.device.type == "cuda" and not isinstance(target, Mapping):
@@ -217,18 +216,20 @@ def save(target: Any, path: str | os.PathLike, optimizer: torch.optim.Optimizer 
         return {"model": f"{data}/model-{rank:05d}.safetensors",
                 "train": f"{data}/train-{rank:05d}.safetensors" if has_train else None}
 
+    # sharded values are gathered whole by every holder (collectives) before anything can fail
+    model_share = whole_share(view.state, lambda name: model_writer[name] == view.rank)
+    opt_share = whole_share(opt_tensors, lambda name: opt_writer[name] == view.rank)
     error: BaseException | None = None
     checksums: dict[str, str] = {}
     try:
         os.makedirs(root / data, exist_ok=True)
         model_file = files(view.rank)["model"]
         assert model_file is not None
-        _write_tensors({n: t for n, t in view.state.items() if model_writer[n] == view.rank}, root / model_file)
+        _write_tensors(model_share, root / model_file)
         checksums[model_file] = _sha256(root / model_file)
         train = files(view.rank)["train"]
         if train is not None:
-            _write_tensors({**{n: t for n, t in opt_tensors.items() if opt_writer[n] == view.rank}, **rng},
-                           root / train)
+            _write_tensors({**opt_share, **rng}, root / train)
             checksums[train] = _sha256(root / train)
     except Exception as caught:  # reported to every rank below, then re-raised here
         error = caught

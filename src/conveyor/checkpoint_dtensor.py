@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["is_dtensor", "full", "full_state", "shard_like", "job_of"]
+__all__ = ["is_dtensor", "full", "job_of", "shard_like", "whole_share"]
 
 try:
     from torch.distributed.tensor import DTensor, distribute_tensor
@@ -75,6 +75,13 @@ def _flat_group(mesh: Any) -> dist.ProcessGroup:
     return flatten().get_group()
 
 
-def full_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Every value whole (DTensors gathered in the mapping's order)."""
-    return {name: full(value) for name, value in state.items()}
+def whole_share(state: Mapping[str, torch.Tensor], writes: Callable[[str], bool]) -> dict[str, torch.Tensor]:
+    """The values this rank ``writes``, whole. Every DTensor is gathered, in the mapping's order
+    (the same on every rank holding it: the gather is collective), and dropped at once where
+    another rank writes it, so a rank holds at most one whole tensor it does not write."""
+    out: dict[str, torch.Tensor] = {}
+    for name, value in state.items():
+        whole = full(value)
+        if writes(name):
+            out[name] = whole
+    return out
