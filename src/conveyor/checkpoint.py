@@ -11,8 +11,10 @@ share, so a checkpoint saved by 4 stages loads into 2 stages, one process, or th
         train-00000.safetensors     rank 0's optimizer tensors ("<param name>/<key>") and RNG
         model-00001.safetensors ...
 
-A tensor held by several ranks (a tied parameter) is written once, by the lowest rank holding
-it; every holder reads it back from there. The same goes for its optimizer state. A tied alias
+A tensor held by several ranks (a tied parameter; a stage's data- and tensor-parallel peers on a
+mesh) is written once, by the lowest rank holding it; every holder reads it back from there. The
+same goes for its optimizer state. Sharded values (DTensors) are written whole and loaded as
+this rank's shard (``checkpoint_dtensor.py``); a runner on a mesh saves over the whole mesh. A tied alias
 (``head.weight``, the same tensor as ``embed.weight``) is not written again: the manifest's
 ``aliases`` maps it to the name it is stored under, and :func:`load_full` gives both names.
 

@@ -8,7 +8,7 @@ every rank read the whole tensor). The files are those of any other checkpoint, 
 ``conveyor.load_full`` and every layout read them.
 
 A runner on a mesh saves and loads over the whole mesh (its ``pp`` group is one pipeline of
-many): ranks are numbered as in the mesh's flattened group.
+many), which must be the whole job: ranks are the job's.
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from .errors import CheckpointError
 
 __all__ = ["is_dtensor", "full", "job_of", "shard_like", "whole_share"]
 
@@ -52,11 +54,15 @@ def shard_like(whole: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
 
 def job_of(runner: Any) -> tuple[int, int, Callable[[Any], list[Any]]]:
     """(rank, world size, all_gather_object) over every rank that saves ``runner``'s checkpoint:
-    the runner's group, or with a mesh the whole mesh."""
+    the runner's group, or with a mesh the whole job (which the mesh must span)."""
     mesh = getattr(runner, "mesh", None)
     group = runner.group
     if mesh is not None:
-        group = None if mesh.size() == dist.get_world_size() else _flat_group(mesh)
+        if mesh.size() != dist.get_world_size():
+            raise CheckpointError(f"checkpoints of a runner on a mesh of {mesh.size()} ranks in a job of "
+                                  f"{dist.get_world_size()} ranks are not supported: build the mesh over the whole "
+                                  "job (conveyor.mesh(pp=..., dp=..., tp=...))")
+        group = None
     size = dist.get_world_size(group)
 
     def gather(value: Any) -> list[Any]:
@@ -65,14 +71,6 @@ def job_of(runner: Any) -> tuple[int, int, Callable[[Any], list[Any]]]:
         return out
 
     return dist.get_rank(group), size, gather
-
-
-def _flat_group(mesh: Any) -> dist.ProcessGroup:
-    flatten = getattr(mesh, "_flatten", None)
-    if flatten is None:  # pragma: no cover - torch before DeviceMesh._flatten
-        raise RuntimeError("saving a checkpoint on a mesh that is part of the job needs DeviceMesh._flatten "
-                           "(torch >= 2.5): build the mesh over the whole job")
-    return flatten().get_group()
 
 
 def whole_share(state: Mapping[str, torch.Tensor], writes: Callable[[str], bool]) -> dict[str, torch.Tensor]:
