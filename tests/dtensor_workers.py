@@ -98,7 +98,8 @@ def held(runner: conveyor.PipelineRunner, optimizer: torch.optim.Optimizer) -> d
 
 def save_3d(rank: int, world_size: int, path: str) -> dict:
     """pp2 x dp2 x tp2, FSDP2 + TP stages: clip, then save (weights and Adam state after TRAINED
-    steps), then load the checkpoint back into a fresh runner of the same layout."""
+    steps), then load the checkpoint back into a fresh runner of the same layout; then clip on
+    pp2 x dp_replicate2 x dp_shard2 (HSDP: sharded and replicated placements)."""
     torch.set_num_threads(1)
     mesh = conveyor.mesh(pp=2, dp=2, tp=2)
     runner = _runner(mesh, "fsdp")
@@ -108,12 +109,14 @@ def save_3d(rank: int, world_size: int, path: str) -> dict:
     fresh = _runner(mesh, "fsdp")
     fresh_optimizer = torch.optim.Adam(fresh.parameters(), lr=0.5)
     fresh.load(path, fresh_optimizer)
-    return {"clipped": clipped, "saved": saved, "reloaded": held(fresh, fresh_optimizer)}
+    hsdp = conveyor.mesh(pp=2, dp_replicate=2, dp_shard=2)
+    return {"clipped": clipped, "saved": saved, "reloaded": held(fresh, fresh_optimizer),
+            "hsdp": _train_and_clip(_runner(hsdp, "hsdp"), hsdp)[1]}
 
 
 def four_ranks(rank: int, world_size: int, path: str) -> dict:
-    """Clipping on pp2 x dp2 (FSDP2, DDP), pp2 x tp2 and replicas=[2, 2] (counting the
-    all-reduces over the replicas' group); the 3-D checkpoint at
+    """Clipping on pp2 x dp2 (FSDP2, DDP), pp2 x tp2, replicas=[2, 2] (counting the all-reduces
+    over the replicas' group) and replicas=[2, 1] on a group of ranks 0-2; the 3-D checkpoint at
     ``path`` loaded into pp4 and into pp2 x dp2 with FSDP2."""
     torch.set_num_threads(1)
     out: dict[str, Any] = {}
@@ -127,6 +130,12 @@ def four_ranks(rank: int, world_size: int, path: str) -> dict:
     with _all_reduces() as groups:
         out["replicas"] = _train_and_clip(runner, None)[1]
     out["replica all-reduces"] = sum(group is replica_group for group in groups)
+    subgroup = dist.new_group([0, 1, 2])  # a pipeline on part of the job: its replicas sum point to point
+    if rank < 3:
+        runner = conveyor.PipelineRunner(conveyor.pipeline(mlp(), n_stages=2), schedule="1f1b", group=subgroup,
+                                         n_microbatches=N_MICROBATCHES, loss_fn=mse, replicas=[2, 1])
+        assert all(each.collective is None for each in runner._replicas.values())
+        out["replicas-subgroup"] = _train_and_clip(runner, None)[1]
     for label, mesh, kind in (("pp4", None, ""), ("pp2xdp2-fsdp", dp_mesh, "fsdp")):
         runner = _runner(mesh, kind)
         optimizer = torch.optim.Adam(runner.parameters(), lr=0.5)

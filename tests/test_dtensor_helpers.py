@@ -75,12 +75,24 @@ def test_the_norm_over_fsdp2_and_tensor_parallel_shards_on_pp2_dp2_tp2_is_the_un
     _assert_clipped_like_the_unsplit_model([r["clipped"] for r in written[1]], reference, "pp2xdp2xtp2")
 
 
+def test_the_norm_over_hsdp_shards_and_replicas_is_the_unsplit_models(written: tuple[Path, list[dict]],
+                                                                     reference: dict) -> None:
+    """pp2 x dp_replicate2 x dp_shard2: each gradient sharded over dp_shard, replicated over dp_replicate."""
+    _assert_clipped_like_the_unsplit_model([r["hsdp"] for r in written[1]], reference, "hsdp")
+
+
 @pytest.mark.parametrize("label", ["pp2xdp2-fsdp", "pp2xdp2-ddp", "pp2xtp2", "replicas"])
 def test_the_norm_over_sharded_or_replicated_stages_is_the_unsplit_models(four: list[dict], reference: dict,
                                                                           label: str) -> None:
     """pp2 x dp2 with FSDP2 and with DDP (plain copies counted once), pp2 x tp2 (Colwise/Rowwise),
     replicas=[2, 2] (each stage counted once)."""
     _assert_clipped_like_the_unsplit_model([r[label] for r in four], reference, label)
+
+
+def test_replicated_stages_of_a_pipeline_on_part_of_the_job_clip_like_the_unsplit_model(four: list[dict],
+                                                                                        reference: dict) -> None:
+    """replicas=[2, 1] on a group of 3 of the job's 4 ranks (the replicas then sum point to point)."""
+    _assert_clipped_like_the_unsplit_model([r["replicas-subgroup"] for r in four[:3]], reference, "subgroup")
 
 
 def test_replicated_stages_sum_gradients_with_one_all_reduce_over_their_group_per_step(four: list[dict]) -> None:
