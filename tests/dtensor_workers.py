@@ -68,6 +68,7 @@ def _train_and_clip(runner: conveyor.PipelineRunner, mesh: Any) -> tuple[torch.o
             optimizer.step()
     inf = runner.clip_grad_norm_(1e9, norm_type=float("inf"))
     two = runner.clip_grad_norm_(MAX_NORM)
+    assert type(inf) is torch.Tensor and type(two) is torch.Tensor  # plain tensors, not DTensors
     grads = {name: _whole(p.grad) for name, p in runner.named_parameters()}
     return optimizer, {"inf": inf, "two": two, "grads": grads}
 
