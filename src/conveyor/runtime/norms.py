@@ -35,25 +35,24 @@ except ImportError:  # pragma: no cover - torch < 2.4
 @dataclass(frozen=True)
 class StageSlice:
     """This rank's place among the ranks holding its stages: per mesh dimension other than the
-    pipeline's, the ranks of its group along that dimension and this rank's coordinate."""
+    pipeline's (of size > 1), the ranks of its group along that dimension and this rank's
+    coordinate (``dims``), and that group (``groups``: the norm's sums meet along each)."""
 
     dims: tuple[tuple[frozenset[int], int], ...] = ()
+    groups: tuple[dist.ProcessGroup, ...] = ()
 
     @classmethod
     def of(cls, layout: MeshLayout | None) -> StageSlice:
         if layout is None:
             return cls()
-        mesh, dims = layout.mesh, []
+        mesh, dims, groups = layout.mesh, [], []
         for name in mesh.mesh_dim_names or ():
             if name == layout.pp_dim or mesh[name].size() == 1:
                 continue
-            ranks = frozenset(dist.get_process_group_ranks(mesh.get_group(name)))
-            dims.append((ranks, mesh.get_local_rank(name)))
-        return cls(tuple(dims))
-
-    @property
-    def groups(self) -> int:
-        return len(self.dims)
+            group = mesh.get_group(name)
+            dims.append((frozenset(dist.get_process_group_ranks(group)), mesh.get_local_rank(name)))
+            groups.append(group)
+        return cls(tuple(dims), tuple(groups))
 
 
 def counted_piece(grad: torch.Tensor, where: StageSlice) -> torch.Tensor | None:

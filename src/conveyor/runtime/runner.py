@@ -160,10 +160,7 @@ class PipelineRunner(PipelineEntry):
         self._uncounted = {original_name(name) for stage, replicas_of_stage in self._replicas.items()
                            if replicas_of_stage.rank != replicas_of_stage.ranks[0]
                            for name, _ in unwrap_module(self.stages[stage].module).named_parameters()}
-        layout = self._mesh.layout  # the norm's pieces and the groups they are summed over (norms.py)
-        self._slice = StageSlice.of(layout)
-        self._slice_groups = tuple(layout.mesh.get_group(name) for name in layout.mesh.mesh_dim_names
-                                   if name != layout.pp_dim and layout.mesh[name].size() > 1) if layout else ()
+        self._slice = StageSlice.of(self._mesh.layout)  # the norm's pieces and where they are summed (norms.py)
 
     # --- parameters and state ------------------------------------------------------------------
     @property
@@ -226,7 +223,7 @@ class PipelineRunner(PipelineEntry):
         """Over the pipeline's group, then along each other dimension of the mesh."""
         total = value.reshape(1).clone()
         how = dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM
-        for group in (self.group, *self._slice_groups):
+        for group in (self.group, *self._slice.groups):
             dist.all_reduce(total, op=how, group=group)
         return total[0]
 
