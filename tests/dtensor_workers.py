@@ -118,7 +118,7 @@ def save_3d(rank: int, world_size: int, path: str) -> dict:
 def four_ranks(rank: int, world_size: int, path: str) -> dict:
     """Clipping on pp2 x dp2 (FSDP2, DDP), pp2 x tp2, replicas=[2, 2] (counting the all-reduces
     over the replicas' group) and replicas=[2, 1] on a group of ranks 0-2; the 3-D checkpoint at
-    ``path`` loaded into pp4 and into pp2 x dp2 with FSDP2."""
+    ``path`` loaded into pp4 and into pp2 x dp2 with FSDP2, each then taking one more step."""
     torch.set_num_threads(1)
     out: dict[str, Any] = {}
     dp_mesh = conveyor.mesh(pp=2, dp=2)
@@ -142,6 +142,11 @@ def four_ranks(rank: int, world_size: int, path: str) -> dict:
         optimizer = torch.optim.Adam(runner.parameters(), lr=0.5)
         runner.load(path, optimizer)
         out[f"loaded-{label}"] = held(runner, optimizer)
+        replica, replicas = _replica(mesh) if mesh is not None else (0, 1)
+        x, y = global_batch(TRAINED)  # one more step from the loaded weights and Adam state
+        runner.step(shard_of(x, replica, replicas), target=shard_of(y, replica, replicas))
+        optimizer.step()
+        out[f"trained-{label}"] = {name: _whole(value) for name, value in runner.state_dict().items()}
     return out
 
 

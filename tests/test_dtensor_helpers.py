@@ -20,6 +20,7 @@ from conveyor import checkpoint
 import dtensor_workers
 from dtensor_workers import TRAINED, adam_of, reference_clipped
 from mesh_workers import global_batch
+from mesh_workers import reference as trained_reference
 from models import mlp, mse
 
 
@@ -147,6 +148,18 @@ def test_a_3d_checkpoint_loads_into_the_same_layout_pp4_and_pp2_dp2_fsdp2_bit_id
                         _assert_identical({name: value}, {name: merged[key][name]}, f"{label} peers")
                     merged[key][name] = value
         _assert_identical(merged, saved, label)
+
+
+@pytest.mark.parametrize("label", ["pp4", "pp2xdp2-fsdp"])
+def test_training_resumed_from_a_3d_checkpoint_continues_like_the_unsplit_model(four: list[dict], label: str) -> None:
+    """The loaded weights and Adam moments (as DTensor shards under FSDP2) take the next step."""
+    expected, _ = trained_reference(steps=TRAINED + 1)
+    covered = set()
+    for rank_result in four:
+        for name, tensor in rank_result[f"trained-{label}"].items():
+            torch.testing.assert_close(tensor, expected[name], rtol=0, atol=1e-10, msg=f"{label} {name}")
+            covered.add(name)
+    assert covered == set(expected)
 
 
 def test_a_3d_checkpoint_loads_into_a_local_pipeline_and_trains_on(written: tuple[Path, list[dict]]) -> None:
