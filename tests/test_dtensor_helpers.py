@@ -121,7 +121,8 @@ def test_a_3d_checkpoint_is_the_unsplit_models_weights_and_adam_state(written: t
     assert optimizer.param_groups[0]["lr"] == 0.01
 
 
-def test_each_tensor_of_a_3d_checkpoint_is_written_by_one_rank(written: tuple[Path, list[dict]]) -> None:
+def test_each_tensor_of_a_3d_checkpoint_is_written_by_one_rank_and_every_file_has_a_checksum(
+        written: tuple[Path, list[dict]]) -> None:
     path, _ = written
     manifest = checkpoint.read_manifest(path)
     counts: dict[str, int] = {}
@@ -132,6 +133,8 @@ def test_each_tensor_of_a_3d_checkpoint_is_written_by_one_rank(written: tuple[Pa
                     counts[key] = counts.get(key, 0) + 1
     assert set(counts) == set(manifest["tensors"]) | set(manifest["optimizer"]["tensors"])
     assert all(count == 1 for count in counts.values()), counts
+    written_files = {f"{manifest['data']}/{file.name}" for file in path.glob(f"{manifest['data']}/*.safetensors")}
+    assert set(manifest["checksums"]) == written_files  # every file verified on load
 
 
 def test_a_3d_checkpoint_loads_into_the_same_layout_pp4_and_pp2_dp2_fsdp2_bit_identically(
