@@ -20,6 +20,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -29,6 +30,7 @@ from torch.distributed.device_mesh import init_device_mesh
 
 import conveyor
 from conveyor import checkpoint, cli_train
+from conveyor.checkpoint_dtensor import job_of
 from conveyor.cli import main
 from conveyor.runtime.bundle import flatten
 from conveyor.runtime.codec import decode_head
@@ -465,6 +467,8 @@ def _triggers(tmp: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Callable[
         "receiving activation of stage S from rank R failed: ...": lambda: _reraise(_rank_zero_left()),
         "no checkpoint at PATH": lambda: _one_rank_runner(mlp()).load(tmp / "nowhere"),
         "the checkpoint holds X state, not Y": lambda: _checkpoint_of_another_optimizer(tmp),
+        "checkpoints of a runner on a mesh of N ranks in a job of W ranks are not supported":
+            lambda: job_of(SimpleNamespace(mesh=SimpleNamespace(size=lambda: 2), group=None)),  # a 1-rank job
         # processes
         "rank R failed": lambda: conveyor.launch(_raise_on_rank_zero, 1, timeout=60),
         "job timed out after T s; ranks [...] were still running": lambda: conveyor.launch(_sleep, 1, timeout=1),

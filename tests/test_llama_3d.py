@@ -41,8 +41,6 @@ def test_pp2_tp2_losses_equal_the_unsplit_hugging_face_models(pp2_tp2: tuple[dic
     torch.testing.assert_close(torch.tensor(result["losses"]), torch.tensor(expected), atol=ATOL, rtol=0)
 
 
-@pytest.mark.xfail(strict=True, reason="runner.save of DTensor (tensor-parallel / FSDP2) stages is issue 16 "
-                                       "item 4, built on another branch: remove this marker once it is merged")
 def test_pp2_tp2_checkpoint_holds_the_unsplit_models_trained_weights(pp2_tp2: tuple[dict, object]) -> None:
     result, config = pp2_tp2
     assert result["save_error"] == ""

@@ -11,8 +11,10 @@ share, so a checkpoint saved by 4 stages loads into 2 stages, one process, or th
         train-00000.safetensors     rank 0's optimizer tensors ("<param name>/<key>") and RNG
         model-00001.safetensors ...
 
-A tensor held by several ranks (a tied parameter) is written once, by the lowest rank holding
-it; every holder reads it back from there. The same goes for its optimizer state. A tied alias
+A tensor held by several ranks (a tied parameter; a stage's data- and tensor-parallel peers on a
+mesh) is written once, by the lowest rank holding it; every holder reads it back from there. The
+same goes for its optimizer state. Sharded values (DTensors) are written whole and loaded as
+this rank's shard (``checkpoint_dtensor.py``); a runner on a mesh saves over the whole mesh. A tied alias
 (``head.weight``, the same tensor as ``embed.weight``) is not written again: the manifest's
 ``aliases`` maps it to the name it is stored under, and :func:`load_full` gives both names.
 
@@ -45,11 +47,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .checkpoint_dtensor import is_dtensor, job_of, shard_like, whole_share
 from .errors import CheckpointError
 from .partition.pipe import state_aliases
 
@@ -89,22 +91,24 @@ def _view(target: Any) -> _View:
         device = next(iter(state.values())).device if state else torch.device("cpu")
         return _View(0, 1, {0: list(state)}, state, names, lambda value: [value], target.load_state_dict,
                      device, {"schedule": None, "n_microbatches": None, "placement": [0], "ties": {}}, aliases)
-    runner = target  # a PipelineRunner (duck-typed, so this module does not import the runtime)
-    group = runner.group
-
-    def gather(value: Any) -> list[Any]:
-        out: list[Any] = [None] * dist.get_world_size(group)
-        dist.all_gather_object(out, value, group=group)
-        return out
-
-    stages = {index: list(module.state_dict()) for index, module in zip(sorted(runner.stages), runner.modules)}
+    runner = target  # a PipelineRunner or a LocalPipeline (duck-typed: this module does not import the runtime)
+    stages = {index: list(module.state_dict()) for index, module in zip(sorted(runner.stages) if isinstance(
+        runner.stages, dict) else range(len(runner.stages)), runner.modules)}
+    layout = {"schedule": runner.schedule.name, "n_microbatches": runner.n_microbatches,
+              "placement": list(runner.schedule.placement),
+              "ties": {k: list(v) for k, v in dict(getattr(runner.pipe, "ties", {}) or {}).items()}}
+    names = {id(p): n for n, p in runner.named_parameters()}
     aliases = dict(getattr(runner, "state_aliases", {}))
     state = {n: t for n, t in runner.state_dict().items() if n not in aliases}
-    return _View(runner.rank, runner.n_ranks, stages, state,
-                 {id(p): n for n, p in runner.named_parameters()}, gather, runner.load_state_dict, runner.device,
-                 {"schedule": runner.schedule.name, "n_microbatches": runner.n_microbatches,
-                  "placement": list(runner.schedule.placement),
-                  "ties": {k: list(v) for k, v in (runner.ties or {}).items()}}, aliases)
+    if not hasattr(runner, "group"):  # a LocalPipeline: every stage in this process
+        return _View(0, 1, stages, state, names, lambda value: [value], runner.load_state_dict,
+                     torch.device("cpu"), layout, aliases)
+    rank, world_size, gather = job_of(runner)  # checkpoint_dtensor.py: with a mesh, every rank of it
+    mesh = getattr(runner, "mesh", None)
+    if mesh is not None:
+        layout["mesh"] = {"dims": list(mesh.mesh_dim_names or ()), "shape": list(mesh.mesh.shape)}
+    return _View(rank, world_size, stages, state, names, gather, runner.load_state_dict, runner.device, layout,
+                 aliases)
 
 
 def _describe(tensor: torch.Tensor) -> dict[str, Any]:
@@ -158,7 +162,7 @@ def _optimizer_share(optimizer: torch.optim.Optimizer, view: _View) -> tuple[dic
         for name, parameter in zip(names, group["params"]):
             for key, value in optimizer.state.get(parameter, {}).items():
                 if isinstance(value, torch.Tensor):
-                    tensors[f"{name}/{key}"] = value
+                    tensors[f"{name}/{key}"] = value  # a DTensor (sharded state): gathered when written
                 elif (stored := _json_value(value)) is not _SKIP:
                     values.setdefault(name, {})[key] = stored
     return tensors, values, groups
@@ -214,18 +218,20 @@ def save(target: Any, path: str | os.PathLike, optimizer: torch.optim.Optimizer 
         return {"model": f"{data}/model-{rank:05d}.safetensors",
                 "train": f"{data}/train-{rank:05d}.safetensors" if has_train else None}
 
+    # sharded values are gathered whole by every holder (collectives) before anything can fail
+    model_share = whole_share(view.state, lambda name: model_writer[name] == view.rank)
+    opt_share = whole_share(opt_tensors, lambda name: opt_writer[name] == view.rank)
     error: BaseException | None = None
     checksums: dict[str, str] = {}
     try:
         os.makedirs(root / data, exist_ok=True)
         model_file = files(view.rank)["model"]
         assert model_file is not None
-        _write_tensors({n: t for n, t in view.state.items() if model_writer[n] == view.rank}, root / model_file)
+        _write_tensors(model_share, root / model_file)
         checksums[model_file] = _sha256(root / model_file)
         train = files(view.rank)["train"]
         if train is not None:
-            _write_tensors({**{n: t for n, t in opt_tensors.items() if opt_writer[n] == view.rank}, **rng},
-                           root / train)
+            _write_tensors({**opt_share, **rng}, root / train)
             checksums[train] = _sha256(root / train)
     except Exception as caught:  # reported to every rank below, then re-raised here
         error = caught
@@ -299,7 +305,7 @@ def _manifest(view: _View, everyone: list[dict], files: Callable[[int], dict], m
                "values": values}
     return {
         "format": FORMAT, "version": FORMAT_VERSION, "data": data, "step": step,
-        "world_size": view.world_size, "n_stages": len(stages), **view.layout,
+        "world_size": view.world_size, "n_stages": len({entry["stage"] for entry in stages}), **view.layout,
         "stages": sorted(stages, key=lambda e: e["stage"]),
         "ranks": [{"rank": rank, **files(rank), "rng": share["rng"]} for rank, share in enumerate(everyone)],
         "tensors": tensors, "optimizer": opt, "extra": extra,
@@ -460,6 +466,7 @@ def load(target: Any, path: str | os.PathLike, optimizer: torch.optim.Optimizer 
     present = [n for n in view.state if n in manifest["tensors"]]
     files = _Files(root, manifest)
     tensors = files.read(manifest["tensors"], present)
+    tensors = {name: shard_like(value, view.state[name]) for name, value in tensors.items()}  # a DTensor's shard
     tensors.update({alias: tensors[name] for alias, name in view.aliases.items() if name in tensors})
     view.load_state(tensors, strict)
     if optimizer is not None:
@@ -497,13 +504,15 @@ def _load_optimizer(view: _View, files: _Files, manifest: dict, optimizer: torch
         raise CheckpointError(f"rank {view.rank}: the optimizer holds a parameter of shape {shape} that is not one "
                               "of this rank's parameters; build it on runner.parameters()")
     tensors = files.read(saved["tensors"], [f"{n}/{k}" for n in mine for k in tensor_keys.get(n, [])])
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     state: dict[int, dict[str, Any]] = {}
     groups = []
     index = 0
     for group, described in zip(optimizer.param_groups, current["param_groups"]):
         names = mine[index:index + len(group["params"])]
         for name in names:
-            entry: dict[str, Any] = {k: tensors[f"{name}/{k}"] for k in tensor_keys.get(name, [])}
+            entry: dict[str, Any] = {k: _laid_out(tensors[f"{name}/{k}"], params[index])
+                                     for k in tensor_keys.get(name, [])}
             entry.update({k: _from_json(v) for k, v in saved["values"].get(name, {}).items()})
             if entry:
                 state[index] = entry
@@ -517,6 +526,14 @@ def _load_optimizer(view: _View, files: _Files, manifest: dict, optimizer: torch
         groups.append({**described, **{k: _from_json(v, described.get(k)) for k, v in hyper.items()
                                        if k in described}})
     optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def _laid_out(value: torch.Tensor, parameter: torch.Tensor) -> torch.Tensor:
+    """An optimizer state tensor shaped like its sharded (DTensor) parameter laid out as it (Adam's
+    moments); anything else (a step count, a plain parameter's state) as read."""
+    if is_dtensor(parameter) and value.dim() and tuple(value.shape) == tuple(parameter.shape):
+        return shard_like(value, parameter)
+    return value
 
 
 def load_full(path: str | os.PathLike) -> dict[str, torch.Tensor]:

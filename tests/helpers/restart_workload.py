@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
 
 from train_mlp import BATCH_SIZE, build_model, loss_fn, optimizer  # noqa: E402, F401
 from train_mlp import batch as _batch  # noqa: E402

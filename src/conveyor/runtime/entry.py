@@ -5,8 +5,9 @@ A host class calls :meth:`PipelineEntry._keep` and sets ``schedule``, its execut
 (``_executors``), where inputs and targets go (``_inputs_to``/``_targets_to``, None where it
 holds no first/last stage) and overrides a few hooks:
 ``_execute`` (run the program), ``_before_step``/``_after_step`` (tied and replicated
-gradients), ``_batch_loss``, ``_counts_in_norm`` and ``_reduce`` (a reduction over every rank
-of the pipeline: an all-reduce, or nothing in one process).
+gradients), ``_batch_loss``, ``_counts_in_norm`` (or ``_norm_piece``, the part of a gradient
+counted here: a shard of a DTensor) and ``_reduce`` (a reduction over every rank of the
+pipeline, its data- and tensor-parallel peers included: all-reduces, or nothing in one process).
 """
 
 from __future__ import annotations
@@ -87,6 +88,10 @@ class PipelineEntry(StageModules, ScaledStep):
     def _counts_in_norm(self, name: str) -> bool:
         """Whether this copy of parameter ``name`` is the one counted in the pipeline's norm."""
         return True
+
+    def _norm_piece(self, name: str, grad: torch.Tensor) -> torch.Tensor | None:
+        """The part of parameter ``name``'s gradient counted here in the global norm (None: no part)."""
+        return grad.detach() if self._counts_in_norm(name) else None
 
     def _reduce(self, value: torch.Tensor, op: str) -> torch.Tensor:
         """``value`` reduced (``"sum"`` or ``"max"``) over every process of the pipeline."""
@@ -178,8 +183,10 @@ class PipelineEntry(StageModules, ScaledStep):
         return merge([data.outputs[i] for i in range(self.n_microbatches)])
 
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
-        """Clip every gradient by the norm over all stages of the pipeline (a tied parameter
-        counted once); returns that norm."""
+        """Clip every gradient by the norm over all stages of the pipeline and all shards of its
+        gradients (a tied parameter, and a DTensor's replicated copies, counted once); returns
+        that norm, a 0-dim float64 tensor with the same value on every rank (torch's
+        ``clip_grad_norm_`` of the unsplit model, computed in float64)."""
         self._check_open()
         grads: list[torch.Tensor] = []
         counted: list[torch.Tensor] = []
@@ -188,9 +195,11 @@ class PipelineEntry(StageModules, ScaledStep):
             if parameter.grad is None:
                 continue
             grads.append(parameter.grad)
-            if name not in seen and self._counts_in_norm(name):
+            if name not in seen:
                 seen.add(name)
-                counted.append(parameter.grad.detach())
+                piece = self._norm_piece(name, parameter.grad)
+                if piece is not None and piece.numel():
+                    counted.append(piece)
         device, zero = self._norm_device, torch.tensor(0.0, dtype=torch.float64, device=self._norm_device)
         if norm_type == float("inf"):
             norm = self._reduce(max((g.abs().max().to(device, torch.float64) for g in counted), default=zero), "max")

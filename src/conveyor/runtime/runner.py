@@ -23,9 +23,11 @@ from .entry import PipelineEntry, check_arguments, check_options
 from .executor import Executor, TraceEvent
 from .feed import StepData, StreamFeed
 from .mesh_hooks import MeshHooks
+from .norms import StageSlice, counted_piece
 from .precision import check_precision, overflow_in_group
-from .replicas import ReplicaGroup
+from .replicas import replica_groups
 from .stage import LossFn, StageExecutor
+from .stage_modules import original_name
 from .steps import step_of, steps_of
 from .ties import TiedGradients
 from .versions import WeightVersions
@@ -149,13 +151,16 @@ class PipelineRunner(PipelineEntry):
                                   update=self._update)
         self._executor.last_backward = last_backwards(self.schedule, self.rank)  # data parallelism syncs after them
         self._executors = [self._executor]
-        self._replicas = {stage: ReplicaGroup(self.schedule.replicas[stage], self.rank, self.transport.pg)
-                          for stage in self.stages if len(self.schedule.replicas[stage]) > 1}
+        self._replicas = replica_groups(self.schedule.replicas, self.rank, group, self.transport.pg)
         if self._replicas and self.ties:
             raise ValueError("replicated stages with tied weights are not supported: untie them or drop replicas")
         for stage, replicas_of_stage in self._replicas.items():
             module = self.stages[stage].module
             replicas_of_stage.align(list(module.parameters()) + list(module.buffers()))
+        self._uncounted = {original_name(name) for stage, replicas_of_stage in self._replicas.items()
+                           if replicas_of_stage.rank != replicas_of_stage.ranks[0]
+                           for name, _ in unwrap_module(self.stages[stage].module).named_parameters()}
+        self._slice = StageSlice.of(self._mesh.layout)  # the norm's pieces and where they are summed (norms.py)
 
     # --- parameters and state ------------------------------------------------------------------
     @property
@@ -207,11 +212,19 @@ class PipelineRunner(PipelineEntry):
         return overflow_in_group(local, self.group)
 
     def _counts_in_norm(self, name: str) -> bool:
+        if name in self._uncounted:  # a replica other than the first of its stage
+            return False
         return name not in self.ties or self.schedule.placement[min(self.ties[name])] == self.rank
 
+    def _norm_piece(self, name: str, grad: torch.Tensor) -> torch.Tensor | None:
+        return counted_piece(grad, self._slice) if self._counts_in_norm(name) else None
+
     def _reduce(self, value: torch.Tensor, op: str) -> torch.Tensor:
-        total = value.reshape(1)
-        dist.all_reduce(total, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM, group=self.group)
+        """Over the pipeline's group, then along each other dimension of the mesh."""
+        total = value.reshape(1).clone()
+        how = dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM
+        for group in (self.group, *self._slice.groups):
+            dist.all_reduce(total, op=how, group=group)
         return total[0]
 
     def _release(self) -> None:
