@@ -5,7 +5,8 @@ See README.md for a tour; the public names are listed in ``__all__``.
 
 from . import timeline
 from .checkpoint import load_full, save_full
-from .errors import CheckpointError, ConveyorError, LaunchError, PeerLostError, PipelineError
+from .errors import (CallMismatchError, CheckpointError, ConveyorError, LaunchError, PeerLeftError, PeerLostError,
+                     PipelineError, StallError)
 from .launch import launch, run
 from .partition import Pipe, TraceError, materialize, pipe_split, pipeline
 from .planning import plan, profile
@@ -14,9 +15,9 @@ from .runtime.mesh import mesh
 from .schedule import Action, Schedule, ScheduleError, simulate
 
 __all__ = [
-    "Action", "CheckpointError", "ConveyorError", "LaunchError", "LocalPipeline", "LossScaler", "PeerLostError",
-    "Pipe", "PipelineError",
-    "PipelineRunner", "Schedule", "ScheduleError", "TraceError", "launch", "load_full", "materialize",
+    "Action", "CallMismatchError", "CheckpointError", "ConveyorError", "LaunchError", "LocalPipeline", "LossScaler",
+    "PeerLeftError", "PeerLostError", "Pipe", "PipelineError",
+    "PipelineRunner", "Schedule", "ScheduleError", "StallError", "TraceError", "launch", "load_full", "materialize",
     "mesh", "pipe_split", "pipeline", "plan", "profile", "run", "save_full", "simulate", "timeline",
 ]
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-__all__ = ["CheckpointError", "ConveyorError", "LaunchError", "PipelineError", "PeerLostError"]
+__all__ = ["CheckpointError", "ConveyorError", "LaunchError", "PipelineError", "PeerLostError", "CallMismatchError",
+           "StallError", "PeerLeftError"]
 
 
 class ConveyorError(Exception):
@@ -41,3 +42,16 @@ class PipelineError(ConveyorError):
 
 class PeerLostError(PipelineError):
     """A peer rank stopped answering or closed its connection: a consequence, not a cause."""
+
+
+class CallMismatchError(PipelineError):
+    """The ranks of a pipeline made different calls (``step()`` on one, ``forward()`` on another,
+    or one rank no call at all): names every rank and its call."""
+
+
+class StallError(PipelineError):
+    """A rank has been in one action longer than the runner's ``stall_timeout``: names it."""
+
+
+class PeerLeftError(PipelineError):
+    """A rank left the job (closed its runner or ended) while its peers still wait for it."""

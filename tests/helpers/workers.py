@@ -431,3 +431,95 @@ def socket_backlog(rank: int, world_size: int, count: int, floats: int) -> dict:
     transport.finish()
     return {"intact": all(bool((value == index).all()) and value.numel() == floats
                           for index, value in enumerate(values))}
+
+
+# --- the watchdog (tests/test_faults.py): ranks that disagree, stall or leave ----------------------
+def _watched_runner(world_size: int, transport: str = "auto", **options: object) -> conveyor.PipelineRunner:
+    return conveyor.PipelineRunner(conveyor.pipeline(mlp(), n_stages=world_size), schedule="1f1b", n_microbatches=8,
+                                   loss_fn=mse, transport=transport, **options)
+
+
+def _mark(path: str | None) -> None:
+    """Write when the faulty call starts (time.monotonic() is one clock for every process on Linux)."""
+    import time
+    from pathlib import Path
+
+    if path is not None:
+        Path(path).write_text(repr(time.monotonic()))
+
+
+def step_against_forward(rank: int, world_size: int, transport: str, mark: str | None = None) -> None:
+    """Two clean steps, then call 3: forward() on the last rank, step() elsewhere; the last rank
+    then goes on to step() (its call 4)."""
+    runner = _watched_runner(world_size, transport)
+    x, y = batch(0)
+    for _ in range(2):
+        runner.step(x, target=y)
+    if rank == 0:
+        _mark(mark)
+    if rank == world_size - 1:
+        runner.forward(x)
+    runner.step(x, target=y)
+
+
+def skip_last_step(rank: int, world_size: int, transport: str, stall_timeout: float) -> None:
+    """Rank 1 makes one step fewer than the others and then stays alive."""
+    import time
+
+    runner = _watched_runner(world_size, transport, stall_timeout=stall_timeout)
+    x, y = batch(0)
+    for _ in range(STEPS - 1 if rank == 1 else STEPS):
+        runner.step(x, target=y)
+    if rank == 1:
+        time.sleep(120)
+
+
+def stuck_in_forward(rank: int, world_size: int, transport: str, stall_timeout: float | None,
+                     mark: str | None = None) -> None:
+    """Rank 1 never returns from its forward of call 2 (stall_timeout None: the default)."""
+    import time
+
+    options = {} if stall_timeout is None else {"stall_timeout": stall_timeout}
+    runner = _watched_runner(world_size, transport, **options)
+    x, y = batch(0)
+    runner.step(x, target=y)
+    if rank == 1:
+        runner.stages[1].module.register_forward_hook(lambda module, args, output: time.sleep(3600))
+    if rank == 0:
+        _mark(mark)
+    runner.step(x, target=y)
+
+
+def slow_actions(rank: int, world_size: int, transport: str, seconds: float, stall_timeout: float) -> float | None:
+    """Every forward of the last stage takes ``seconds`` (so rank 0 waits for its first gradient
+    for several of them); returns the mean loss of one step (on the last rank)."""
+    import time
+
+    runner = conveyor.PipelineRunner(conveyor.pipeline(mlp(), n_stages=world_size), schedule="gpipe",
+                                     n_microbatches=4, loss_fn=mse, transport=transport, stall_timeout=stall_timeout)
+    if rank == world_size - 1:
+        runner.modules[-1].register_forward_hook(lambda module, args, output: time.sleep(seconds))
+    x, y = batch(0)
+    loss = runner.step(x, target=y)
+    return None if loss is None else float(loss)
+
+
+def leave_early(rank: int, world_size: int, transport: str, how: str) -> None:
+    """Rank 1 makes one step fewer, then returns (``how="return"``) or closes its runner and
+    stays alive (``how="close"``)."""
+    import time
+
+    runner = _watched_runner(world_size, transport)
+    x, y = batch(0)
+    for _ in range(STEPS - 1 if rank == 1 else STEPS):
+        runner.step(x, target=y)
+    if rank == 1 and how == "close":
+        runner.close()
+        time.sleep(120)
+
+
+def different_microbatch_counts(rank: int, world_size: int) -> None:
+    runner = conveyor.PipelineRunner(conveyor.pipeline(mlp(), n_stages=world_size), schedule="1f1b",
+                                     n_microbatches=8 if rank == 0 else 4, loss_fn=mse)
+    x, y = batch(0)
+    runner.step(x, target=y)

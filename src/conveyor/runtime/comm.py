@@ -36,7 +36,7 @@ import torch.distributed as dist
 from ..errors import PeerLostError
 from ..schedule.links import Message
 from .codec import Described, MessageError, Slot, decode_head, encode, unpack
-from .transport import InOrderTransport
+from .transport import InOrderTransport, lost_or_explained
 
 __all__ = ["DirectTransport", "MIN_CAPACITY", "DATA_TAG", "PROTOCOLS"]
 
@@ -123,12 +123,16 @@ class _Inbound:
             self.posted.append(_Posted(message, position, buffer, work))
 
     def _wait(self, work: Any, message: Message) -> None:
+        transport = self.transport
+        transport.waiting = (self.source, message)  # a fresh tuple per wait: the watchdog times it
         try:
-            _wait_for(work, self.transport.wait_limit)
+            _wait_for(work, transport.wait_limit)
         except RuntimeError as error:
-            raise PeerLostError(
+            raise lost_or_explained(transport, self.source, PeerLostError(
                 f"receiving {message.kind} of stage {message.stage} from rank {self.source} failed: {error}",
-                rank=self.transport.rank, stage=message.target_stage, microbatch=message.microbatch) from None
+                rank=transport.rank, stage=message.target_stage, microbatch=message.microbatch)) from None
+        finally:
+            transport.waiting = None
 
     def next(self) -> tuple[Message, Any]:
         """Block until the next message on this link has arrived; return it."""

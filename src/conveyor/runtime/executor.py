@@ -93,12 +93,13 @@ class Executor:
         self._receive = mover.receive  # bound once: no lookup per action
         self._send = mover.send
         self._deliver_local = mover.deliver_local
-        self._ready = 0.0
+        self.ready_at = 0.0  # when the current action's input was available (the watchdog reads it)
+        self.current: Step | None = None  # the action running now (None between calls)
         self._backward_thread: ThreadPoolExecutor | None = None  # runs the backward chunk of F&B pairs
 
     def _received(self, step: Step) -> Any:
         value = self._receive(step.receives, step.source)
-        self._ready = time.perf_counter()
+        self.ready_at = time.perf_counter()
         return value
 
     def _pass_on(self, step: Step, value: Any) -> None:
@@ -112,7 +113,8 @@ class Executor:
         failure becomes a :class:`PipelineError` naming rank, stage, micro-batch and action."""
         if step.pair is not None:
             return self._run_pair(step.pair[0], step.pair[1], data)
-        began = self._ready = time.perf_counter()
+        began = self.ready_at = time.perf_counter()
+        self.current = step
         action = step.action
         stage = self.stages[action.stage]
         microbatch = action.microbatch
@@ -161,7 +163,7 @@ class Executor:
                 hint = f" (its input from stage {action.stage - 1} was {describe(received)})"
             raise PipelineError(f"{type(error).__name__}: {error}{hint}", rank=self.rank, stage=action.stage,
                                 microbatch=microbatch, action=str(action)) from error
-        self.trace.append((step.text, self._ready, time.perf_counter(), self._ready - began))
+        self.trace.append((step.text, self.ready_at, time.perf_counter(), self.ready_at - began))
 
     def _failed(self, error: Exception, step: Step) -> PipelineError:
         action = step.action

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import os
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -31,6 +32,7 @@ from .stage_modules import original_name
 from .steps import step_of, steps_of
 from .ties import TiedGradients
 from .versions import WeightVersions
+from .watchdog import DEFAULT_STALL_TIMEOUT, CallState, Watchdog, open_store
 
 TIMEOUT_VARIABLE = "CONVEYOR_TIMEOUT"  # set by conveyor.launch to its pg_timeout
 DEFAULT_TIMEOUT = 300.0
@@ -56,7 +58,10 @@ class PipelineRunner(PipelineEntry):
     step at the first NaN or infinity in a loss, a boundary gradient or a parameter gradient,
     naming the stage and micro-batch. ``timeout`` (seconds) bounds every wait for a peer; by default
     the job's ``launch(pg_timeout=...)`` under :func:`conveyor.launch` (``CONVEYOR_TIMEOUT``
-    in the environment), else 300. :meth:`close` (or leaving a ``with PipelineRunner(...) as runner:`` block) releases
+    in the environment), else 300. ``stall_timeout`` (seconds, default 60) ends the job when a rank
+    stays in one action longer (waits for peers excluded); a watchdog thread per runner also
+    ends it within seconds when the ranks make different calls or one of them left (see
+    ``runtime/watchdog.py``). :meth:`close` (or leaving a ``with PipelineRunner(...) as runner:`` block) releases
     the connections.
 
     ``mesh`` (a ``DeviceMesh``, e.g. ``conveyor.mesh(pp=2, dp=2, tp=2)``; not with ``group``)
@@ -79,7 +84,7 @@ class PipelineRunner(PipelineEntry):
                  transport: str | TransportFactory = "auto", mesh: Any = None, pp_dim: str = "pp",
                  parallelize: Callable[[nn.Module, Any], nn.Module | None] | None = None,
                  unused_parameters: Iterable[str] = (), timeout: float | None = None,
-                 **schedule_options: Any) -> None:
+                 stall_timeout: float = DEFAULT_STALL_TIMEOUT, **schedule_options: Any) -> None:
         if not dist.is_initialized():
             raise RuntimeError("PipelineRunner needs a process group: run inside conveyor.launch(...), "
                                "conveyor.run(...) under torchrun, or call torch.distributed.init_process_group")
@@ -89,6 +94,8 @@ class PipelineRunner(PipelineEntry):
             timeout = float(os.environ.get(TIMEOUT_VARIABLE, DEFAULT_TIMEOUT))
         if not timeout > 0:
             raise ValueError(f"timeout must be a positive number of seconds, got {timeout}")
+        if not stall_timeout > 0:
+            raise ValueError(f"stall_timeout must be a positive number of seconds, got {stall_timeout}")
         self._mesh = MeshHooks(mesh, pp_dim, parallelize, group, replicas, unused_parameters)  # mesh_hooks.py
         group = self._mesh.group(group)
         self._mesh.check_unused_names(pipe)
@@ -121,6 +128,7 @@ class PipelineRunner(PipelineEntry):
                    detect_anomaly=detect_anomaly, precision=precision, recompute=recompute)
         self.broadcast_loss = broadcast_loss
         self.timeout = timeout
+        self.stall_timeout = stall_timeout
         self.device = torch.device(device) if device is not None else default_device(group)
         last = pipe.n_stages - 1
         self.stages: dict[int, StageExecutor] = {index: self._mesh.parallelize(self._make_stage(index, self.device,
@@ -161,6 +169,15 @@ class PipelineRunner(PipelineEntry):
                            if replicas_of_stage.rank != replicas_of_stage.ranks[0]
                            for name, _ in unwrap_module(self.stages[stage].module).named_parameters()}
         self._slice = StageSlice.of(self._mesh.layout)  # the norm's pieces and where they are summed (norms.py)
+        self._calls = CallState(n_microbatches)
+        self._watchdog: Watchdog | None = None
+        if self.n_ranks > 1:
+            agreed = {"schedule": self.schedule.name, "n_stages": pipe.n_stages, "n_microbatches": n_microbatches,
+                      "stall_timeout": stall_timeout}
+            store, self._store_keep = open_store(group, agreed, timeout=min(timeout, 30.0))
+            self._watchdog = Watchdog(store, self.rank, self.n_ranks, self._calls, self._executor, self.transport,
+                                      stall_timeout=stall_timeout, first_stage=min(self.stages, default=0))
+            weakref.finalize(self, self._watchdog.close)  # a runner dropped unclosed: its peers learn it left
 
     # --- parameters and state ------------------------------------------------------------------
     @property
@@ -228,6 +245,10 @@ class PipelineRunner(PipelineEntry):
         return total[0]
 
     def _release(self) -> None:
+        if self._watchdog is not None:  # first: peers learn this rank left before its connections close
+            self._watchdog.close()
+            self._watchdog = None
+            self._store_keep = None
         self._executor.close()
         close = getattr(self.transport, "close", None)
         if close is not None:
@@ -274,11 +295,21 @@ class PipelineRunner(PipelineEntry):
         executor = self._executor
         executor.loss_scale = self.loss_scale  # fp16 (precision.py): the last stage's loss is scaled
         executor.trace = []
-        self.transport.expect(self._incoming[data.training])
-        run = executor.run
-        for step in self._steps[data.training]:
-            run(step, data)
-        self.transport.finish()
+        calls = self._calls
+        calls.begin("step" if data.training else "forward")
+        try:
+            self.transport.expect(self._incoming[data.training])
+            run = executor.run
+            for step in self._steps[data.training]:
+                run(step, data)
+            executor.current = None  # finishing sends is no action of this rank
+            self.transport.finish()
+        except BaseException:
+            executor.current = None
+            calls.end(failed=True)
+            raise
+        executor.current = None
+        calls.end()
 
     def _adopt(self, program: Schedule) -> None:
         """Run ``program`` from now on (the same stages on the same ranks)."""
@@ -317,14 +348,23 @@ class PipelineRunner(PipelineEntry):
         executor.accumulated = {}
         executor.loss_scale = 1.0  # fp16 is refused for schedules that update inside the pipeline
         executor.trace = collections.deque(maxlen=STREAM_TRACE_LIMIT)
-        self.transport.expect(incoming_stream(self.schedule, self.rank, feed.exists))
+        self._calls.begin("stream")
         try:
+            self.transport.expect(incoming_stream(self.schedule, self.rank, feed.exists))
             for action in self.schedule.stream(self.rank, feed.exists):
                 executor.run(step_of(action, self.schedule), feed)
                 if action.kind == FORWARD and action.microbatch in feed.losses:
+                    executor.current = None  # the caller's loop body is not this action
                     yield feed.losses.pop(action.microbatch)
+            executor.current = None
             self.transport.finish()
+        except BaseException:
+            self._calls.end(failed=True)
+            raise
+        else:
+            self._calls.end()
         finally:
+            executor.current = None
             self._optimizer = None
 
     def _update(self, action: Action) -> None:

@@ -52,7 +52,7 @@ from .bundle import Leaf
 from .codec import Described, MessageError, decode_head, describe, pack, unpack
 from .comm import DATA_TAG
 from .socket_mesh import connect_peers
-from .transport import InOrderTransport
+from .transport import InOrderTransport, lost_or_explained
 
 __all__ = ["SocketTransport", "INLINE_LIMIT", "connect_peers"]
 
@@ -200,17 +200,25 @@ class SocketTransport(InOrderTransport):
         or, while bytes of ours wait to go out, whatever sockets ``poll`` reports ready."""
         if not wanted.closed:
             self._read(wanted)
+        if wanted.complete:
+            return
         deadline = time.monotonic() + self.timeout
-        while not wanted.complete:
-            if wanted.closed:
-                raise self._lost(wanted.rank, message, wanted.closed)
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise self._lost(wanted.rank, message, f"nothing arrived in {self.timeout:g} s")
-            if any(peer.outgoing for peer in self._peers.values()):
-                self._wait_ready(remaining, message)
-            else:
-                self._read(wanted, wait=True)
+        self.waiting = (wanted.rank, message)  # a fresh tuple per wait: the watchdog times it
+        try:
+            while not wanted.complete:
+                if self.verdict is not None:  # the watchdog's: the ranks disagree, or a peer stalled or left
+                    raise self.verdict
+                if wanted.closed:
+                    raise lost_or_explained(self, wanted.rank, self._lost(wanted.rank, message, wanted.closed))
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise self._lost(wanted.rank, message, f"nothing arrived in {self.timeout:g} s")
+                if any(peer.outgoing for peer in self._peers.values()):
+                    self._wait_ready(min(remaining, _WAIT_SECONDS), message)
+                else:
+                    self._read(wanted, wait=True)
+        finally:
+            self.waiting = None
 
     def _wait_ready(self, seconds: float, message: Message | None) -> None:
         """Block until a socket is readable, or writable where bytes wait to go (poll: no limit

@@ -13,7 +13,7 @@ link's messages in order, with a mailbox for those that arrive early.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -22,7 +22,7 @@ import torch.distributed as dist
 from ..schedule.links import Message
 from .bundle import detached_leaves
 
-__all__ = ["Transport", "InOrderTransport", "local_value"]
+__all__ = ["Transport", "InOrderTransport", "local_value", "lost_or_explained"]
 
 
 class Transport(ABC):
@@ -45,6 +45,12 @@ class Transport(ABC):
     timeout: float
     bytes_sent: int
     transfers: int
+    # the watchdog's side (watchdog.py): while a receive blocks, ``waiting`` is a fresh
+    # ``(source, message)``; a wait loop raises ``verdict`` once it is set, and a closed connection
+    # is first offered to ``explain(source)``, which may return the error that says why
+    waiting: tuple[int, Message] | None = None
+    verdict: BaseException | None = None
+    explain: Callable[[int], BaseException | None] | None = None
 
     @abstractmethod
     def expect(self, incoming: dict[int, Iterable[Message]]) -> None:
@@ -118,3 +124,15 @@ def local_value(message: Message, value: Any) -> Any:
     """``value`` as a stage on the same rank receives it: every tensor a fresh leaf keeping its
     requires-grad flag."""
     return detached_leaves(value, f"stage {message.stage} {message.kind}")[0]
+
+
+def lost_or_explained(transport: Transport, source: int, lost: BaseException) -> BaseException:
+    """What a receive that found rank ``source``'s connection closed (or was woken by the
+    watchdog) raises: the watchdog's verdict, its explanation, else ``lost``."""
+    if transport.verdict is not None:
+        return transport.verdict
+    if transport.explain is not None:
+        explained = transport.explain(source)
+        if explained is not None:
+            return explained
+    return lost
