@@ -523,3 +523,21 @@ def different_microbatch_counts(rank: int, world_size: int) -> None:
                                      n_microbatches=8 if rank == 0 else 4, loss_fn=mse)
     x, y = batch(0)
     runner.step(x, target=y)
+
+
+def runners_in_a_loop(rank: int, world_size: int, count: int) -> tuple[int, int, int, int]:
+    """Build, step and close ``count`` runners: (threads, open files) before and after."""
+    import os
+    import threading
+
+    def open_files() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    x, y = batch(0)
+    with _watched_runner(world_size) as runner:  # the first one opens what stays open (gloo, imports)
+        runner.step(x, target=y)
+    before = threading.active_count(), open_files()
+    for _ in range(count):
+        with _watched_runner(world_size) as runner:
+            runner.step(x, target=y)
+    return (*before, threading.active_count(), open_files())

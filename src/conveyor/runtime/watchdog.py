@@ -383,3 +383,7 @@ class Watchdog:
             self._publish(self._record("failed" if self.calls.failed else "left"))
         except Exception:  # noqa: BLE001 - the store's host already left
             pass
+        transport = self.transport
+        if transport is not None:
+            transport.explain = None
+        self.store = None  # type: ignore[assignment]  # its connection closes now, not when the runner is collected
