@@ -63,6 +63,12 @@ def test_step_on_one_rank_and_forward_on_another_is_named_within_seconds(transpo
     assert reported_after < 10
 
 
+def test_without_a_job_store_the_runners_rank_0_serves_the_watchdog(tmp_path: Path) -> None:
+    text, _ = _failure(workers.step_against_forward, "sockets", None, False)
+    assert ("the ranks made different calls: rank 0 called step() (call 3, 8 micro-batches), "
+            "rank 1 called forward() (call 3, 8 micro-batches)") in text
+
+
 @pytest.mark.parametrize("transport", ["sockets", "direct"])
 def test_a_rank_that_returns_a_step_early_is_named_as_the_one_that_left(transport: str) -> None:
     text, seconds = _failure(workers.leave_early, transport, "return")

@@ -98,6 +98,7 @@ def _worker(rank: int, world_size: int, port: int, backend: str, threads: int | 
     if sys.platform.startswith("linux"):
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     os.environ["CONVEYOR_TIMEOUT"] = str(pg_timeout)  # the runners' default timeout (runner.py)
+    os.environ["CONVEYOR_STORE"] = f"127.0.0.1:{port}"  # outlives every rank: the runners' watchdog uses it
     if threads is not None:
         torch.set_num_threads(threads)
     message: tuple

@@ -448,9 +448,15 @@ def _mark(path: str | None) -> None:
         Path(path).write_text(repr(time.monotonic()))
 
 
-def step_against_forward(rank: int, world_size: int, transport: str, mark: str | None = None) -> None:
+def step_against_forward(rank: int, world_size: int, transport: str, mark: str | None = None,
+                         job_store: bool = True) -> None:
     """Two clean steps, then call 3: forward() on the last rank, step() elsewhere; the last rank
-    then goes on to step() (its call 4)."""
+    then goes on to step() (its call 4). ``job_store=False``: the runner's rank 0 serves the
+    watchdog's store (as without conveyor.launch or torchrun's agent store)."""
+    import os
+
+    if not job_store:
+        os.environ.pop("CONVEYOR_STORE")
     runner = _watched_runner(world_size, transport)
     x, y = batch(0)
     for _ in range(2):

@@ -4,9 +4,10 @@ The main thread only writes plain attributes: the runner its current call (kind,
 micro-batches; :class:`CallState`), the executor its current action and when its input was
 ready, the transport what it waits for while it sits in a receive. Nothing else happens per
 step. A daemon thread per runner (:class:`Watchdog`) publishes this rank's record about once a
-second in a small store that the runner's rank 0 serves (a ``TCPStore`` whose port every rank
-learnt at construction) and reads the others'. When this rank's main thread has waited in one
-receive for ``CHECK_AFTER`` seconds it judges the records and, if the job cannot go on, leaves
+second in a store (one that outlives every rank: :func:`conveyor.launch`'s, or torchrun's agent
+store; else a ``TCPStore`` that the runner's rank 0 serves) and reads the others'. When this
+rank's main thread has waited in one receive for ``CHECK_AFTER`` seconds it judges the records
+and, if the job cannot go on, leaves
 a verdict on the transport: the transport's wait loop raises it (the socket transport wakes each
 second; a gloo wait is ended by a deliberate timeout on the same process group). A closed
 connection is explained from the records too (:meth:`Watchdog.explain_lost`).
@@ -30,6 +31,7 @@ import socket
 import struct
 import threading
 import time
+import warnings
 import weakref
 from collections import deque
 from datetime import timedelta
@@ -40,7 +42,8 @@ import torch.distributed as dist
 
 from ..errors import CallMismatchError, PeerLeftError, StallError
 
-__all__ = ["CallState", "Watchdog", "open_store", "CHECK_AFTER", "BEAT_SECONDS", "DEFAULT_STALL_TIMEOUT"]
+__all__ = ["CallState", "Watchdog", "open_store", "STORE_VARIABLE", "CHECK_AFTER", "BEAT_SECONDS",
+           "DEFAULT_STALL_TIMEOUT"]
 
 DEFAULT_STALL_TIMEOUT = 60.0
 BEAT_SECONDS = 1.0  # how often a rank publishes its record
@@ -111,14 +114,30 @@ class _Record:
 _EXCHANGE = struct.Struct("<q16s32s64s")  # store port (rank 0), job id (rank 0), host identity, host name
 
 
+STORE_VARIABLE = "CONVEYOR_STORE"  # host:port of a store that outlives every rank (set by conveyor.launch)
+
+
+def _job_store() -> tuple[str, int] | None:
+    """The address of a store that outlives the ranks: conveyor.launch's, or torchrun's agent store."""
+    address = os.environ.get(STORE_VARIABLE)
+    if address is None and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and "MASTER_PORT" in os.environ:
+        address = f"{os.environ.get('MASTER_ADDR', '127.0.0.1')}:{os.environ['MASTER_PORT']}"
+    if address is None:
+        return None
+    host, _, port = address.rpartition(":")
+    return host, int(port)
+
+
 def open_store(group: dist.ProcessGroup | None, agreed: dict[str, Any], *, timeout: float) -> tuple[dist.Store, Any]:
-    """The watchdog's store for the ranks of ``group``: rank 0 serves a ``TCPStore`` whose port,
-    with a fresh job id for the keys, every rank learns by one ``all_gather`` of raw bytes.
-    ``agreed`` (construction arguments every rank must share) travels along; a rank whose
+    """The watchdog's store for the ranks of ``group``: the job's own store where one outlives
+    every rank (:func:`conveyor.launch`'s, torchrun's agent store), else a ``TCPStore`` that
+    rank 0 serves; its port and a fresh key prefix every rank learns by one ``all_gather`` of raw
+    bytes. ``agreed`` (construction arguments every rank must share) travels along; a rank whose
     values differ is refused here, naming each rank's. Returns (the store, what keeps it open)."""
     rank, size = dist.get_rank(group), dist.get_world_size(group)
     server = None
-    if rank == 0:
+    job_store = _job_store()
+    if rank == 0 and job_store is None:
         server = dist.TCPStore("0.0.0.0", 0, None, True, timedelta(seconds=timeout), wait_for_workers=False)
     host = socket.gethostname()
     digest = hashlib.sha256(json.dumps(agreed, sort_keys=True).encode()).digest()
@@ -143,9 +162,11 @@ def open_store(group: dist.ProcessGroup | None, agreed: dict[str, Any], *, timeo
                             for key in differ)
         raise ValueError(f"the ranks built different PipelineRunners ({details}): every rank must construct "
                          "the runner with the same arguments")
-    port, job, _, _ = _EXCHANGE.unpack(table[0][:_EXCHANGE.size])
-    same_host = len({r[24:56] for r in table}) == 1
-    address = "127.0.0.1" if same_host else _EXCHANGE.unpack(table[0][:_EXCHANGE.size])[3].rstrip(b"\0").decode()
+    port, job, _, name = _EXCHANGE.unpack(table[0][:_EXCHANGE.size])
+    if job_store is not None:
+        address, port = job_store
+    else:
+        address = "127.0.0.1" if len({r[24:56] for r in table}) == 1 else name.rstrip(b"\0").decode()
     client = server if server is not None else dist.TCPStore(address, port, None, False, timedelta(seconds=timeout),
                                                              wait_for_workers=False)
     return dist.PrefixStore(f"conveyor-watchdog/{job.hex()}/", client), (server, client)
@@ -193,6 +214,7 @@ class Watchdog:
         self._seen_at = 0.0
         self._published = 0.0
         self._closed = False
+        self._store_lost = False  # once the store fails, only what was read is judged (no retries)
         self._publish(self._record())
         self._thread = threading.Thread(target=self._run, name=f"conveyor-watchdog-{rank}", daemon=True)
         self._thread.start()
@@ -210,7 +232,7 @@ class Watchdog:
         waiting = getattr(self.transport, "waiting", None) is not None
         current = executor.current if calls.active and executor is not None else None
         record: dict[str, Any] = {
-            "rank": self.rank, "history": [list(entry) for entry in calls.history],
+            "rank": self.rank, "history": [list(entry) for entry in list(calls.history)],  # copied in C: atomic
             "status": status or ("call" if calls.active else "idle"), "waiting": waiting,
             "age": now - calls.changed, "action": None, "stage": self.first_stage, "busy": 0.0}
         if current is not None:
@@ -238,19 +260,21 @@ class Watchdog:
         while not self._stop.wait(BEAT_SECONDS / 2):
             try:
                 self._beat()
-            except Exception:  # noqa: BLE001 - the store went away (its host left): judge from what was read
-                if self._waited() >= CHECK_AFTER and self.verdict is None:
-                    self._decide(self._judge(self.records, store_lost=True))
-                self._stop.wait(BEAT_SECONDS)
+            except Exception as error:  # noqa: BLE001 - a watchdog must not end the job by its own failure
+                warnings.warn(f"conveyor's watchdog on rank {self.rank} stopped judging: {error!r}", stacklevel=1)
+                return
 
     def _beat(self) -> None:
         now = time.monotonic()
         waited = self._waited()
-        if now - self._published >= BEAT_SECONDS or waited >= CHECK_AFTER:
-            self._publish(self._record())
-            self._read()
+        if not self._store_lost and (now - self._published >= BEAT_SECONDS or waited >= CHECK_AFTER):
+            try:
+                self._publish(self._record())
+                self._read()
+            except (RuntimeError, OSError):  # the store went away (its host left): judge from what was read
+                self._store_lost = True
         if waited >= CHECK_AFTER and self.verdict is None:
-            self._decide(self._judge(self.records))
+            self._decide(self._judge(self.records, store_lost=self._store_lost))
 
     def _waited(self) -> float:
         """How long the main thread has been in its current receive (0 if it is not in one)."""
@@ -354,10 +378,10 @@ class Watchdog:
             return self.verdict
         deadline = time.monotonic() + 2 * BEAT_SECONDS
         while True:
-            store_lost = False
+            store_lost = self._store_lost
             try:
-                records = self._read()
-            except Exception:  # noqa: BLE001 - the store's host is gone
+                records = dict(self.records) if store_lost else self._read()
+            except (RuntimeError, OSError, AttributeError):  # the store's host is gone (or this rank closed it)
                 records, store_lost = dict(self.records), True
             peer = records.get(source)
             verdict = self._judge(records, store_lost=store_lost)
@@ -379,10 +403,11 @@ class Watchdog:
         self._stop.set()
         if self._thread is not threading.current_thread():
             self._thread.join()
-        try:
-            self._publish(self._record("failed" if self.calls.failed else "left"))
-        except Exception:  # noqa: BLE001 - the store's host already left
-            pass
+        if not self._store_lost:
+            try:
+                self._publish(self._record("failed" if self.calls.failed else "left"))
+            except (RuntimeError, OSError):  # the store's host already left
+                pass
         transport = self.transport
         if transport is not None:
             transport.explain = None
