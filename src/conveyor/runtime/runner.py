@@ -174,9 +174,9 @@ class PipelineRunner(PipelineEntry):
         if self.n_ranks > 1:
             agreed = {"schedule": self.schedule.name, "n_stages": pipe.n_stages, "n_microbatches": n_microbatches,
                       "stall_timeout": stall_timeout}
-            store, self._store_keep = open_store(group, agreed, timeout=min(timeout, 30.0))
+            store, self._store_keep, host = open_store(group, agreed, timeout=min(timeout, 30.0))
             self._watchdog = Watchdog(store, self.rank, self.n_ranks, self._calls, self._executor, self.transport,
-                                      stall_timeout=stall_timeout, first_stage=min(self.stages, default=0))
+                                      stall_timeout=stall_timeout, first_stage=min(self.stages, default=0), host=host)
             weakref.finalize(self, self._watchdog.close)  # a runner dropped unclosed: its peers learn it left
 
     # --- parameters and state ------------------------------------------------------------------

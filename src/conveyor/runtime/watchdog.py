@@ -97,6 +97,7 @@ class _Record:
         self.busy: float = float(raw.get("busy", 0.0))  # seconds in the current action, waits excluded
         self.waiting: bool = bool(raw.get("waiting", False))
         self.age: float = float(raw.get("age", 0.0))  # seconds since the call state last changed
+        self.stale: float = time.time() - float(raw.get("time", 0.0))  # seconds since it was published
 
     @property
     def number(self) -> int:
@@ -128,12 +129,14 @@ def _job_store() -> tuple[str, int] | None:
     return host, int(port)
 
 
-def open_store(group: dist.ProcessGroup | None, agreed: dict[str, Any], *, timeout: float) -> tuple[dist.Store, Any]:
+def open_store(group: dist.ProcessGroup | None, agreed: dict[str, Any], *,
+               timeout: float) -> tuple[dist.Store, Any, int | None]:
     """The watchdog's store for the ranks of ``group``: the job's own store where one outlives
     every rank (:func:`conveyor.launch`'s, torchrun's agent store), else a ``TCPStore`` that
     rank 0 serves; its port and a fresh key prefix every rank learns by one ``all_gather`` of raw
     bytes. ``agreed`` (construction arguments every rank must share) travels along; a rank whose
-    values differ is refused here, naming each rank's. Returns (the store, what keeps it open)."""
+    values differ is refused here, naming each rank's. Returns (the store, what keeps it open,
+    the rank serving it or None)."""
     rank, size = dist.get_rank(group), dist.get_world_size(group)
     server = None
     job_store = _job_store()
@@ -169,7 +172,8 @@ def open_store(group: dist.ProcessGroup | None, agreed: dict[str, Any], *, timeo
         address = "127.0.0.1" if len({r[24:56] for r in table}) == 1 else name.rstrip(b"\0").decode()
     client = server if server is not None else dist.TCPStore(address, port, None, False, timedelta(seconds=timeout),
                                                              wait_for_workers=False)
-    return dist.PrefixStore(f"conveyor-watchdog/{job.hex()}/", client), (server, client)
+    return dist.PrefixStore(f"conveyor-watchdog/{job.hex()}/", client), (server, client), \
+        (None if job_store is not None else 0)
 
 
 _LIVE: weakref.WeakSet[Watchdog] = weakref.WeakSet()
@@ -194,11 +198,13 @@ def _hook_exit() -> None:
 class Watchdog:
     """Publishes this rank's record, reads the others', and leaves a verdict on ``transport``
     when the job cannot go on (see the module docstring). ``store`` is shared by the runner's
-    ranks; ``executor`` and ``transport`` are this rank's; ``stages`` maps nothing but names."""
+    ranks (served by rank ``host``, or by the job where None); ``executor`` and ``transport`` are
+    this rank's."""
 
     def __init__(self, store: dist.Store, rank: int, n_ranks: int, calls: CallState, executor: Any,
-                 transport: Any, *, stall_timeout: float, first_stage: int) -> None:
+                 transport: Any, *, stall_timeout: float, first_stage: int, host: int | None = None) -> None:
         self.store, self.rank, self.n_ranks = store, rank, n_ranks
+        self.host = host  # the rank that serves the store (None: the job's store outlives the ranks)
         self.calls = calls
         # weak: the thread must not keep a dropped runner (which holds both) alive
         transport = getattr(transport, "wire", transport)  # the host-staged transport waits in its wire
@@ -234,7 +240,7 @@ class Watchdog:
         record: dict[str, Any] = {
             "rank": self.rank, "history": [list(entry) for entry in list(calls.history)],  # copied in C: atomic
             "status": status or ("call" if calls.active else "idle"), "waiting": waiting,
-            "age": now - calls.changed, "action": None, "stage": self.first_stage, "busy": 0.0}
+            "age": now - calls.changed, "action": None, "stage": self.first_stage, "busy": 0.0, "time": time.time()}
         if current is not None:
             record["action"], record["stage"] = current.text, current.action.stage
             if not waiting:
@@ -307,7 +313,10 @@ class Watchdog:
     def _mine(self) -> _Record:
         return _Record(self._record())
 
-    def _judge(self, records: dict[int, _Record], *, store_lost: bool = False) -> BaseException | None:
+    def _judge(self, records: dict[int, _Record], *, store_lost: bool = False,
+               settled: bool = True) -> BaseException | None:
+        """The verdict the records support, or None. ``settled=False`` (a closed connection, whose
+        peer may have crashed after its last record) keeps to what a record states outright."""
         mine = self._mine()
         everyone = dict(records)
         everyone[self.rank] = mine
@@ -327,14 +336,14 @@ class Watchdog:
         for record in records.values():
             if record.status == "left" and record.number < number:
                 return self._left(record, my_entry)
-        if store_lost and 0 in records and self.rank != 0:
+        if store_lost and self.host == 0 and 0 in records and self.rank != 0:
             lost = records[0]
             if lost.number < number or lost.status != "call":
                 return self._left(lost, my_entry, note=" (the watchdog's store, served by rank 0, closed)")
         for record in records.values():  # idle before this call for too long
             if record.status == "idle" and record.number < number and record.age >= self.stall_timeout:
                 return self._mismatch(everyone, number)
-        if any(record.working for record in records.values()):
+        if not settled or any(record.working or record.stale > 2 * BEAT_SECONDS for record in records.values()):
             return None
         elsewhere = [record for record in records.values() if not (record.status == "idle" and record.number < number)
                      and (record.status != "call" or record.number != number)]
@@ -384,7 +393,7 @@ class Watchdog:
             except (RuntimeError, OSError, AttributeError):  # the store's host is gone (or this rank closed it)
                 records, store_lost = dict(self.records), True
             peer = records.get(source)
-            verdict = self._judge(records, store_lost=store_lost)
+            verdict = self._judge(records, store_lost=store_lost, settled=False)
             if verdict is not None:
                 return verdict
             if peer is not None and peer.status == "failed":
