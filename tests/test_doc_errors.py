@@ -185,6 +185,19 @@ def _rank_zero_leaves(rank: int, world_size: int) -> None:
         runner.step(*batch(0)[:1], target=batch(0)[1])
 
 
+def _rank_zero_drops_its_connections(rank: int, world_size: int) -> None:
+    """Rank 0 closes its connections without a word to the watchdog (as a dying process would) and
+    stays, so rank 1 waits for an activation that never comes. (A rank that returns early is named
+    as the one that left: `PeerLeftError`.)"""
+    torch.set_num_threads(1)
+    runner = conveyor.PipelineRunner(conveyor.pipeline(mlp(), n_stages=2), schedule="gpipe", n_microbatches=1,
+                                     loss_fn=mse, transport="sockets")
+    if rank == 0:
+        runner.transport.close()
+        time.sleep(60)
+    runner.step(*batch(0)[:1], target=batch(0)[1])
+
+
 def _checkpoint_of_another_optimizer(tmp: Path) -> None:
     runner = _one_rank_runner(mlp(), loss_fn=mse)
     adam = torch.optim.AdamW(runner.parameters())
@@ -464,7 +477,8 @@ def _triggers(tmp: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Callable[
         " + ".join(MISFIT): lambda: _checkpoint_of_another_model(tmp),
         "saving the checkpoint failed on rank R while ...; the previous checkpoint at PATH (if any) is untouched":
             lambda: _reraise(conveyor.launch(_rank_one_cannot_write, 2, args=(str(tmp / "ckpt"),), timeout=120)[0]),
-        "receiving activation of stage S from rank R failed: ...": lambda: _reraise(_rank_zero_left()),
+        "receiving activation of stage S from rank R failed: ...":
+            lambda: conveyor.launch(_rank_zero_drops_its_connections, 2, timeout=120),
         "no checkpoint at PATH": lambda: _one_rank_runner(mlp()).load(tmp / "nowhere"),
         "the checkpoint holds X state, not Y": lambda: _checkpoint_of_another_optimizer(tmp),
         "checkpoints of a runner on a mesh of N ranks in a job of W ranks are not supported":
@@ -473,6 +487,21 @@ def _triggers(tmp: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Callable[
         "rank R failed": lambda: conveyor.launch(_raise_on_rank_zero, 1, timeout=60),
         "job timed out after T s; ranks [...] were still running": lambda: conveyor.launch(_sleep, 1, timeout=1),
         "conveyor.run needs torchrun's environment": lambda: _outside_torchrun(monkeypatch),
+        # the watchdog (runtime/watchdog.py)
+        "rank 0: the ranks made different calls: rank 0 called step() (call 3, 8 micro-batches), rank 1 called "
+        "forward() (call 3, 8 micro-batches)": lambda: conveyor.launch(workers.step_against_forward, 2,
+                                                                      args=("sockets",), timeout=120),
+        "rank 0: the ranks made different calls: rank 0 called step() (call 5, 8 micro-batches), rank 1 has made "
+        "no call 5 (its last: step() (call 4, 8 micro-batches)), idle for T s":
+            lambda: conveyor.launch(workers.skip_last_step, 2, args=("sockets", 3.0), timeout=120),
+        "rank 0: rank 1 (stage 1) has been in action 1F0 for T s (stall_timeout 2 s); rank 0 is waiting for it in "
+        "call 2 (step(), 8 micro-batches)": lambda: conveyor.launch(workers.stuck_in_forward, 2,
+                                                                   args=("sockets", 2.0), timeout=120),
+        "rank 0: rank 1 left the job after call 4; rank 0 is waiting for it in call 5 (step(), 8 micro-batches)":
+            lambda: conveyor.launch(workers.leave_early, 2, args=("sockets", "return"), timeout=120),
+        "the ranks built different PipelineRunners (n_microbatches: rank 0 8, rank 1 4): every rank must construct "
+        "the runner with the same arguments": lambda: conveyor.launch(workers.different_microbatch_counts, 2,
+                                                                      timeout=120),
     }
     triggers[" + ".join(KILLED)] = lambda: conveyor.launch(_kill_rank_zero, 1, timeout=60)
     triggers.update(_newer_triggers(tmp, monkeypatch))
