@@ -5,8 +5,16 @@ See README.md for a tour; the public names are listed in ``__all__``.
 
 from . import timeline
 from .checkpoint import load_full, save_full
-from .errors import (CallMismatchError, CheckpointError, ConveyorError, LaunchError, PeerLeftError, PeerLostError,
-                     PipelineError, StallError)
+from .errors import (
+                     CallMismatchError,
+                     CheckpointError,
+                     ConveyorError,
+                     LaunchError,
+                     PeerLeftError,
+                     PeerLostError,
+                     PipelineError,
+                     StallError,
+)
 from .launch import launch, run
 from .partition import Pipe, TraceError, materialize, pipe_split, pipeline
 from .planning import plan, profile

@@ -53,5 +53,6 @@ class StallError(PipelineError):
     """A rank has been in one action longer than the runner's ``stall_timeout``: names it."""
 
 
-class PeerLeftError(PipelineError):
-    """A rank left the job (closed its runner or ended) while its peers still wait for it."""
+class PeerLeftError(PeerLostError):
+    """A rank left the job (closed its runner or ended) while its peers still wait for it; like
+    every lost peer, a consequence on the waiting rank (the launcher names the rank that left)."""
