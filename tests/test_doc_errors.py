@@ -488,7 +488,7 @@ def _triggers(tmp: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Callable[
         "job timed out after T s; ranks [...] were still running": lambda: conveyor.launch(_sleep, 1, timeout=1),
         "conveyor.run needs torchrun's environment": lambda: _outside_torchrun(monkeypatch),
         # the watchdog (runtime/watchdog.py)
-        "rank 0: the ranks made different calls: rank 0 called step() (call 3, 8 micro-batches), rank 1 called "
+        "rank R: the ranks made different calls: rank 0 called step() (call 3, 8 micro-batches), rank 1 called "
         "forward() (call 3, 8 micro-batches)": lambda: conveyor.launch(workers.step_against_forward, 2,
                                                                       args=("sockets",), timeout=120),
         "rank 0: the ranks made different calls: rank 0 called step() (call 5, 8 micro-batches), rank 1 has made "
