@@ -82,7 +82,7 @@ class CallState:
 
 def _call(entry: list | tuple) -> str:
     number, kind, microbatches = entry
-    return f"{kind}() (call {number}, {microbatches} micro-batches)"
+    return f"{kind}() (call {number}, {microbatches} micro-batch{'es' if microbatches != 1 else ''})"
 
 
 class _Record:
@@ -352,7 +352,9 @@ class Watchdog:
         return None
 
     def _waiting_here(self, entry: list | tuple) -> str:
-        return f"rank {self.rank} is waiting for it in call {entry[0]} ({entry[1]}(), {entry[2]} micro-batches)"
+        number, kind, microbatches = entry
+        plural = "es" if microbatches != 1 else ""
+        return f"rank {self.rank} is waiting for it in call {number} ({kind}(), {microbatches} micro-batch{plural})"
 
     def _left(self, record: _Record, my_entry: list | tuple, note: str = "") -> PeerLeftError:
         after = f"after call {record.number}" if record.number else "before its first call"
