@@ -510,14 +510,16 @@ def slow_actions(rank: int, world_size: int, transport: str, seconds: float, sta
     return None if loss is None else float(loss)
 
 
-def leave_early(rank: int, world_size: int, transport: str, how: str) -> None:
+def leave_early(rank: int, world_size: int, transport: str, how: str, mark: str | None = None) -> None:
     """Rank 1 makes one step fewer, then returns (``how="return"``) or closes its runner and
     stays alive (``how="close"``)."""
     import time
 
     runner = _watched_runner(world_size, transport)
     x, y = batch(0)
-    for _ in range(STEPS - 1 if rank == 1 else STEPS):
+    for index in range(STEPS - 1 if rank == 1 else STEPS):
+        if rank == 0 and index == STEPS - 1:
+            _mark(mark)
         runner.step(x, target=y)
     if rank == 1 and how == "close":
         runner.close()
