@@ -146,20 +146,23 @@ def open_store(group: dist.ProcessGroup | None, agreed: dict[str, Any], *,
     digest = hashlib.sha256(json.dumps(agreed, sort_keys=True).encode()).digest()
     mine = _EXCHANGE.pack(server.port if server is not None else 0, os.urandom(16) if rank == 0 else bytes(16),
                           hashlib.sha256(host.encode()).digest(), host.encode()[:64])
-    row = torch.frombuffer(bytearray(mine + digest), dtype=torch.uint8)
+    # NCCL gathers only CUDA tensors
+    wire = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else None
+    row = torch.frombuffer(bytearray(mine + digest), dtype=torch.uint8).to(wire)
     rows = [torch.empty_like(row) for _ in range(size)]
     dist.all_gather(rows, row, group=group)
-    table = [bytes(r.numpy()) for r in rows]
+    table = [bytes(r.cpu().numpy()) for r in rows]
     if len({r[_EXCHANGE.size:] for r in table}) != 1:
-        values = [torch.tensor(list(json.dumps(agreed, sort_keys=True).encode()), dtype=torch.uint8)]
-        lengths = [torch.zeros(1, dtype=torch.int64) for _ in range(size)]
-        dist.all_gather(lengths, torch.tensor([values[0].numel()]), group=group)
+        encoded = json.dumps(agreed, sort_keys=True).encode()
+        lengths = [torch.zeros(1, dtype=torch.int64, device=wire) for _ in range(size)]
+        dist.all_gather(lengths, torch.tensor([len(encoded)], device=wire), group=group)
         longest = int(max(length.item() for length in lengths))
         padded = torch.zeros(longest, dtype=torch.uint8)
-        padded[:values[0].numel()] = values[0]
+        padded[:len(encoded)] = torch.frombuffer(bytearray(encoded), dtype=torch.uint8)
+        padded = padded.to(wire)
         everyone = [torch.empty_like(padded) for _ in range(size)]
         dist.all_gather(everyone, padded, group=group)
-        seen = [json.loads(bytes(t[:int(n.item())].numpy())) for t, n in zip(everyone, lengths)]
+        seen = [json.loads(bytes(t[:int(n.item())].cpu().numpy())) for t, n in zip(everyone, lengths)]
         differ = [key for key in agreed if len({json.dumps(s.get(key)) for s in seen}) > 1]
         details = "; ".join(f"{key}: " + ", ".join(f"rank {r} {s.get(key)!r}" for r, s in enumerate(seen))
                             for key in differ)
