@@ -114,8 +114,8 @@ def test_runners_built_with_different_microbatch_counts_are_refused_naming_each_
             "construct the runner with the same arguments") in text
 
 
-def test_closed_runners_leave_no_watchdog_thread_store_or_socket_behind() -> None:
+def test_a_hundred_closed_runners_leave_no_watchdog_thread_store_or_socket_behind() -> None:
     for threads_before, files_before, threads_after, files_after in conveyor.launch(
-            workers.runners_in_a_loop, 2, args=(30,), timeout=120):
+            workers.runners_in_a_loop, 2, args=(100,), timeout=240):
         assert threads_after == threads_before
         assert files_after <= files_before + 2
