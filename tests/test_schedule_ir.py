@@ -8,6 +8,7 @@ from conveyor.schedule import SCHEDULES, Schedule, ScheduleError, simulate, vali
 from conveyor.schedule.interleaved import interleaved_1f1b
 from conveyor.schedule.zero_bubble import zb_v
 
+V_SCHEDULES = {"zb-v", "v-zb", "dualpipev", "v-min", "v-half"}  # rank r holds stages r and 2p - 1 - r
 # (name, n_ranks, n_stages, n_microbatches): every registered schedule, with awkward sizes too
 CASES = [
     ("gpipe", 4, 4, 6),
@@ -22,6 +23,15 @@ CASES = [
     ("zb-v", 3, 6, 5),
     ("zb-v", 4, 8, 3),
     ("zb-v", 4, 8, 16),
+    ("v-zb", 3, 6, 5),
+    ("zb-h2", 4, 4, 8),
+    ("zb-h2", 3, 3, 2),
+    ("dualpipev", 2, 4, 4),
+    ("dualpipev", 3, 6, 7),
+    ("v-min", 3, 6, 5),
+    ("v-min", 4, 8, 9),
+    ("v-half", 4, 8, 6),
+    ("v-half", 5, 10, 11),
     ("pipedream", 4, 4, 6),
     ("pipedream", 2, 2, 1),
     ("pipedream-2bw", 3, 3, 8),
@@ -50,8 +60,9 @@ def test_generator_programs_validate_over_many_sizes(name: str) -> None:
                 if m >= p:
                     validate(SCHEDULES[name](p, 2 * p, m))
                     validate(SCHEDULES[name](p, 3 * p, m))
-            elif name == "zb-v":
-                validate(SCHEDULES[name](p, 2 * p, m))
+            elif name in V_SCHEDULES:
+                if name != "dualpipev" or m >= 2 * p:
+                    validate(SCHEDULES[name](p, 2 * p, m))
             else:
                 validate(SCHEDULES[name](p, p, m))
 
@@ -122,3 +133,33 @@ def test_interleaved_refuses_fewer_microbatches_than_ranks() -> None:
 def test_zb_v_refuses_other_than_two_stages_per_rank() -> None:
     with pytest.raises(ValueError, match=r"n_stages=8"):
         zb_v(4, 4, 8)
+
+
+@pytest.mark.parametrize("name", sorted(V_SCHEDULES))
+def test_v_schedules_place_stages_in_a_v(name: str) -> None:
+    assert SCHEDULES[name](3, 6, 6).placement == (0, 1, 2, 2, 1, 0)
+
+
+@pytest.mark.parametrize("name", sorted(V_SCHEDULES - {"zb-v", "v-zb"}))
+def test_v_schedules_refuse_other_than_two_stages_per_rank(name: str) -> None:
+    with pytest.raises(ValueError, match=r"n_stages=8"):
+        SCHEDULES[name](4, 4, 8)
+
+
+def test_zb_h2_refuses_other_than_one_stage_per_rank() -> None:
+    with pytest.raises(ValueError, match=r"n_stages=4"):
+        SCHEDULES["zb-h2"](4, 8, 8)
+
+
+@pytest.mark.parametrize("p", [1, 2, 4])
+def test_dualpipev_refuses_fewer_than_2p_microbatches_naming_the_minimum(p: int) -> None:
+    validate(SCHEDULES["dualpipev"](p, 2 * p, 2 * p))
+    with pytest.raises(ValueError, match=rf"at least 2 x {p} ranks = {2 * p} micro-batches"):
+        SCHEDULES["dualpipev"](p, 2 * p, 2 * p - 1)
+
+
+def test_dualpipev_pairs_are_adjacent_forward_then_backward_of_the_other_chunk() -> None:
+    # the main phase: F of chunk 0 then B of chunk 1, F of chunk 1 then B of chunk 0 (the F&B pairs)
+    program = SCHEDULES["dualpipev"](2, 4, 6).ranks[0]
+    text = " ".join(str(a) for a in program)
+    assert "0F3 3B1 3F2 0B0" in text

@@ -12,6 +12,8 @@ from typing import Any
 
 from .actions import Action, Schedule
 from .auto import search
+from .controllable_memory import v_half, v_min
+from .dualpipev import dualpipev
 from .gpipe import gpipe
 from .interleaved import interleaved_1f1b
 from .one_f_one_b import one_f_one_b
@@ -20,7 +22,7 @@ from .pipedream import pipedream
 from .pipedream_2bw import pipedream_2bw
 from .simulate import SimulationResult, simulate
 from .validate import ScheduleError, validate
-from .zero_bubble import zb_h1, zb_v
+from .zero_bubble import zb_h1, zb_h2, zb_v
 
 __all__ = [
     "SCHEDULES",
@@ -43,7 +45,12 @@ SCHEDULES: dict[str, Generator] = {
     "1f1b": one_f_one_b,
     "interleaved-1f1b": interleaved_1f1b,
     "zb-h1": zb_h1,
+    "zb-h2": zb_h2,
     "zb-v": zb_v,
+    "dualpipev": dualpipev,
+    "v-min": v_min,
+    "v-half": v_half,
+    "v-zb": zb_v,  # Qi et al.'s V-ZB has ZB-V's figures (docs/schedules.md): the same program serves
     "pipedream": pipedream,
     "pipedream-2bw": pipedream_2bw,
 }

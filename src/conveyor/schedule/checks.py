@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-__all__ = ["in_flight", "replica_groups", "require_one_stage_per_rank"]
+__all__ = ["in_flight", "replica_groups", "require_one_stage_per_rank", "v_placement"]
 
 
 def require_one_stage_per_rank(name: str, n_ranks: int, n_stages: int) -> None:
@@ -40,3 +40,14 @@ def in_flight(groups: Sequence[Sequence[int]], stage: int) -> int:
     without replicas)."""
     downstream = sum(len(group) for group in groups[stage:])
     return -(-downstream // len(groups[stage]))
+
+
+def v_placement(name: str, n_ranks: int, n_stages: int) -> tuple[int, ...]:
+    """The V placement (rank ``r`` holds stages ``r`` and ``2p - 1 - r``), or an error naming the fix."""
+    if n_stages != 2 * n_ranks:
+        raise ValueError(
+            f"{name} places two stages per rank (rank r holds stages r and {2 * n_ranks} - 1 - r), but the "
+            f"pipe has {n_stages} stages for {n_ranks} ranks: cut the model into {2 * n_ranks} stages "
+            f"(pipeline(..., n_stages={2 * n_ranks})), or pass n_ranks={n_stages // 2} to simulate"
+        )
+    return tuple(stage if stage < n_ranks else n_stages - 1 - stage for stage in range(n_stages))

@@ -48,7 +48,10 @@ class SimulationResult:
     ``bubble`` is ``1 - sum(busy) / (n_ranks * makespan)``; ``busy[r]`` is rank ``r``'s compute
     time; ``peak_activations[s]`` the most micro-batches live at once on stage ``s``;
     ``peak_before_input_grad[s]`` the same, counting a micro-batch only until its ``B`` or ``I``
-    ends (the full activations; after ``I`` a split backward keeps only what ``W`` needs).
+    ends (the full activations; after ``I`` a split backward keeps only what ``W`` needs);
+    ``rank_peak_activations[r]`` the most (stage, micro-batch) activations live at once on rank
+    ``r`` over all its stages, one micro-batch on one stage counting 1 (a V rank's two half-size
+    stages count 2 where 1F1B's one stage counts 1; multiply by a stage's bytes per micro-batch).
     """
 
     schedule: Schedule
@@ -58,6 +61,7 @@ class SimulationResult:
     peak_activations: tuple[int, ...]
     peak_before_input_grad: tuple[int, ...]
     events: list[Event]
+    rank_peak_activations: tuple[int, ...] = ()
 
     @property
     def n_ranks(self) -> int:
@@ -164,15 +168,25 @@ def simulate(
         busy[event.rank] += event.end - event.start
     bubble = 1.0 - sum(busy) / (program.n_ranks * makespan) if makespan > 0 else 0.0
 
+    def lifetimes(stage: int, release_kinds: tuple[str, ...]) -> list[tuple[float, float]]:
+        intervals = []
+        for microbatch in range(program.n_microbatches):
+            start, end = timing[Action(FORWARD, stage, microbatch)]
+            for kind in release_kinds:
+                end = timing.get(Action(kind, stage, microbatch), (0.0, end))[1]
+            intervals.append((start, end))
+        return intervals
+
     def peaks(release_kinds: tuple[str, ...]) -> tuple[int, ...]:
+        return tuple(_peak(lifetimes(stage, release_kinds)) for stage in range(program.n_stages))
+
+    def rank_peaks() -> tuple[int, ...]:
+        # a replicated stage's micro-batches are split over its replicas: count each on the rank that ran it
         result = []
-        for stage in range(program.n_stages):
-            intervals = []
-            for microbatch in range(program.n_microbatches):
-                start, end = timing[Action(FORWARD, stage, microbatch)]
-                for kind in release_kinds:
-                    end = timing.get(Action(kind, stage, microbatch), (0.0, end))[1]
-                intervals.append((start, end))
+        for rank in range(program.n_ranks):
+            intervals = [interval for stage in program.stages_of(rank)
+                         for microbatch, interval in enumerate(lifetimes(stage, (BACKWARD, WEIGHT_GRAD)))
+                         if program.rank_of(stage, microbatch) == rank]
             result.append(_peak(intervals))
         return tuple(result)
 
@@ -184,4 +198,5 @@ def simulate(
         peak_activations=peaks((BACKWARD, WEIGHT_GRAD)),
         peak_before_input_grad=peaks((BACKWARD, INPUT_GRAD)),
         events=events,
+        rank_peak_activations=rank_peaks(),
     )

@@ -15,6 +15,17 @@ micro-batches are between ``F`` and ``I`` on stage ``s``, as in 1F1B; counting u
 every stage holds up to ``p`` (1F1B's peak, on stage 0). Per-stage ``p - s`` until ``W`` cannot
 go with this bubble: the last stage would have to run F I W back to back.
 
+ZB-H2 (the same paper) spends up to ``2p - 1`` micro-batches of memory: stage ``s`` runs
+``2 (p - s) - 1`` warm-up forwards, so the first ``I`` finds every stage busy, and holds back
+``2s`` of its ``W``, so that the last stages have work while the final gradients climb back to
+stage 0. In a step that ends with one synchronised update each rank idles
+``max((p - 1) F, (p - 1)(F + I - 2W))`` for ``m >= 2p - 1``: the paper's ``(p - 1)(F + B - 2W)``
+(counted with the update staggered across ranks, which the ``(p - 1) F`` floor of a synchronised
+step leaves out), against ZB-H1's ``(p - 1)(F + I - W)``. With ``F = I = W`` both idle
+``(p - 1) F``; with ``I > W`` ZB-H2 idles less. 4 stages, 8 micro-batches::
+
+GRID
+
 ZB-V, 3 ranks, 6 stages, 5 micro-batches, F = I = W = 1; upper case is rank ``r``'s stage ``r``
 (down the V), lower case its stage ``2p - 1 - r`` (back up)::
 
@@ -31,17 +42,20 @@ from __future__ import annotations
 from .actions import FORWARD, INPUT_GRAD, WEIGHT_GRAD, Action, Schedule
 from .checks import require_one_stage_per_rank
 
-__all__ = ["zb_h1", "zb_v"]
+__all__ = ["zb_h1", "zb_h2", "zb_v"]
 
 
-def _zb_h1_stage(stage: int, n_stages: int, n_microbatches: int) -> tuple[Action, ...]:
-    p, m = n_stages, n_microbatches
-    warmup = min(p - stage, m)
+def _zb_stage(stage: int, n_microbatches: int, warmup: int, held: int) -> tuple[Action, ...]:
+    """Stage ``stage``'s one-stage-per-rank zero-bubble program: ``warmup`` forwards, then per
+    micro-batch ``I``, a ``W`` once more than ``held`` are pending, and the next forward; the
+    held-back ``W`` at the end."""
+    m = n_microbatches
+    warmup = min(warmup, m)
     program = [Action(FORWARD, stage, i) for i in range(warmup)]
     forwards, weights = warmup, 0
     for i in range(m):
         program.append(Action(INPUT_GRAD, stage, i))
-        if i + 1 - weights > stage:
+        if i + 1 - weights > held:
             program.append(Action(WEIGHT_GRAD, stage, weights))
             weights += 1
         if forwards < m:
@@ -54,8 +68,18 @@ def _zb_h1_stage(stage: int, n_stages: int, n_microbatches: int) -> tuple[Action
 def zb_h1(n_ranks: int, n_stages: int, n_microbatches: int) -> Schedule:
     """ZB-H1: one stage per rank, split backward, stage ``s`` deferring ``s`` of its ``W``. Any ``m >= 1``."""
     require_one_stage_per_rank("zb-h1", n_ranks, n_stages)
-    ranks = tuple(_zb_h1_stage(stage, n_stages, n_microbatches) for stage in range(n_stages))
+    p = n_stages
+    ranks = tuple(_zb_stage(stage, n_microbatches, p - stage, stage) for stage in range(p))
     return Schedule(ranks, n_stages, n_microbatches, name="zb-h1")
+
+
+def zb_h2(n_ranks: int, n_stages: int, n_microbatches: int) -> Schedule:
+    """ZB-H2: one stage per rank, ``2 (p - s) - 1`` warm-up forwards on stage ``s`` and ``2s`` of its
+    ``W`` held back: up to ``2p - 1`` micro-batches live per stage. Any ``m >= 1``."""
+    require_one_stage_per_rank("zb-h2", n_ranks, n_stages)
+    p = n_stages
+    ranks = tuple(_zb_stage(stage, n_microbatches, 2 * (p - stage) - 1, 2 * stage) for stage in range(p))
+    return Schedule(ranks, n_stages, n_microbatches, name="zb-h2")
 
 
 def _zb_v_rank(rank: int, n_ranks: int, n_microbatches: int) -> tuple[Action, ...]:
