@@ -13,8 +13,9 @@ import conveyor
 from models import TiedLM, _Named, _Tanh, _TiedHead, batch, mlp, mse, tied_pipe, token_loss
 
 ATOL = 1e-10
-# (schedule, ranks, stages): interleaved and zb-v put two stages on each rank
-CONFIGS = [("gpipe", 4, 4), ("1f1b", 4, 4), ("interleaved-1f1b", 2, 4), ("zb-h1", 4, 4), ("zb-v", 2, 4)]
+# (schedule, ranks, stages): interleaved and the V schedules put two stages on each rank
+CONFIGS = [("gpipe", 4, 4), ("1f1b", 4, 4), ("interleaved-1f1b", 2, 4), ("zb-h1", 4, 4), ("zb-v", 2, 4),
+           ("zb-h2", 4, 4), ("dualpipev", 2, 4), ("v-min", 2, 4), ("v-half", 2, 4)]
 
 
 def _local(schedule: str, n_ranks: int, n_stages: int, recompute: bool = False,

@@ -26,6 +26,7 @@ from .workloads import WorkloadSpec, load_workload
 
 __all__ = ["TrainConfig", "latest_checkpoint", "run_train"]
 
+TWO_STAGES_PER_RANK = ("interleaved-1f1b", "zb-v", "v-zb", "v-min", "v-half", "dualpipev")  # default --chunks 2
 
 
 @dataclass(frozen=True)
@@ -34,7 +35,7 @@ class TrainConfig:
     ranks: int = 4
     schedule: str = "1f1b"
     microbatches: int = 8
-    chunks: int = 1            # stages per rank (interleaved-1f1b, zb-v: 2)
+    chunks: int = 1            # stages per rank (TWO_STAGES_PER_RANK: 2)
     sizes: tuple[int, ...] | None = None  # blocks per stage (from the planner); None: balanced by parameters
     steps: int = 100
     batch_size: int | None = None
@@ -233,7 +234,7 @@ def _train(args: argparse.Namespace) -> None:
     from .cli_plan import plan_workload, spec_from_args
 
     spec = spec_from_args(args)
-    chunks = args.chunks or (2 if args.schedule in ("interleaved-1f1b", "zb-v") else 1)
+    chunks = args.chunks or (2 if args.schedule in TWO_STAGES_PER_RANK else 1)
     config = TrainConfig(spec, ranks=args.stages, schedule=args.schedule, microbatches=args.microbatches,
                          chunks=chunks, steps=args.steps, batch_size=args.batch_size,
                          checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every, keep=args.keep,
@@ -259,10 +260,11 @@ def register(commands: argparse._SubParsersAction) -> None:
     add_workload_arguments(parser)
     parser.add_argument("--stages", type=at_least(1), default=4, help="pipeline ranks = local processes (default 4)")
     parser.add_argument("--schedule", default="1f1b",
-                        help="gpipe, 1f1b, interleaved-1f1b, zb-h1, zb-v, pipedream, pipedream-2bw (default 1f1b)")
+                        help="gpipe, 1f1b, interleaved-1f1b, zb-h1, zb-h2, zb-v (v-zb), v-min, v-half, dualpipev, "
+                             "pipedream, pipedream-2bw (default 1f1b)")
     parser.add_argument("--microbatches", type=at_least(1), default=8, help="micro-batches per step (default 8)")
     parser.add_argument("--chunks", type=at_least(1), default=None,
-                        help="stages per rank (default 2 for interleaved-1f1b and zb-v, else 1)")
+                        help="stages per rank (default 2 for interleaved-1f1b and the V schedules, else 1)")
     parser.add_argument("--steps", type=at_least(1), default=100, help="train up to this step (default 100)")
     parser.add_argument("--plan", action="store_true", help="profile and plan first; use the top runnable choice")
     parser.add_argument("--memory-per-rank", type=parse_bytes, default=None, help="with --plan: e.g. 8G")

@@ -79,7 +79,8 @@ class LocalPipeline(PipelineEntry):
         if self.schedule.is_streaming or self.schedule.is_replicated:
             raise ValueError(f"schedule {self.schedule.name!r} updates weights inside the pipeline or replicates "
                              "stages: LocalPipeline runs synchronous schedules without replicas (gpipe, 1f1b, "
-                             "interleaved-1f1b, zb-h1, zb-v); use PipelineRunner for the others")
+                             "interleaved-1f1b, zb-h1, zb-h2, zb-v, v-zb, v-min, v-half, dualpipev); use "
+                             "PipelineRunner for the others")
         self.lanes = Lanes(device_list)
         self._keep(pipe, n_microbatches, loss_fn, loss_weighting=loss_weighting, ignore_index=ignore_index,
                    detect_anomaly=detect_anomaly, precision=precision, recompute=recompute)
