@@ -1,5 +1,5 @@
-"""Interleaved 1F1B, ZB-H1 and ZB-V (and every schedule with a skip connection across stages)
-train exactly like the unsplit model: gradients and weights after 5 Adam steps (float64)."""
+"""Interleaved 1F1B, ZB-H1, ZB-V, ZB-H2, DualPipeV, V-Min and V-Half (and every schedule with a skip
+connection across stages) train exactly like the unsplit model: gradients and weights after 5 Adam steps (float64)."""
 
 from __future__ import annotations
 
@@ -27,6 +27,10 @@ CONFIGS = [
         ("skip", "zb-h1", 4, 4, 4),
         ("skip", "interleaved-1f1b", 2, 4, 4),
         ("skip", "zb-v", 2, 4, 4),
+        ("skip", "dualpipev", 2, 4, 5),
+        ("mlp", "v-min", 4, 8, 9),
+        ("skip", "v-half", 2, 4, 5),
+        ("mlp", "zb-h2", 4, 4, 6),
     ]
 ]
 
