@@ -20,9 +20,10 @@ _SERIES = (("conveyor", "tab:blue"), ("torch.distributed.pipelining", "tab:orang
 
 
 def ratio_bars(rows: Sequence[tuple[float | str, ...]], path: Path, ylabel: str,
-               targets: Sequence[float] | None = None, reference: float = 1.0, base: float = 0.0) -> str | None:
-    """Grouped bars ``(label, conveyor, torch[, floor])`` rising from ``base``, a line at
-    ``reference`` and markers at ``targets``."""
+               targets: Sequence[float] | None = None, reference: float = 1.0, base: float = 0.0,
+               series: Sequence[tuple[str, str]] = _SERIES) -> str | None:
+    """Grouped bars ``(label, conveyor, torch[, floor])`` (or one value per ``series``: name,
+    colour) rising from ``base``, a line at ``reference`` and markers at ``targets``."""
     try:
         figure = _figure(max(4.0, 1.4 * len(rows) + 1.5), 3.2)
     except ImportError:
@@ -31,7 +32,7 @@ def ratio_bars(rows: Sequence[tuple[float | str, ...]], path: Path, ylabel: str,
     xs = range(len(rows))
     count = len(rows[0]) - 1 if rows else 0
     width = 0.8 / max(count, 1)
-    for index, (label, colour) in enumerate(_SERIES[:count]):
+    for index, (label, colour) in enumerate(series[:count]):
         offset = (index - (count - 1) / 2) * width
         axes.bar([x + offset for x in xs], [float(r[index + 1]) - base for r in rows], width=width, bottom=base,
                  label=label, color=colour)

@@ -6,6 +6,9 @@
 * zb-h1: 4 stages with separate input-grad and weight-grad nodes (I = W = 10 ms). The first
   stage's input needs no gradient, so its I does nothing in both libraries; the ideal is
   simulated with I = 0 there.
+* zb-h2 as zb-h1; zb-v (= v-zb), v-min, v-half, dualpipev: 8 stages in a V on 4 ranks (stage s on
+  rank min(s, 7 - s)) at F = I = W = 5 ms (a full backward B = 10 ms). conveyor and the floor only
+  (torch has no such schedule classes here); these and 1f1b, zb-h1 also at 16 micro-batches.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from conveyor.schedule import ScheduleError, simulate
 
 from . import charts, traces
 from .floor import floor_step
-from .harness import Plan, alternate, paired_ratios, pooled, round_medians, summarise
+from .harness import QUICK, Plan, alternate, paired_ratios, pooled, round_medians, summarise
 from .ours import conveyor_step
 from .report import Section, Table, ms, ratio, summary_cells
 from .sleep_stages import Record, measure_sleep
@@ -41,9 +44,35 @@ CASES: dict[str, tuple[int, float, float, bool]] = {
     "1f1b": (4, 0.010, 0.020, False),
     "interleaved-1f1b": (8, 0.005, 0.010, False),
     "zb-h1": (4, 0.010, 0.020, True),
+    "zb-h2": (4, 0.010, 0.020, True),
+    "zb-v": (8, 0.005, 0.010, True),
+    "v-min": (8, 0.005, 0.010, True),
+    "v-half": (8, 0.005, 0.010, True),
+    "dualpipev": (8, 0.005, 0.010, True),
 }
-TARGETS = {"gpipe": 1.05, "1f1b": 1.05, "interleaved-1f1b": 1.07, "zb-h1": 1.07}
+FRONTIER = ("zb-h2", "zb-v", "v-min", "v-half", "dualpipev")  # issue 19: conveyor and the floor only
+LONG = 16  # micro-batches of the second run of 1f1b, zb-h1 and FRONTIER
+TARGETS = {"gpipe": 1.05, "1f1b": 1.05, "interleaved-1f1b": 1.07, "zb-h1": 1.07, **dict.fromkeys(FRONTIER, 1.10)}
 LIBRARIES = ("conveyor", "torch", "floor")  # floor: the hand-written minimal pipeline (floor.py)
+RUNS: list[tuple[str, int]] = ([(name, N_MICROBATCHES) for name in CASES]
+                               + [(name, LONG) for name in ("1f1b", "zb-h1", *FRONTIER)])
+
+
+def label(name: str, n_microbatches: int) -> str:
+    """How a run is named in the report: the schedule, and ``m=16`` when not the usual 8."""
+    return name if n_microbatches == N_MICROBATCHES else f"{name} m={n_microbatches}"
+
+
+def libraries_of(name: str) -> tuple[str, ...]:
+    return LIBRARIES if name in TORCH_SCHEDULES else ("conveyor", "floor")
+
+
+def placement_of(name: str) -> list[int]:
+    """Rank of each stage: a V for the two-stage-per-rank zero-bubble family, else round robin."""
+    n_stages = CASES[name][0]
+    if name in FRONTIER and n_stages == 2 * N_RANKS:
+        return [min(stage, n_stages - 1 - stage) for stage in range(n_stages)]
+    return [stage % N_RANKS for stage in range(n_stages)]
 
 def _gather(records: list[Record]) -> list[Record]:
     gathered: list[list[Record] | None] = [None] * dist.get_world_size()
@@ -78,25 +107,30 @@ def _same_gradients(stages: dict[int, torch.nn.Module], other: list[torch.nn.Mod
                 raise AssertionError(f"{name}: the floor's gradient of stage {index} differs from conveyor's")
 
 
-def worker(rank: int, world: int, names: list[str], plan: Plan) -> dict[str, Any] | None:
-    """Each schedule: conveyor, torch and the floor alternated; step times and every library's
-    last-step sleeps."""
+def worker(rank: int, world: int, runs: list[tuple[str, int]], plan: Plan) -> dict[str, Any] | None:
+    """Each run (schedule, micro-batches): conveyor, torch (where it has the schedule) and the floor
+    alternated; step times and every library's last-step sleeps."""
     torch.set_num_threads(1)
     torch_group = dist.new_group(list(range(world)))
     results: dict[str, Any] = {}
-    for name in names:
+    for name, m in runs:
         n_stages, forward_s, backward_s, split = CASES[name]
-        records: dict[str, list[Record]] = {library: [] for library in LIBRARIES}
-        a, b, c = (sleep_workload(n_stages, forward_s, backward_s, split=split, records=records[library])
-                   for library in LIBRARIES)
-        ours, runner = conveyor_step(a.stages, name, N_MICROBATCHES, sum_loss, a.inputs, a.target)
-        reference, _ = torch_step(b.stages, name, N_MICROBATCHES, sum_loss, b.inputs, b.target, group=torch_group)
-        floor = floor_step(c.stages, name, N_MICROBATCHES, sum_loss, c.inputs, c.target)
+        libraries = libraries_of(name)
+        records: dict[str, list[Record]] = {library: [] for library in libraries}
+        work = {library: sleep_workload(n_stages, forward_s, backward_s, split=split, records=records[library],
+                                        batch=m)  # one row per micro-batch
+                for library in libraries}
+        a, c = work["conveyor"], work["floor"]
+        ours, runner = conveyor_step(a.stages, name, m, sum_loss, a.inputs, a.target)
+        floor = floor_step(c.stages, name, m, sum_loss, c.inputs, c.target)
         _same_gradients({index: stage.module for index, stage in runner.stages.items()}, c.stages, [ours, floor], name)
-        steps = {"conveyor": ours, "torch": reference, "floor": floor}
-        measured = alternate({library: _recording(steps[library], records[library]) for library in LIBRARIES}, plan)
-        results[name] = {"times": measured.times, "foreign": measured.foreign, "redone": measured.redone,
-                         **{library: _gather(records[library]) for library in LIBRARIES}}
+        steps = {"conveyor": ours, "floor": floor}
+        if "torch" in libraries:
+            b = work["torch"]
+            steps["torch"], _ = torch_step(b.stages, name, m, sum_loss, b.inputs, b.target, group=torch_group)
+        measured = alternate({library: _recording(steps[library], records[library]) for library in libraries}, plan)
+        results[label(name, m)] = {"times": measured.times, "foreign": measured.foreign, "redone": measured.redone,
+                                   **{library: _gather(records[library]) for library in libraries}}
     return results if rank == 0 else None
 
 
@@ -106,24 +140,27 @@ def _costs(name: str, scale: dict[float, float] | None = None) -> dict[str, Any]
     f = cal.get(forward_s, forward_s)
     if split:
         half = cal.get(backward_s / 2, backward_s / 2)
-        return {"F": f, "I": [0.0] + [half] * (n_stages - 1), "W": half}
+        # stage 0's input needs no gradient: its I, and the I half of a full B, sleep nothing
+        return {"F": f, "I": [0.0] + [half] * (n_stages - 1), "W": half, "B": [half] + [2 * half] * (n_stages - 1)}
     return {"F": f, "B": cal.get(backward_s, backward_s)}
 
 
-def _ideal(name: str, program: Any = None, scale: dict[float, float] | None = None) -> float:
+def _ideal(name: str, n_microbatches: int = N_MICROBATCHES, program: Any = None,
+           scale: dict[float, float] | None = None) -> float:
     n_stages = CASES[name][0]
     target = program if program is not None else name
-    return simulate(target, n_stages, N_MICROBATCHES, _costs(name, scale), n_ranks=N_RANKS).makespan
+    return simulate(target, n_stages, n_microbatches, _costs(name, scale), n_ranks=N_RANKS).makespan
 
 
-def run(plan: Plan, figures: Path, names: list[str] | None = None) -> Section:
+def run(plan: Plan, figures: Path, runs: list[tuple[str, int]] | None = None) -> Section:
     """Run the benchmark and build its report section."""
     import conveyor
 
-    names = names or list(CASES)
+    # --quick smokes the machinery: the classic cases and one issue-19 schedule (no torch class, V placement)
+    runs = runs or (RUNS if plan != QUICK else [(name, N_MICROBATCHES) for name in (*TORCH_SCHEDULES, "v-min")])
     started = time.perf_counter()
     sleeps = {s: measure_sleep(s) for s in (0.005, 0.010, 0.020)}
-    results = conveyor.launch(worker, N_RANKS, args=(names, plan), threads_per_rank=1, timeout=1200)[0]
+    results = conveyor.launch(worker, N_RANKS, args=(runs, plan), threads_per_rank=1, timeout=2400)[0]
     section = Section("efficiency", "2. Schedule efficiency (sleeping stages, 4 ranks, 8 micro-batches)")
     section.text.append(
         "Stages sleep in forward and backward (custom autograd.Functions; no core used, so 4 processes fit "
@@ -133,7 +170,10 @@ def run(plan: Plan, figures: Path, names: list[str] | None = None) -> Section:
         "those costs and free communication. torch runs its own schedule class; *torch's program ideal* "
         "simulates the order torch actually ran (read off its last step). "
         f"`time.sleep` overshoots here: 5 ms takes {ms(sleeps[0.005])} ms, 10 ms {ms(sleeps[0.010])} ms, "
-        f"20 ms {ms(sleeps[0.020])} ms; the *calibrated* ideal uses those durations.")
+        f"20 ms {ms(sleeps[0.020])} ms; the *calibrated* ideal uses those durations. "
+        f"Also the issue-19 schedules ({', '.join(FRONTIER)}; zb-v is Qi et al.'s v-zb; the V ones on 8 "
+        "half-size stages at F = I = W = 5 ms, a full B 10 ms) against 1f1b and zb-h1 in the same run, at 8 "
+        f"and {LONG} micro-batches: conveyor and the floor (torch has no class for them here), *torch* n/a.")
     table = Table(["schedule", "torch class", "ideal ms", "calibrated", "torch's program ideal",
                    "ours median", "min", "max", "torch median", "min", "max", "floor median", "min", "max"])
     ratios = Table(["schedule", "target", "ours / ideal", "torch / ideal", "floor / ideal",
@@ -141,40 +181,56 @@ def run(plan: Plan, figures: Path, names: list[str] | None = None) -> Section:
     details = Table(["schedule", "library", "sleeps per step", "exposed hop latency, median ms (n)",
                      "first sleep after step start, ms", "step end after last sleep, ms"])
     chart_rows: list[tuple[str, float, float, float]] = []
-    for name in names:
+    frontier_rows: list[tuple[str, float, float]] = []
+    for name, m in runs:
+        key = label(name, m)
         n_stages = CASES[name][0]
-        data = results[name]
+        libraries = libraries_of(name)
+        data = results[key]
         times = data["times"]
         section.foreign += data["foreign"]
         section.redone += data["redone"]
-        ideal = _ideal(name)
-        timelines = {library: traces.rows([r for r in data[library] if r[0] >= 0], N_RANKS) for library in LIBRARIES}
-        spans = {library: [r for r in data[library] if r[0] < 0] for library in LIBRARIES}
-        program = traces.traced_program(timelines["torch"], n_stages, N_MICROBATCHES)
-        try:
-            torch_ideal = ms(_ideal(name, program)) if program is not None else "n/a"
-        except ScheduleError as error:
-            torch_ideal = f"not simulable: {error}"
+        ideal = _ideal(name, m)
+        timelines = {library: traces.rows([r for r in data[library] if r[0] >= 0], N_RANKS, placement_of(name))
+                     for library in libraries}
+        spans = {library: [r for r in data[library] if r[0] < 0] for library in libraries}
+        torch_ideal = "n/a"
+        if "torch" in libraries:
+            program = traces.traced_program(timelines["torch"], n_stages, m)
+            try:
+                torch_ideal = ms(_ideal(name, m, program)) if program is not None else "n/a"
+            except ScheduleError as error:
+                torch_ideal = f"not simulable: {error}"
         over_ideal = {library: summarise([t / ideal for t in round_medians(times[library])]).median
-                      for library in LIBRARIES}
-        versus_torch = paired_ratios(times["conveyor"], times["torch"]).median
+                      for library in libraries}
         versus_floor = paired_ratios(times["conveyor"], times["floor"]).median
-        table.rows.append([name, TORCH_SCHEDULES[name], ms(ideal), ms(_ideal(name, scale=sleeps)), torch_ideal,
-                           *(cell for library in LIBRARIES for cell in summary_cells(pooled(times[library])))])
-        ratios.rows.append([name, f"<= {TARGETS[name]:.2f}", *(ratio(over_ideal[library]) for library in LIBRARIES),
-                            ratio(versus_torch), ratio(versus_floor)])
-        chart_rows.append((name, over_ideal["conveyor"], over_ideal["torch"], over_ideal["floor"]))
-        section.headline.append([f"{name}: step / ideal (target <= {TARGETS[name]:.2f}; hand-written floor "
-                                 f"{ratio(over_ideal['floor'])})", ratio(over_ideal["conveyor"]),
-                                 ratio(over_ideal["torch"]), f"{ratio(versus_torch)}x the time"])
+        torch_cells = (summary_cells(pooled(times["torch"])) if "torch" in libraries else ["n/a"] * 3)
+        table.rows.append([key, TORCH_SCHEDULES.get(name, "n/a"), ms(ideal), ms(_ideal(name, m, scale=sleeps)),
+                           torch_ideal, *summary_cells(pooled(times["conveyor"])), *torch_cells,
+                           *summary_cells(pooled(times["floor"]))])
+        if "torch" in libraries:
+            versus_torch = paired_ratios(times["conveyor"], times["torch"]).median
+            ratios.rows.append([key, f"<= {TARGETS[name]:.2f}", *(ratio(over_ideal[lib]) for lib in LIBRARIES),
+                                ratio(versus_torch), ratio(versus_floor)])
+            if m == N_MICROBATCHES:
+                chart_rows.append((name, over_ideal["conveyor"], over_ideal["torch"], over_ideal["floor"]))
+            section.headline.append([f"{key}: step / ideal (target <= {TARGETS[name]:.2f}; hand-written floor "
+                                     f"{ratio(over_ideal['floor'])})", ratio(over_ideal["conveyor"]),
+                                     ratio(over_ideal["torch"]), f"{ratio(versus_torch)}x the time"])
+        else:
+            ratios.rows.append([key, f"<= {TARGETS[name]:.2f}", ratio(over_ideal["conveyor"]), "n/a",
+                                ratio(over_ideal["floor"]), "n/a", ratio(versus_floor)])
+        if name in ("1f1b", "zb-h1", *FRONTIER):
+            frontier_rows.append((key, over_ideal["conveyor"], over_ideal["floor"]))
         for library, timeline in timelines.items():
             hops = traces.exposed_latency(timeline, n_stages)
             head = min(r[2] for r in timeline) - min(r[2] for r in spans[library])
             tail = max(r[3] for r in spans[library]) - max(r[3] for r in timeline)
             counts = collections.Counter(text.strip("0123456789") for _, text, _, _ in timeline)
-            details.rows.append([name, library, " ".join(f"{k} {n}" for k, n in sorted(counts.items())),
+            details.rows.append([key, library, " ".join(f"{k} {n}" for k, n in sorted(counts.items())),
                                  f"{ms(traces.median_or_nan(hops))} ({len(hops)})", ms(head), ms(tail)])
-            if plan.timelines and name in ("1f1b", "zb-h1"):
+            drawn = name in ("1f1b", "zb-h1") or (name in FRONTIER and library == "conveyor")
+            if plan.timelines and drawn and m == N_MICROBATCHES:
                 figure = charts.timeline(timeline, figures / f"timeline_{name}_{library}.png",
                                          f"{library}, {name}: sleeps of the last measured step")
                 if figure is not None:
@@ -205,8 +261,13 @@ def run(plan: Plan, figures: Path, names: list[str] | None = None) -> Section:
         "ZB1P traced order simulates to the same ideal as conveyor's ZB-H1, so the gap to the ideal is "
         "runtime overhead and message latency, compared in the last table.")
     bar = charts.ratio_bars(chart_rows, figures / "efficiency.png", "measured / ideal step time",
-                            targets=[TARGETS[n] for n in names], base=1.0)
+                            targets=[TARGETS[row[0]] for row in chart_rows], base=1.0)
     if bar is not None:
         section.figures.insert(0, bar)
+    if frontier_rows:
+        bar = charts.ratio_bars(frontier_rows, figures / "efficiency_frontier.png", "measured / ideal step time",
+                                base=1.0, series=(("conveyor", "tab:blue"), ("hand-written floor", "tab:grey")))
+        if bar is not None:
+            section.figures.insert(1, bar)
     section.seconds = time.perf_counter() - started
     return section

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import time
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,7 @@ from torch.utils._pytree import tree_flatten
 
 import conveyor
 from conveyor.schedule import simulate
+from conveyor.schedule.actions import BACKWARD, FORWARD, WEIGHT_GRAD, Action
 
 from . import charts
 from .harness import QUICK, Plan
@@ -42,7 +43,8 @@ from .report import Section, Table, ratio
 from .torch_pipelining import torch_step
 from .workloads import Workload, sum_loss
 
-__all__ = ["CASES", "SavedBytes", "LiveTensors", "memory_workload", "worker", "run"]
+__all__ = ["CASES", "RANK_CASES", "SavedBytes", "LiveTensors", "memory_workload", "rank_bound", "rank_worker",
+           "worker", "run"]
 
 N_RANKS = 4
 N_MICROBATCHES = 8
@@ -59,6 +61,10 @@ CASES: dict[str, tuple[str, bool]] = {
     "1f1b": ("1f1b", False),
     "zb-h1": ("zb-h1", False),
 }
+
+# issue 19, per rank (conveyor only): schedule -> stages per rank; a V rank's two stages have half the
+# layers each, so every rank holds the same LAYERS
+RANK_CASES: dict[str, int] = {"1f1b": 1, "zb-h1": 1, "zb-h2": 1, "zb-v": 2, "v-min": 2, "v-half": 2, "dualpipev": 2}
 
 MiB = 2 ** 20
 
@@ -176,14 +182,15 @@ class LiveTensors(TorchDispatchMode):
 
 # --- workload ---------------------------------------------------------------------------------------
 def memory_workload(n_stages: int = N_RANKS, n_microbatches: int = N_MICROBATCHES, *, rows: int = ROWS,
-                    width: int = WIDTH, layers: int = LAYERS, only: int | None = None) -> Workload:
+                    width: int = WIDTH, layers: int = LAYERS, only: int | Collection[int] | None = None) -> Workload:
     """``n_stages`` stages of ``layers`` x (Linear(width, width) + GELU); a batch of
-    ``rows * n_microbatches`` rows; loss ``sum(output * target)``. With ``only``, the other
-    stages are built on the meta device (a rank runs only its own)."""
+    ``rows * n_microbatches`` rows; loss ``sum(output * target)``. With ``only`` (a stage or
+    stages), the other stages are built on the meta device (a rank runs only its own)."""
     torch.manual_seed(0)
+    kept = None if only is None else {only} if isinstance(only, int) else set(only)
 
     def stage(index: int) -> nn.Module:
-        with torch.device("cpu" if only is None or index == only else "meta"):
+        with torch.device("cpu" if kept is None or index in kept else "meta"):
             return nn.Sequential(*[m for _ in range(layers) for m in (nn.Linear(width, width), nn.GELU())])
 
     generator = torch.Generator().manual_seed(1)
@@ -284,6 +291,100 @@ def worker(rank: int, world: int, names: list[str], width: int, quick: bool) -> 
     return results if rank == 0 else None
 
 
+def _placement(name: str, n_ranks: int) -> list[int]:
+    n_stages = n_ranks * RANK_CASES[name]
+    return [min(s, n_stages - 1 - s) if RANK_CASES[name] == 2 else s for s in range(n_stages)]
+
+
+def rank_bound(name: str, n_ranks: int, n_microbatches: int, stage_bytes: dict[int, int], rank: int) -> int:
+    """The simulator's bound on ``rank``'s saved bytes: the most, over the step, of the sum of
+    ``stage_bytes[s]`` over the (stage, micro-batch) activations live on the rank (from a
+    forward's start to the end of its B or W); with one stage per rank, ``peak_activations``
+    times one micro-batch's bytes."""
+    result = simulate(name, n_ranks * RANK_CASES[name], n_microbatches, n_ranks=n_ranks)
+    timing = {event.action: (event.start, event.end) for event in result.events}
+    points: list[tuple[float, int]] = []
+    for stage in result.schedule.stages_of(rank):
+        for microbatch in range(n_microbatches):
+            start = timing[Action(FORWARD, stage, microbatch)][0]
+            end = max(timing[a][1] for a in (Action(k, stage, microbatch) for k in (BACKWARD, WEIGHT_GRAD))
+                      if a in timing)
+            points += [(round(start, 9), stage_bytes[stage]), (round(end, 9), -stage_bytes[stage])]
+    live = peak = 0
+    for _, change in sorted(points, key=lambda p: (p[0], p[1])):  # a release at t before an allocation at t
+        live += change
+        peak = max(peak, live)
+    return peak
+
+
+def rank_worker(rank: int, world: int, names: list[str], width: int, quick: bool) -> dict[str, Any] | None:
+    """Per schedule: this rank's peak saved bytes in conveyor (all its stages together) and one
+    micro-batch's saved bytes per stage it holds (gathered on rank 0)."""
+    torch.set_num_threads(1)
+    warmup, steps = (1, 1) if quick else (2, MEASURED_STEPS)
+    results: dict[str, Any] = {}
+    for name in names:
+        placement = _placement(name, world)
+        mine = [stage for stage, holder in enumerate(placement) if holder == rank]
+        n_stages, layers = len(placement), LAYERS // RANK_CASES[name]
+        work = memory_workload(n_stages, width=width, layers=layers, only=mine)
+        stage_bytes = {stage: _one_microbatch(work.stages[stage], stage, n_stages, work, ROWS) for stage in mine}
+        runner = conveyor.PipelineRunner(conveyor.pipeline(list(work.stages)), schedule=name,
+                                         n_microbatches=N_MICROBATCHES, loss_fn=work.loss_fn, device="cpu")
+
+        def pipe_step(runner: conveyor.PipelineRunner = runner, work: Workload = work) -> None:
+            runner.step(work.inputs, target=work.target)
+
+        measured = _measure(pipe_step, _parameter_storages(runner.modules), warmup, steps)
+        gathered: list[Any] = [None] * world
+        dist.all_gather_object(gathered, {"saved": measured["saved"], "left": measured["left"],
+                                          "events": measured["events"], "stage_bytes": stage_bytes})
+        results[name] = gathered
+        del runner, pipe_step
+    return results if rank == 0 else None
+
+
+def _rank_table(section: Section, results: dict[str, Any], figures: Path, plan: Plan) -> None:
+    """The per-rank table of the issue-19 schedules: measured peak saved bytes against the bound."""
+    table = Table(["schedule", "rank", "stages", "sim rank peak (stage-mb)", "bound MiB", "ours saved MiB",
+                   "ours / bound", "vs 1f1b rank 0"])
+    chart: dict[str, list[tuple[float, float | None, float]]] = {}
+    timelines: dict[str, list[list[tuple[float, int]]]] = {}
+    reference = results["1f1b"][0]["saved"][-1] if "1f1b" in results else None
+    off: list[str] = []
+    for name, gathered in results.items():
+        sim = simulate(name, N_RANKS * RANK_CASES[name], N_MICROBATCHES, n_ranks=N_RANKS)
+        stage_bytes = {stage: nbytes for data in gathered for stage, nbytes in data["stage_bytes"].items()}
+        chart[name], timelines[name] = [], [data["events"] for data in gathered]
+        for rank, data in enumerate(gathered):
+            bound = rank_bound(name, N_RANKS, N_MICROBATCHES, stage_bytes, rank)
+            saved = data["saved"][-1]
+            if saved != bound:
+                off.append(f"{name} rank {rank}: {saved} bytes measured, bound {bound}")
+            table.rows.append([name if rank == 0 else "", str(rank),
+                               " ".join(map(str, sim.schedule.stages_of(rank))),
+                               str(sim.rank_peak_activations[rank]), _mib(bound), _mib(saved), ratio(saved / bound),
+                               "" if reference is None else ratio(saved / reference)])
+            chart[name].append((saved / MiB, None, bound / MiB))
+    section.tables.append(table)
+    section.notes.append(
+        "Issue 19, per rank (conveyor only; every rank holds 4 x (Linear + GELU) in all schedules, so a V "
+        "rank's two stages have 2 each): *sim rank peak*: `simulate(...).rank_peak_activations`, live (stage, "
+        "micro-batch) pairs, a half-size stage's micro-batch counting 1; *bound*: the most, over the simulated "
+        "step, of the live pairs' saved bytes (one micro-batch's saved bytes per stage, measured as above; the "
+        "last stage's loss saves more); *vs 1f1b rank 0*: this rank's measured peak over 1f1b's rank 0. "
+        + ("Every measured peak equals its bound to the byte." if not off else
+           "Measured peaks that differ from the bound: " + "; ".join(off) + "."))
+    figure = charts.memory_bars(chart, figures / "memory_ranks.png", "peak saved activations per rank, MiB")
+    if figure is not None:
+        section.figures.append(figure)
+    if plan.timelines:
+        figure = charts.memory_timelines(timelines, figures / "memory_ranks_timeline.png",
+                                         "conveyor: saved activation MiB during the step, per rank")
+        if figure is not None:
+            section.figures.append(figure)
+
+
 # --- report -----------------------------------------------------------------------------------------
 def _mib(nbytes: float) -> str:
     return f"{nbytes / MiB:.2f}"
@@ -296,6 +397,9 @@ def run(plan: Plan, figures: Path, names: list[str] | None = None) -> Section:
     quick = plan == QUICK
     width = QUICK_WIDTH if quick else WIDTH
     results = conveyor.launch(worker, N_RANKS, args=(names, width, quick), threads_per_rank=1, timeout=900)[0]
+    rank_names = ["1f1b", "v-min"] if quick else list(RANK_CASES)
+    per_rank = conveyor.launch(rank_worker, N_RANKS, args=(rank_names, width, quick), threads_per_rank=1,
+                               timeout=900)[0]
     per_stage = results["per_stage"]
     section = Section("memory", f"5. Activation memory ({N_RANKS} stages on {N_RANKS} processes, "
                                 f"{N_MICROBATCHES} micro-batches)")
@@ -399,5 +503,6 @@ def run(plan: Plan, figures: Path, names: list[str] | None = None) -> Section:
                                          "conveyor: saved activation MiB during the step, per stage")
         if figure is not None:
             section.figures.append(figure)
+    _rank_table(section, per_rank, figures, plan)
     section.seconds = time.perf_counter() - started
     return section

@@ -18,16 +18,17 @@ __all__ = ["Row", "exposed_latency", "rows", "traced_program"]
 Row = tuple[int, str, float, float]  # (rank, "<stage><kind><micro-batch>", start, end)
 
 
-def rows(records: Sequence[Record], n_ranks: int) -> list[Row]:
+def rows(records: Sequence[Record], n_ranks: int, placement: Sequence[int] | None = None) -> list[Row]:
     """Records as timeline rows; the micro-batch of the k-th (stage, kind) sleep is k (every
     schedule here runs a stage's forwards, and its backwards, in micro-batch order); stage ``s``
-    runs on rank ``s % n_ranks``."""
+    runs on rank ``placement[s]`` (default ``s % n_ranks``)."""
     seen: dict[tuple[int, str], int] = {}
     result = []
     for stage, kind, start, end in sorted(records, key=lambda r: r[2]):
         microbatch = seen.get((stage, kind), 0)
         seen[(stage, kind)] = microbatch + 1
-        result.append((stage % n_ranks, f"{stage}{kind}{microbatch}", start, end))
+        rank = placement[stage] if placement is not None else stage % n_ranks
+        result.append((rank, f"{stage}{kind}{microbatch}", start, end))
     return result
 
 
