@@ -422,6 +422,7 @@ def _triggers(tmp: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Callable[
             lambda: make_schedule("gpipe", 2, 3, 4),
         "interleaved-1f1b ...": lambda: make_schedule("interleaved-1f1b", 2, 4, 1),
         "zb-v ...": lambda: make_schedule("zb-v", 2, 2, 4),
+        "dualpipev needs at least 2 x R ranks = M micro-batches, got N": lambda: make_schedule("dualpipev", 2, 4, 3),
         "the program deadlocks: rank R waits at A for ...":
             lambda: validate(Schedule.from_text("0F0 0B0 0F1 0B1\n1F1 1B1 1F0 1B0")),
         "action A appears twice": lambda: validate(Schedule.from_text("0F0 0F0 0B0")),

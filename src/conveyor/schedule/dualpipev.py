@@ -8,14 +8,15 @@ chunk's communication (an expert all-to-all) hides under the other's compute. He
 adjacent actions, the forward first (:func:`_pair` marks every place). Some backwards are split
 (``I`` now, ``W`` later, taken first in first out), as DualPipe's ``enable_zb``.
 
-2 ranks, 4 stages, 4 micro-batches; upper case is rank ``r``'s chunk 0, lower case its chunk 1;
-``[..]`` a pair::
+2 ranks, 4 stages, 4 micro-batches, in program order; ``[..]`` marks a pair::
 
-    rank 0: F0 F1 f0 i0 w0 f1 [F2 b1] [f2 B0] [F3 b2] [f3 B1] b3 I2 w? ...
+    rank 0: 0F0 0F1 0F2 3F0 3I0 3W0 3F1 [0F3 3B1] [3F2 0B0] 3B2 [3F3 0B1] 3B3 0I2 0W2 0I3 0W3
+    rank 1: 1F0 2F0 1F1 2F1 1F2 2B0 [2F2 1B0] [1F3 2B1] [2F3 1B1] 2B2 1B2 2I3 1I3 2W3 1W3
 
-(see docs/schedules.md for the drawn timeline). With ``F = I = W = 1`` per stage and a pair priced
-``F + B``, each rank idles at most ``(p - 1)(F&B + B - 3W) = 2 (p - 1)``: DualPipe's
-``(PP/2 - 1)(F&B + B - 3W)`` with ``PP = 2p`` stages. It needs ``m >= 2p`` micro-batches.
+(docs/schedules.md draws it in time). With ``F = I = W = 1`` per stage and a pair priced
+``F + B``, each rank idles at most ``(p - 1)(F&B + B - 3W) = 2 (p - 1)`` (``p - 1`` here):
+DualPipe's ``(PP/2 - 1)(F&B + B - 3W)`` with ``PP = 2p`` stages; each rank holds up to ``PP + 1
+= 2p + 1`` (stage, micro-batch) activations. It needs ``m >= 2p`` micro-batches.
 """
 
 from __future__ import annotations

@@ -22,9 +22,12 @@ stage 0. In a step that ends with one synchronised update each rank idles
 ``max((p - 1) F, (p - 1)(F + I - 2W))`` for ``m >= 2p - 1``: the paper's ``(p - 1)(F + B - 2W)``
 (counted with the update staggered across ranks, which the ``(p - 1) F`` floor of a synchronised
 step leaves out), against ZB-H1's ``(p - 1)(F + I - W)``. With ``F = I = W`` both idle
-``(p - 1) F``; with ``I > W`` ZB-H2 idles less. 4 stages, 8 micro-batches::
+``(p - 1) F``; with ``I > W`` ZB-H2 idles less. 4 stages, 8 micro-batches, F = I = W = 1::
 
-GRID
+    rank 0: F0 F1 F2 F3 F4 F5 F6 I0 W0 F7 I1 W1 I2 W2 I3 W3 I4 W4 I5 W5 I6 W6 I7 W7 .. .. ..
+    rank 1: .. F0 F1 F2 F3 F4 I0 F5 I1 F6 I2 W0 F7 I3 W1 I4 W2 I5 W3 I6 W4 I7 W5 W6 W7 .. ..
+    rank 2: .. .. F0 F1 F2 I0 F3 I1 F4 I2 F5 I3 F6 I4 W0 F7 I5 W1 I6 W2 I7 W3 W4 W5 W6 W7 ..
+    rank 3: .. .. .. F0 I0 F1 I1 F2 I2 F3 I3 F4 I4 F5 I5 F6 I6 W0 F7 I7 W1 W2 W3 W4 W5 W6 W7
 
 ZB-V, 3 ranks, 6 stages, 5 micro-batches, F = I = W = 1; upper case is rank ``r``'s stage ``r``
 (down the V), lower case its stage ``2p - 1 - r`` (back up)::
@@ -34,7 +37,10 @@ ZB-V, 3 ranks, 6 stages, 5 micro-batches, F = I = W = 1; upper case is rank ``r`
     rank 2: .. .. F0 f0 F1 f1 F2 f2 i0 w0 F3 I0 W0 f3 i1 w1 F4 I1 W1 f4 i2 w2 I2 i3 I3 i4 I4 W2 w3 w4 W3 W4
 
 The V puts the first and the last stage on rank 0, so the turn-around at the bottom of the V
-costs no message; each rank idles ``p - 1`` for ``m >= 2p - 1``.
+costs no message; each rank idles ``p - 1`` for ``m >= 2p - 1``. Qi et al.'s V-ZB (2024), built
+from their V building block, has ZB-V's figures: ``2p`` live (stage, micro-batch) activations per
+rank (``p`` full-size micro-batches, 1F1B's) and those ``p - 1`` idle slots, the least a step with
+one synchronised update allows; the name ``"v-zb"`` runs this program.
 """
 
 from __future__ import annotations
