@@ -5,7 +5,9 @@ Rank ``r`` of ``p`` holds stage ``r`` (chunk 0, down the V) and stage ``2p - 1 -
 up). The program runs in eight phases per rank; in the main phase each step pairs the forward of
 one chunk with the backward of the other ("F&B"), which DualPipe runs overlapped so that one
 chunk's communication (an expert all-to-all) hides under the other's compute. Here a pair is two
-adjacent actions, the forward first (:func:`_pair` marks every place). Some backwards are split
+adjacent actions, the forward first (:meth:`_RankProgram.pair` marks every place);
+``pair_overlapping(program)`` (pairs.py) joins them into the IR's F&B pairs where that stays
+legal and does not lengthen the simulated step. Some backwards are split
 (``I`` now, ``W`` later, taken first in first out), as DualPipe's ``enable_zb``.
 
 2 ranks, 4 stages, 4 micro-batches, in program order; ``[..]`` marks a pair::
@@ -66,8 +68,8 @@ class _RankProgram:
     def pair(self, forward_stage: int, backward_stage: int) -> None:
         """F&B: the forward of one chunk and the backward of the other, issued together.
 
-        For now two adjacent actions, forward first; an F&B pair action of the IR takes their place
-        here (the runtime then overlaps the two chunks' communication)."""
+        Two adjacent actions, forward first, as the runtime's unpaired order; ``pair_overlapping``
+        joins them into an F&B pair (``Action.paired``) for the runtime to overlap."""
         self.forward(forward_stage)
         self.backward(backward_stage)
 
