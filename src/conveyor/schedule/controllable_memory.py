@@ -20,8 +20,8 @@ wait, it runs a later forward that is ready and fits in the memory budget, or a 
 * ``v-half``: budget ``2 ((p + 2) // 2)`` (half of 1F1B's). The extra memory is spent in the warm-up
   and the tail, where a rank of the block waits: the program is the shortest of the squeezed block
   and a list schedule under that budget (gradients first, or forwards first). The paper's bubble
-  ``~ p / 2m`` is ``3p`` slots per rank: met for ``p <= 6``; at ``p = 7, 8`` it idles up to
-  ``4p - 5`` (V-Min's), see docs/schedules.md.
+  ``~ p / 2m`` is ``3p`` slots per rank: met for every ``p`` from 2 to 8 but 7, where it idles
+  23 (V-Min's) against 21, see docs/schedules.md.
 * The paper's V-ZB (budget ``2p``, zero bubble) has the figures of our ``zb-v``: ``2p`` live and
   ``p - 1`` idle slots per rank, the least a synchronised step allows; ``v-zb`` names it.
 
