@@ -80,6 +80,38 @@ def _dynamic_shapes(model: nn.Module, args: tuple, kwargs: dict) -> dict[str, An
             for name, value in bound.arguments.items()}
 
 
+def _switch_off_cache(model: nn.Module, args: tuple, kwargs: dict) -> list[str]:
+    """Set ``use_cache=False`` where ``model.forward`` has that option and the caller left it
+    out: a key/value cache object cannot cross a stage boundary (nor be captured by export).
+    Returns the settings made, for the pipe's summary."""
+    try:
+        parameters = inspect.signature(model.forward).parameters
+        bound = inspect.signature(model.forward).bind_partial(*args, **kwargs).arguments
+    except (TypeError, ValueError):
+        return []
+    if "use_cache" in parameters and "use_cache" not in bound:
+        kwargs["use_cache"] = False
+        return ["use_cache=False"]
+    return []
+
+
+def _hints(model: nn.Module, error: BaseException) -> list[str]:
+    """The usual fixes for a model's construct that export cannot capture."""
+    text = f"{type(error).__name__}: {error}"
+    config = getattr(model, "config", None)
+    hints = []
+    if "Cache" in text or "past_key_values" in text:
+        hints.append("pass example_kwargs={'use_cache': False} (a key/value cache cannot be captured; "
+                     "conveyor sets it when forward has a use_cache option, see docs/splitting.md)")
+    if config is not None and any(getattr(config, name, 0) for name in ("layerdrop", "encoder_layerdrop",
+                                                                        "decoder_layerdrop")):
+        hints.append("set layerdrop=0 in the config (randomly skipped layers are data-dependent control flow)")
+    if config is not None and (getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None)):
+        hints.append("use an experts implementation that traces: model.set_experts_implementation('batched_mm') "
+                     "or experts_implementation='batched_mm' in the config")
+    return hints
+
+
 def capture(model: nn.Module, example_args: Any, example_kwargs: dict | None) -> Captured:
     """Export ``model`` (non-strict) on the example inputs, with dynamic dimensions."""
     name = type(model).__name__
@@ -87,6 +119,7 @@ def capture(model: nn.Module, example_args: Any, example_kwargs: dict | None) ->
     if not args and not kwargs:
         raise ValueError(f"tracing {name} needs example inputs: pass example_args=(inputs,) (and example_kwargs="
                          "{...}) as you will pass them to runner.step(); or pass a list of stage modules")
+    settings = _switch_off_cache(model, args, kwargs)
     if is_meta(model):  # only shapes matter to the trace; meta inputs keep it off real storage
         args, kwargs = pytree.tree_map_only(torch.Tensor, lambda t: t.to("meta"), (args, kwargs))
     dynamic = _dynamic_shapes(model, args, kwargs)
@@ -95,14 +128,22 @@ def capture(model: nn.Module, example_args: Any, example_kwargs: dict | None) ->
     except Exception as error:
         text = str(error).strip().splitlines()
         summary = " ".join(text[:3]) if text else ""
+        hints = _hints(model, error)
+        usual = "".join(f"\n  - {hint}" for hint in hints)
         raise TraceError(
             f"torch.export could not capture {name}.forward: {type(error).__name__}: {summary}\n"
             "How to fix: pass example_args=(...) and example_kwargs={...} exactly as the model is called "
             "(real tensors of a micro-batch); avoid Python control flow that depends on tensor values; or "
             "cut the model yourself: pass a list of stage modules to conveyor.pipeline, or place "
             "conveyor.pipe_split() markers in a forward that export can capture"
+            + (f"\nUsual fixes for {name}:{usual}" if usual else "")
         ) from error
     captured = Captured(program, model, _PIPE_SPLIT)
+    captured.settings = settings
+    captured.traced_inputs = [*args, *kwargs.values()]
+    captured.positional_names = [p.name for p in inspect.signature(model.forward).parameters.values()
+                                 if p.kind in (inspect.Parameter.POSITIONAL_ONLY,
+                                               inspect.Parameter.POSITIONAL_OR_KEYWORD)]
     for node in captured.user_inputs[:1]:
         value = node.meta.get("val")
         if isinstance(value, torch.Tensor) and value.dim() > 0 and isinstance(value.shape[0], int):
@@ -323,6 +364,8 @@ def from_traced(model: nn.Module, *, n_stages: int | None, split_points: Any, ba
             costs = [float(sum(used.values())) for used in _parameter_numel(captured, stage_cuts)]
         depth = blocks[0].count(".") + 1
         description = f"traced with torch.export, balanced by {how} among {what}"
+    if captured.settings:
+        description += f"; set {', '.join(captured.settings)} for tracing and training"
     stages, held = [], []
     for index in range(stage_cuts.n_stages):
         stage, names = build_stage(captured, stage_cuts, index)
