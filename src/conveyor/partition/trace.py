@@ -279,6 +279,7 @@ class TracedPipe(Pipe):
         self.boundaries = boundaries
         self.ties = ties
         self.total_parameters = total_parameters
+        self.model: nn.Module | None = None  # the unsplit model (generate() rebuilds stages from its modules)
 
     def __repr__(self) -> str:
         lines = [f"Pipe: {self.n_stages} stages ({self.description})"]
@@ -378,5 +379,7 @@ def from_traced(model: nn.Module, *, n_stages: int | None, split_points: Any, ba
     ties = {n: [s for s in range(stage_cuts.n_stages) if n in held[s]] for n in sorted(parameters)}
     ties = {n: stages_of for n, stages_of in ties.items() if len(stages_of) > 1}
     boundaries = [[_describe(node) for node in values] for values in stage_cuts.boundaries]
-    return TracedPipe(stages, description, costs, cost_unit=cost_unit, labels=_labels(captured, stage_cuts, depth),
+    pipe = TracedPipe(stages, description, costs, cost_unit=cost_unit, labels=_labels(captured, stage_cuts, depth),
                       boundaries=boundaries, ties=ties, total_parameters=sum(p.numel() for p in model.parameters()))
+    pipe.model = model
+    return pipe
