@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from . import asynchronous, auto_schedule, compute, efficiency, memory, mesh, moe_pairs, overhead, scaling
+from . import asynchronous, auto_schedule, compute, efficiency, generation, memory, mesh, moe_pairs, overhead, scaling
 from .harness import FULL, QUICK, Plan, busy_cpu_seconds
 from .report import Section, write_report
 
@@ -25,6 +25,7 @@ BENCHMARKS: dict[str, Runner] = {
     "pairs": moe_pairs.run,
     "auto": auto_schedule.run,
     "mesh": mesh.run,
+    "generation": generation.run,
 }
 
 PACKAGE = Path(__file__).resolve().parent
