@@ -86,3 +86,12 @@ def generation_worker(rank: int, world_size: int) -> dict:
                                                               do_sample=True, top_k=1,
                                                               generator=torch.Generator().manual_seed(3))
     return results
+
+
+def t5(dtype: torch.dtype = torch.float64, seed: int = 0) -> Any:
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    config = T5Config(vocab_size=VOCAB, d_model=32, d_ff=64, d_kv=8, num_layers=4, num_decoder_layers=4, num_heads=4,
+                      decoder_start_token_id=0)
+    return T5ForConditionalGeneration(config).to(dtype).eval()

@@ -105,3 +105,26 @@ def test_local_pipeline_merges_a_dataclass_output_into_a_dataclass() -> None:
     pipe = conveyor.pipeline([torch.nn.Linear(3, 3), Head()])
     output = conveyor.LocalPipeline(pipe, schedule="gpipe", n_microbatches=2).forward(torch.ones(4, 3))
     assert type(output) is _Output and output.logits.shape == (4, 3) and output.extra is None
+
+
+# --- encoder-decoder balance ------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def t5_case() -> tuple:
+    model = hw.t5()
+    ids, _ = hw.prompts()
+    return model, ids, ids[:, :5]
+
+
+@pytest.mark.parametrize(("n_stages", "limit"), [(2, 1.15), (4, 1.3)])
+def test_t5_is_balanced_among_encoder_and_decoder_blocks(t5_case: tuple, n_stages: int, limit: float) -> None:
+    model, ids, decoder_ids = t5_case
+    pipe = conveyor.pipeline(model, n_stages=n_stages, example_args=(ids[:2],),
+                             example_kwargs={"decoder_input_ids": decoder_ids[:2]})
+    assert "blocks of encoder.block and decoder.block" in pipe.description
+    held = [sum(p.numel() for p in pipe.stage_module(i).parameters()) for i in range(n_stages)]  # ties on each
+    assert max(held) <= limit * sum(held) / n_stages
+    if n_stages == 2:
+        local = conveyor.LocalPipeline(pipe, schedule="gpipe", n_microbatches=2)
+        expected = model(ids, decoder_input_ids=decoder_ids, use_cache=False).logits
+        torch.testing.assert_close(local.forward(ids, decoder_input_ids=decoder_ids).logits, expected,
+                                   atol=1e-10, rtol=0)

@@ -29,7 +29,7 @@ from torch.utils import _pytree as pytree
 
 from .inputs import CheckedInputs
 
-__all__ = ["Captured", "StageCuts", "build_stage", "plan_stages"]
+__all__ = ["Captured", "StageCuts", "assemble_stage", "build_stage", "plan_stages"]
 
 # ops whose train flag was frozen at trace time: they follow the stage's train()/eval() instead
 _TRAIN_FLAG_ARG = {
@@ -347,15 +347,21 @@ def build_stage(captured: Captured, cuts: StageCuts, index: int) -> tuple[fx.Gra
     """The module of stage ``index`` and the names of the parameters and buffers it holds."""
     builder = _StageGraph(captured, cuts, index)
     graph = builder.build()
+    return assemble_stage(captured.model, graph, builder.held, builder.attributes, index), builder.held
+
+
+def assemble_stage(model: nn.Module, graph: fx.Graph, held: set[str], attributes: dict[str, Any],
+                   index: int) -> fx.GraphModule:
+    """A stage module running ``graph`` on ``model``'s tensors named in ``held``."""
     empty = fx.Graph()
     empty.output(None)
     stage = fx.GraphModule(nn.Module(), empty, class_name=f"Stage{index}")
-    _attach_state(stage, captured.model, builder.held)
-    for name, attribute in builder.attributes.items():
+    _attach_state(stage, model, held)
+    for name, attribute in attributes.items():
         if isinstance(attribute, nn.Module):
             stage.add_module(name, attribute)
         else:
             object.__setattr__(stage, name, attribute)
     stage.graph = graph
-    stage.train(captured.model.training)
-    return stage, builder.held
+    stage.train(model.training)
+    return stage
