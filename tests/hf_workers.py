@@ -95,3 +95,47 @@ def t5(dtype: torch.dtype = torch.float64, seed: int = 0) -> Any:
     config = T5Config(vocab_size=VOCAB, d_model=32, d_ff=64, d_kv=8, num_layers=4, num_decoder_layers=4, num_heads=4,
                       decoder_start_token_id=0)
     return T5ForConditionalGeneration(config).to(dtype).eval()
+
+
+class TwoBlocks(torch.nn.Module):
+    """Two linear blocks in a ModuleList (a traced model that cannot be cut into 5 stages)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(torch.nn.Linear(4, 4) for _ in range(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = torch.tanh(block(x))
+        return x
+
+
+def shipping_worker(rank: int, world_size: int) -> dict:
+    """How many times this rank ran torch.export while splitting a Llama in a job, its stages'
+    code and outputs, and the error each rank got for a split rank 0 refused."""
+    torch.set_num_threads(1)
+    calls = [0]
+    export = torch.export.export
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        calls[0] += 1
+        return export(*args, **kwargs)
+
+    torch.export.export = counting
+    try:
+        model = llama()
+        ids, _ = prompts()
+        pipe = conveyor.pipeline(model, n_stages=world_size, example_args=(ids[:2],))
+        value: Any = ids
+        for index in range(pipe.n_stages):
+            value = pipe.stage_module(index)(value)
+        expected = model(ids, use_cache=False).logits
+        try:
+            conveyor.pipeline(TwoBlocks(), n_stages=5, example_args=(torch.randn(2, 4),))
+            refused = ""
+        except ValueError as error:
+            refused = str(error)
+    finally:
+        torch.export.export = export
+    return {"exports": calls[0], "code": [pipe.stage_module(i).code for i in range(pipe.n_stages)],
+            "summary": repr(pipe), "equal": bool(torch.equal(value.logits, expected)), "refused": refused}
