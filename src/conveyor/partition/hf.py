@@ -28,7 +28,7 @@ __all__ = ["DecoderLayout", "GenerationStage", "SUPPORTED_MODEL_TYPES", "decoder
 
 # families whose decoder forward takes inputs_embeds, position_ids, attention_mask and a cache
 # and only adds embeddings this module neutralises (checked in tests against model.generate)
-SUPPORTED_MODEL_TYPES = ("gpt2", "llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_MODEL_TYPES = ("gpt2", "gpt_neox", "llama", "mistral", "mixtral", "phi", "phi3", "qwen2", "qwen3")
 
 
 @dataclass(frozen=True)
@@ -64,8 +64,8 @@ def decoder_layout(model: nn.Module) -> DecoderLayout:
     if base is None or head is None:
         raise ValueError(f"generate() needs {name} to have a decoder ({base_name!r}) and an output head")
     layers = next((n for n in ("layers", "h") if isinstance(getattr(base, n, None), nn.ModuleList)), None)
-    norm = next((n for n in ("norm", "ln_f", "final_layernorm") if isinstance(getattr(base, n, None), nn.Module)),
-                None)
+    norms = ("norm", "ln_f", "final_layernorm", "final_layer_norm")
+    norm = next((n for n in norms if isinstance(getattr(base, n, None), nn.Module)), None)
     head_name = next((n for n, m in model.named_modules() if m is head), None)
     if layers is None or norm is None or head_name is None:
         raise ValueError(f"generate() cannot find the decoder layers, final norm or head of {name}")
