@@ -73,3 +73,12 @@ def test_generate_refuses_a_cut_inside_a_decoder_layer() -> None:
     local = conveyor.LocalPipeline(pipe, schedule="gpipe", n_microbatches=1)
     with pytest.raises(ValueError, match=r"decoder layer 1 is cut between stages 0 and 1|do not continue"):
         local.generate(ids, 2)
+
+
+def test_generate_subcommand_trains_and_prints_samples(capfd: pytest.CaptureFixture[str]) -> None:
+    from conveyor.cli import main
+
+    assert main(["generate", "--steps", "1", "--max-new-tokens", "4", "--prompt", "ROMEO:", "--prompt", "KING",
+                 "--greedy"]) == 0
+    printed = capfd.readouterr().out
+    assert "generated 8 tokens" in printed and "ROMEO:" in printed and "KING" in printed
