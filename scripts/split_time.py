@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 import conveyor
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "helpers"))
 import hf_workers as hw  # noqa: E402
 
 RANKS = 4
