@@ -235,9 +235,9 @@ def stage_layers(stage_modules: Sequence[nn.Module], layout: DecoderLayout) -> l
 
 
 def generation_stages(model: nn.Module, stage_modules: dict[int, nn.Module], all_stage_modules: Sequence[nn.Module],
-                      device: torch.device) -> dict[int, GenerationStage]:
-    """The generation stage of every index in ``stage_modules`` (the stages held here), bound to
-    those modules' tensors."""
+                      devices: dict[int, torch.device]) -> dict[int, GenerationStage]:
+    """The generation stage of every index in ``stage_modules`` (the stages held here, on
+    ``devices``), bound to those modules' tensors."""
     layout = decoder_layout(model)
     ranges = stage_layers(all_stage_modules, layout)
     last = len(all_stage_modules) - 1
@@ -247,5 +247,5 @@ def generation_stages(model: nn.Module, stage_modules: dict[int, nn.Module], all
         tensors.update(dict(module.named_buffers(remove_duplicate=False)))
         first, count = ranges[index]
         stages[index] = GenerationStage(model, layout, tensors, first=first, count=count, is_first=index == 0,
-                                        is_last=index == last, device=device)
+                                        is_last=index == last, device=devices[index])
     return stages

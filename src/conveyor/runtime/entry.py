@@ -216,13 +216,13 @@ class PipelineEntry(StageModules, ScaledStep):
             pad_token_id = settings.pad_token_id
         n_lanes = n_microbatches if n_microbatches is not None else min(int(input_ids.shape[0]), self.pipe.n_stages)
         held = self._generation_held()
+        devices = {index: device for index, (_, device) in held.items()}
         stages = generation_stages(model, {index: module for index, (module, _) in held.items()},
-                                   [self.pipe.stage_module(i) for i in range(self.pipe.n_stages)],
-                                   next(iter(held.values()))[1])
+                                   [self.pipe.stage_module(i) for i in range(self.pipe.n_stages)], devices)
         run = GenerationRun(stages, self.pipe.n_stages, input_ids, attention_mask, max_new_tokens, n_lanes,
                             do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
                             eos_token_id=eos_token_id, pad_token_id=pad_token_id, generator=generator)
-        result, kept = self._generate(run, {index: device for index, (_, device) in held.items()})
+        result, kept = self._generate(run, devices)
         return result[:, :input_ids.shape[1] + kept].to(input_ids.device)
 
     def _generation_held(self) -> dict[int, tuple[nn.Module, torch.device]]:
