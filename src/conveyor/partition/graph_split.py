@@ -363,5 +363,7 @@ def assemble_stage(model: nn.Module, graph: fx.Graph, held: set[str], attributes
         else:
             object.__setattr__(stage, name, attribute)
     stage.graph = graph
+    if isinstance(graph._codegen, CheckedInputs):  # the generated forward takes (*args, **kwargs)
+        type(stage).forward.__signature__ = graph._codegen.signature()  # type: ignore[attr-defined]
     stage.train(model.training)
     return stage

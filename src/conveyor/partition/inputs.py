@@ -9,6 +9,7 @@ naming it, instead of silently running with the traced value.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from typing import Any
 
@@ -64,6 +65,17 @@ class CheckedInputs(_PyTreeCodeGen):
             return head + "\n    self.graph._codegen.bind(args, kwargs)"
         return (head + f"\n    {', '.join(names)}, = fx_pytree.tree_flatten_spec("
                 "self.graph._codegen.bind(args, kwargs), self._in_spec)")
+
+    def signature(self) -> inspect.Signature:
+        """The stage's forward signature for ``inspect`` (with ``self``): the traced call's names;
+        frozen keyword arguments default to their traced values."""
+        parameters = [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+                      for name in ["self", *self.call_names[:self.n_positional]]]
+        for name in self.call_names[self.n_positional:]:
+            traced = self.traced[name]
+            default = inspect.Parameter.empty if _has_tensor(traced) else traced
+            parameters.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default))
+        return inspect.Signature(parameters)
 
     def _traced_as(self, name: str) -> str:
         value = self.traced[name]
