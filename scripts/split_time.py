@@ -6,6 +6,7 @@ rank 0 traces and the others receive the cut (docs/splitting.md, "One trace per 
 
 from __future__ import annotations
 
+import statistics
 import sys
 import time
 import warnings
@@ -37,23 +38,33 @@ def _split(name: str) -> float:
     return time.perf_counter() - started
 
 
-def in_job(rank: int, world_size: int, name: str) -> float:
-    """The slowest rank's split time in a fresh job of ``world_size`` processes."""
+def in_job(rank: int, world_size: int, name: str) -> tuple[float, float]:
+    """(this job's slowest rank's split time, rank 0's own) in a fresh job of ``world_size`` processes."""
     torch.set_num_threads(1)
     if world_size == 1:
-        return _split(name)
+        seconds = _split(name)
+        return seconds, seconds
     dist.barrier()
-    seconds = torch.tensor([_split(name)])
+    own = _split(name)
+    seconds = torch.tensor([own])
     dist.all_reduce(seconds, op=dist.ReduceOp.MAX)
-    return float(seconds)
+    first = torch.tensor([own if rank == 0 else 0.0])
+    dist.all_reduce(first, op=dist.ReduceOp.MAX)
+    return float(seconds), float(first)
 
 
-def main() -> None:
-    print("| model | one trace alone (fresh process) | 4-rank job, slowest rank | ratio |\n|---|---|---|---|")
+def main(repeats: int = 3) -> None:
+    print("| model | one trace alone (fresh process), median | 4-rank job, slowest rank, median | ratio | "
+          "slowest rank / rank 0 in the same job, median |\n|---|---|---|---|---|")
     for name in ("Llama", "T5"):
-        alone = conveyor.launch(in_job, 1, args=(name,), threads_per_rank=1)[0]
-        job = conveyor.launch(in_job, RANKS, args=(name,), threads_per_rank=1)[0]
-        print(f"| {name} | {alone:.2f} s | {job:.2f} s | {job / alone:.2f} |", flush=True)
+        alone, job, overhead = [], [], []
+        for _ in range(repeats):  # alternated: the machine is shared and its load drifts
+            alone.append(conveyor.launch(in_job, 1, args=(name,), threads_per_rank=1)[0][0])
+            slowest, first = conveyor.launch(in_job, RANKS, args=(name,), threads_per_rank=1)[0]
+            job.append(slowest)
+            overhead.append(slowest / first)
+        a, j, o = statistics.median(alone), statistics.median(job), statistics.median(overhead)
+        print(f"| {name} | {a:.2f} s | {j:.2f} s | {j / a:.2f} | {o:.3f} |", flush=True)
 
 
 if __name__ == "__main__":
