@@ -390,9 +390,15 @@ class PipelineRunner(PipelineEntry):
             else:
                 transport.send(placement[target], message, value)
 
-        transport.expect(incoming_messages(n_stages, n_lanes, n_steps, placement.__getitem__, self.rank))
-        self._run_generation(run, devices, receive, send)
-        transport.finish()
+        self._calls.begin("generate")  # the watchdog names a rank that makes another call meanwhile
+        try:
+            transport.expect(incoming_messages(n_stages, n_lanes, n_steps, placement.__getitem__, self.rank))
+            self._run_generation(run, devices, receive, send)
+            transport.finish()
+        except BaseException:
+            self._calls.end(failed=True)
+            raise
+        self._calls.end()
         batch, length = run.input_ids.shape[0], run.input_ids.shape[1] + n_steps
         result = torch.zeros((batch, length), dtype=torch.long, device=self.device)
         kept = torch.zeros(1, dtype=torch.long, device=self.device)
