@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from . import asynchronous, auto_schedule, compute, efficiency, memory, mesh, moe_pairs, overhead, scaling
+from . import asynchronous, auto_schedule, compute, efficiency, generation, memory, mesh, moe_pairs, overhead, scaling
 from .harness import FULL, QUICK, Plan, busy_cpu_seconds
 from .report import Section, write_report
 
@@ -25,7 +25,10 @@ BENCHMARKS: dict[str, Runner] = {
     "pairs": moe_pairs.run,
     "auto": auto_schedule.run,
     "mesh": mesh.run,
+    "generation": generation.run,
 }
+
+FULL_RUN_ONLY = {"generation"}  # too slow for --quick's smoke run; `--only generation --quick` runs it small
 
 PACKAGE = Path(__file__).resolve().parent
 RECORDED_GPU = PACKAGE / "gpu_results.md"  # bench/gpu_check.py output from a lent GPU machine
@@ -64,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out.resolve()
     figures = args.figures or (PACKAGE / "figures" if out.parent == PACKAGE.parent else out.parent / "figures")
     settle = args.settle if args.settle is not None else (0.0 if args.quick else 10.0)
-    names = args.only or list(BENCHMARKS)
+    names = args.only or [name for name in BENCHMARKS if not (args.quick and name in FULL_RUN_ONLY)]
     started = time.perf_counter()
     sections = []
     for name in names:

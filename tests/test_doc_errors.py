@@ -105,6 +105,18 @@ class _Blocks(nn.Module):
         return x
 
 
+class _Flag(_Blocks):
+    def forward(self, x: torch.Tensor, scale: bool = False, offset: torch.Tensor | None = None) -> torch.Tensor:
+        return super().forward(x * 2 if scale else x + 1)
+
+
+def _flagged() -> conveyor.LocalPipeline:
+    """A one-stage traced pipe whose forward took ``scale=False`` at trace time."""
+    pipe = conveyor.pipeline(_Flag(), n_stages=1, example_args=(torch.randn(2, 4),),
+                             example_kwargs={"scale": False})
+    return conveyor.LocalPipeline(pipe, schedule="gpipe", n_microbatches=1)
+
+
 class _ValueDependent(_Blocks):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.blocks[0](x) if x.sum() > 0 else self.blocks[1](x)
@@ -416,6 +428,16 @@ def _triggers(tmp: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Callable[
         "torch.export could not capture M.forward: ...":
             lambda: conveyor.pipeline(_ValueDependent(), n_stages=2, example_args=(torch.randn(2, 4),)),
         "balance='time' cannot profile M: it is on the meta device": _meta_time_balance,
+        "argument 'x' is V but M was traced with ...": lambda: _flagged().forward(torch.randn(2, 4), scale=True),
+        "argument 'x' was not given when M was traced":
+            lambda: _flagged().forward(torch.randn(2, 4), offset=torch.ones(2, 4)),
+        # generation
+        "generate() needs a pipe cut from a Hugging Face causal LM":
+            lambda: conveyor.LocalPipeline(conveyor.pipeline([nn.Linear(4, 4)]), schedule="gpipe",
+                                           **m2).generate(torch.zeros(2, 3, dtype=torch.long), 2),
+        "generate() supports Hugging Face decoder-only causal LMs of the types ...":
+            lambda: conveyor.LocalPipeline(conveyor.pipeline(_Blocks(), n_stages=2, example_args=(torch.randn(2, 4),)),
+                                           schedule="gpipe", **m2).generate(torch.zeros(2, 3, dtype=torch.long), 2),
         # runner construction: the schedule checks run where the runner builds its program
         "unknown schedule 'x'; choose one of [...]": lambda: _one_rank_runner(mlp(), schedule="zigzag"),
         "schedule 'gpipe' places one stage per rank, but the pipe has S stages for R ranks":
@@ -619,6 +641,8 @@ class _Detach(nn.Module):
 # quoted messages that need a situation a test cannot set up cheaply: checked against the source
 SOURCE_ONLY = {
     "forward() with a replicated last stage is not supported": "needs three ranks",
+    "decoder layer L is cut between stages S and S+1": "needs a Hugging Face model traced (test_generate.py)",
+    "do not continue where the previous stage stopped": "needs a Hugging Face model traced (test_generate.py)",
 }
 # rows quoting one message in pieces
 KILLED = ("rank R failed", "rank R was killed by signal SIGKILL")  # its first line, then the next

@@ -41,6 +41,16 @@ def _timeline(args: argparse.Namespace) -> None:
         print(f"wrote {writer(events, args.output)}")
 
 
+def _generate(args: argparse.Namespace) -> None:
+    from .demo.generate import GenerateConfig, run_generate
+
+    run_generate(GenerateConfig(model=args.model, stages=args.stages, steps=args.steps,
+                                prompts=tuple(args.prompt) if args.prompt else GenerateConfig.prompts,
+                                max_new_tokens=args.max_new_tokens, greedy=args.greedy,
+                                temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p,
+                                seed=args.seed))
+
+
 def _bench(args: argparse.Namespace) -> None:
     import importlib
     from pathlib import Path
@@ -92,6 +102,21 @@ def build_parser() -> argparse.ArgumentParser:
     timeline.add_argument("-o", "--output", help="write a picture (.png/.svg/.pdf; needs matplotlib: pip "
                                                  "install 'conveyor[plot]') or a Chrome trace (.json)")
     timeline.set_defaults(handler=_timeline)
+    generate = commands.add_parser(
+        "generate", help="train a small GPT-2 or Llama on Shakespeare with a pipeline, then generate text",
+        description="Build a small Hugging Face causal LM from a config, train it for a few steps on a pipeline "
+                    "and sample from it with runner.generate (a KV cache on every stage; docs/generation.md).")
+    generate.add_argument("--model", choices=["gpt2", "llama"], default="gpt2", help="architecture (default gpt2)")
+    generate.add_argument("--stages", type=int, default=2, help="pipeline stages = local processes (default 2)")
+    generate.add_argument("--steps", type=int, default=30, help="training steps before sampling (default 30)")
+    generate.add_argument("--prompt", action="append", help="a prompt (repeat for several; default four names)")
+    generate.add_argument("--max-new-tokens", type=int, default=80, help="tokens to generate (default 80)")
+    generate.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
+    generate.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (default 0.8)")
+    generate.add_argument("--top-k", type=int, default=20, help="sample among the k likeliest (default 20; 0: all)")
+    generate.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold (default off)")
+    generate.add_argument("--seed", type=int, default=0, help="seed of the weights, batches and sampling")
+    generate.set_defaults(handler=_generate)
     cli_train.register(commands)
     cli_plan.register(commands)
     bench = commands.add_parser("bench", help="run the benchmarks (python -m bench) and write BENCHMARKS.md",

@@ -14,7 +14,8 @@ from typing import Any
 import torch.distributed as dist
 import torch.nn as nn
 
-__all__ = ["decide_on_rank_zero", "partition_min_max", "parameter_costs", "stage_sizes_to_bounds"]
+__all__ = ["decide_on_rank_zero", "partition_min_max", "partition_ranges", "parameter_costs", "stage_sizes_to_bounds",
+           "union_costs"]
 
 
 def parameter_costs(layers: Sequence[nn.Module]) -> list[float]:
@@ -31,7 +32,27 @@ def partition_min_max(costs: Sequence[float], n_parts: int) -> list[int]:
     Among optimal partitions, ties go to the one whose parts have the most even layer counts,
     so that zero-cost layers (activations) are spread instead of piling up in one stage.
     """
-    n = len(costs)
+    prefix = [0.0]
+    for cost in costs:
+        prefix.append(prefix[-1] + cost)
+    return partition_ranges(len(costs), n_parts, lambda start, end: prefix[end] - prefix[start])
+
+
+def union_costs(units: Sequence[dict[str, int]]) -> Callable[[int, int], float]:
+    """``cost(start, end)``: the parameters units ``start .. end-1`` use together, each counted
+    once (a weight tied between two units of one stage is held once by that stage)."""
+    table: dict[tuple[int, int], float] = {}
+    for start in range(len(units)):
+        seen: dict[str, int] = {}
+        for end in range(start + 1, len(units) + 1):
+            seen.update(units[end - 1])
+            table[(start, end)] = float(sum(seen.values()))
+    return lambda start, end: table[(start, end)]
+
+
+def partition_ranges(n: int, n_parts: int, cost: Callable[[int, int], float]) -> list[int]:
+    """Sizes of ``n_parts`` contiguous, non-empty parts of ``n`` units minimising the largest
+    ``cost(start, end)`` of a part (ties: the most even unit counts)."""
     if n_parts < 1:
         raise ValueError(f"the number of stages must be at least 1, got {n_parts}")
     if n_parts > n:
@@ -39,9 +60,6 @@ def partition_min_max(costs: Sequence[float], n_parts: int) -> list[int]:
             f"cannot cut {n} layers into {n_parts} stages: every stage needs at least one layer; "
             f"use at most {n} stages"
         )
-    prefix = [0.0]
-    for cost in costs:
-        prefix.append(prefix[-1] + cost)
     inf = (float("inf"), float("inf"))
     # best[j][i] = (max stage cost, max layer-count imbalance) for i layers in j stages
     best = [[inf] * (n + 1) for _ in range(n_parts + 1)]
@@ -54,8 +72,7 @@ def partition_min_max(costs: Sequence[float], n_parts: int) -> list[int]:
                 previous = best[parts - 1][start]
                 if previous == inf:
                     continue
-                candidate = (max(previous[0], prefix[end] - prefix[start]),
-                             max(previous[1], abs((end - start) - even)))
+                candidate = (max(previous[0], cost(start, end)), max(previous[1], abs((end - start) - even)))
                 if candidate < best[parts][end]:
                     best[parts][end] = candidate
                     cut[parts][end] = start
@@ -77,6 +94,9 @@ def stage_sizes_to_bounds(sizes: Sequence[int]) -> list[tuple[int, int]]:
     return bounds
 
 
+_ALONE = [False]  # True while rank 0 splits for the whole job (shipping.py): decisions are its own
+
+
 def decide_on_rank_zero(decide: Callable[[], Any]) -> Any:
     """Run ``decide()`` on rank 0 of the default process group and give every rank its result.
 
@@ -84,7 +104,7 @@ def decide_on_rank_zero(decide: Callable[[], Any]) -> Any:
     differently and hold stages that do not fit together. Without a process group (or with one
     rank) ``decide()`` simply runs here. An exception on rank 0 is raised on every rank.
     """
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if _ALONE[0] or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return decide()
     box: list[Any] = [None]
     if dist.get_rank() == 0:

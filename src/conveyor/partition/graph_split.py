@@ -27,7 +27,9 @@ from torch.export.graph_signature import InputKind, OutputKind
 from torch.fx.graph import _PyTreeCodeGen, _PyTreeInfo
 from torch.utils import _pytree as pytree
 
-__all__ = ["Captured", "StageCuts", "build_stage", "plan_stages"]
+from .inputs import CheckedInputs
+
+__all__ = ["Captured", "StageCuts", "assemble_stage", "build_stage", "plan_stages"]
 
 # ops whose train flag was frozen at trace time: they follow the stage's train()/eval() instead
 _TRAIN_FLAG_ARG = {
@@ -62,6 +64,9 @@ class Captured:
     states: dict[fx.Node, tuple[str, str]] = field(default_factory=dict)  # placeholder -> (kind, name)
     constants: dict[fx.Node, Any] = field(default_factory=dict)
     devices: set[torch.device] = field(default_factory=set)  # devices of the trace, rewritten at run time
+    traced_inputs: list[Any] | None = None  # the traced call's arguments, positional then keyword (checked)
+    positional_names: list[str] = field(default_factory=list)  # forward's parameters that may be positional
+    settings: list[str] = field(default_factory=list)  # options conveyor set for the trace (use_cache=False)
 
     def __post_init__(self) -> None:
         signature = self.program.graph_signature
@@ -323,6 +328,11 @@ class _StageGraph:
             names = list(getattr(signature, "forward_arg_names", None) or [])[:positional]
             names += [f"arg_{i}" for i in range(len(names), positional)]
             names += list(in_spec.child(1).context)
+            if captured.traced_inputs is not None:
+                traced = dict(zip(names, captured.traced_inputs))
+                graph._codegen = CheckedInputs(_PyTreeInfo(names, in_spec, out_spec), type(captured.model).__name__,
+                                               captured.positional_names, traced)
+                return graph
         else:
             in_spec = pytree.tree_structure(((_bundle(self.inputs()),), {}))
             names = ["value"]
@@ -337,15 +347,23 @@ def build_stage(captured: Captured, cuts: StageCuts, index: int) -> tuple[fx.Gra
     """The module of stage ``index`` and the names of the parameters and buffers it holds."""
     builder = _StageGraph(captured, cuts, index)
     graph = builder.build()
+    return assemble_stage(captured.model, graph, builder.held, builder.attributes, index), builder.held
+
+
+def assemble_stage(model: nn.Module, graph: fx.Graph, held: set[str], attributes: dict[str, Any],
+                   index: int) -> fx.GraphModule:
+    """A stage module running ``graph`` on ``model``'s tensors named in ``held``."""
     empty = fx.Graph()
     empty.output(None)
     stage = fx.GraphModule(nn.Module(), empty, class_name=f"Stage{index}")
-    _attach_state(stage, captured.model, builder.held)
-    for name, attribute in builder.attributes.items():
+    _attach_state(stage, model, held)
+    for name, attribute in attributes.items():
         if isinstance(attribute, nn.Module):
             stage.add_module(name, attribute)
         else:
             object.__setattr__(stage, name, attribute)
     stage.graph = graph
-    stage.train(captured.model.training)
-    return stage, builder.held
+    if isinstance(graph._codegen, CheckedInputs):  # the generated forward takes (*args, **kwargs)
+        type(stage).forward.__signature__ = graph._codegen.signature()  # type: ignore[attr-defined]
+    stage.train(model.training)
+    return stage

@@ -25,10 +25,11 @@ from torch.export import Dim
 from torch.utils import _pytree as pytree
 
 from ..errors import ConveyorError
-from .balance import decide_on_rank_zero, partition_min_max
-from .graph_split import Captured, StageCuts, build_stage, plan_stages
+from .balance import _ALONE, decide_on_rank_zero, partition_min_max, partition_ranges, union_costs
+from .graph_split import Captured, StageCuts, assemble_stage, build_stage, plan_stages
 from .pipe import ALIASES, Pipe, is_meta, state_aliases
 from .profile import profile_times
+from .shipping import decode_graph, encode_graph, in_job, shared_split
 
 __all__ = ["TraceError", "TracedPipe", "capture", "from_traced", "pipe_split"]
 
@@ -80,6 +81,38 @@ def _dynamic_shapes(model: nn.Module, args: tuple, kwargs: dict) -> dict[str, An
             for name, value in bound.arguments.items()}
 
 
+def _switch_off_cache(model: nn.Module, args: tuple, kwargs: dict) -> list[str]:
+    """Set ``use_cache=False`` where ``model.forward`` has that option and the caller left it
+    out: a key/value cache object cannot cross a stage boundary (nor be captured by export).
+    Returns the settings made, for the pipe's summary."""
+    try:
+        parameters = inspect.signature(model.forward).parameters
+        bound = inspect.signature(model.forward).bind_partial(*args, **kwargs).arguments
+    except (TypeError, ValueError):
+        return []
+    if "use_cache" in parameters and "use_cache" not in bound:
+        kwargs["use_cache"] = False
+        return ["use_cache=False"]
+    return []
+
+
+def _hints(model: nn.Module, error: BaseException) -> list[str]:
+    """The usual fixes for a model's construct that export cannot capture."""
+    text = f"{type(error).__name__}: {error}"
+    config = getattr(model, "config", None)
+    hints = []
+    if "Cache" in text or "past_key_values" in text:
+        hints.append("pass example_kwargs={'use_cache': False} (a key/value cache cannot be captured; "
+                     "conveyor sets it when forward has a use_cache option, see docs/splitting.md)")
+    if config is not None and any(getattr(config, name, 0) for name in ("layerdrop", "encoder_layerdrop",
+                                                                        "decoder_layerdrop")):
+        hints.append("set layerdrop=0 in the config (randomly skipped layers are data-dependent control flow)")
+    if config is not None and (getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None)):
+        hints.append("use an experts implementation that traces: model.set_experts_implementation('batched_mm') "
+                     "or experts_implementation='batched_mm' in the config")
+    return hints
+
+
 def capture(model: nn.Module, example_args: Any, example_kwargs: dict | None) -> Captured:
     """Export ``model`` (non-strict) on the example inputs, with dynamic dimensions."""
     name = type(model).__name__
@@ -87,6 +120,7 @@ def capture(model: nn.Module, example_args: Any, example_kwargs: dict | None) ->
     if not args and not kwargs:
         raise ValueError(f"tracing {name} needs example inputs: pass example_args=(inputs,) (and example_kwargs="
                          "{...}) as you will pass them to runner.step(); or pass a list of stage modules")
+    settings = _switch_off_cache(model, args, kwargs)
     if is_meta(model):  # only shapes matter to the trace; meta inputs keep it off real storage
         args, kwargs = pytree.tree_map_only(torch.Tensor, lambda t: t.to("meta"), (args, kwargs))
     dynamic = _dynamic_shapes(model, args, kwargs)
@@ -95,14 +129,22 @@ def capture(model: nn.Module, example_args: Any, example_kwargs: dict | None) ->
     except Exception as error:
         text = str(error).strip().splitlines()
         summary = " ".join(text[:3]) if text else ""
+        hints = _hints(model, error)
+        usual = "".join(f"\n  - {hint}" for hint in hints)
         raise TraceError(
             f"torch.export could not capture {name}.forward: {type(error).__name__}: {summary}\n"
             "How to fix: pass example_args=(...) and example_kwargs={...} exactly as the model is called "
             "(real tensors of a micro-batch); avoid Python control flow that depends on tensor values; or "
             "cut the model yourself: pass a list of stage modules to conveyor.pipeline, or place "
             "conveyor.pipe_split() markers in a forward that export can capture"
+            + (f"\nUsual fixes for {name}:{usual}" if usual else "")
         ) from error
     captured = Captured(program, model, _PIPE_SPLIT)
+    captured.settings = settings
+    captured.traced_inputs = [*args, *kwargs.values()]
+    captured.positional_names = [p.name for p in inspect.signature(model.forward).parameters.values()
+                                 if p.kind in (inspect.Parameter.POSITIONAL_ONLY,
+                                               inspect.Parameter.POSITIONAL_OR_KEYWORD)]
     for node in captured.user_inputs[:1]:
         value = node.meta.get("val")
         if isinstance(value, torch.Tensor) and value.dim() > 0 and isinstance(value.shape[0], int):
@@ -173,17 +215,28 @@ def _check_cuts(captured: Captured, cuts: list[tuple[int, str]]) -> list[int]:
 
 
 def _blocks(captured: Captured) -> tuple[str, list[str]]:
-    """The repeated blocks to cut among: children of the biggest ModuleList (or Sequential), else
-    the model's top-level children; in execution order."""
+    """The repeated blocks to cut among, in execution order: the children of every ModuleList (or
+    Sequential) of repeated blocks that is not inside another one and holds at least a tenth of
+    the parameters of the biggest (so T5's and BART's encoder and decoder blocks, or a vision and
+    a text tower, are all cut among); else the model's top-level children."""
     spans = _spans(captured)
     containers = [(name, module) for name, module in captured.model.named_modules()
                   if name and isinstance(module, (nn.ModuleList, nn.Sequential))]
-    ranked = sorted(containers, key=lambda item: (sum(p.numel() for p in item[1].parameters()), len(item[1])),
-                    reverse=True)
-    for name, module in ranked[:1]:
+    sizes = {name: sum(p.numel() for p in module.parameters()) for name, module in containers}
+    ranked = sorted(containers, key=lambda item: (sizes[item[0]], len(item[1])), reverse=True)
+    chosen: list[tuple[str, list[str]]] = []
+    for name, module in ranked:
+        if chosen and sizes[name] < 0.1 * sizes[chosen[0][0]]:
+            break
+        if any(name.startswith(other + ".") for other, _ in chosen):
+            continue  # the layers inside a block
         blocks = [f"{name}.{child}" for child in module._modules if f"{name}.{child}" in spans]
         if len(blocks) >= 2:
-            return f"the {len(blocks)} blocks of {name}", sorted(blocks, key=lambda b: spans[b][0])
+            chosen.append((name, blocks))
+    if chosen:
+        blocks = sorted((b for _, bs in chosen for b in bs), key=lambda b: spans[b][0])
+        names = " and ".join(name for name, _ in sorted(chosen, key=lambda item: spans[item[1][0]][0]))
+        return f"the {len(blocks)} blocks of {names}", blocks
     children = [name for name, _ in captured.model.named_children() if name in spans]
     return f"the {len(children)} top-level children", sorted(children, key=lambda b: spans[b][0])
 
@@ -238,6 +291,8 @@ class TracedPipe(Pipe):
         self.boundaries = boundaries
         self.ties = ties
         self.total_parameters = total_parameters
+        self.model: nn.Module | None = None  # the unsplit model (generate() rebuilds stages from its modules)
+        self.held: list[set[str]] = []  # per stage: the parameters and buffers it holds (unsplit names)
 
     def __repr__(self) -> str:
         lines = [f"Pipe: {self.n_stages} stages ({self.description})"]
@@ -260,7 +315,51 @@ class TracedPipe(Pipe):
 def from_traced(model: nn.Module, *, n_stages: int | None, split_points: Any, balance: Any,
                 example_args: Any, example_kwargs: dict | None) -> TracedPipe:
     """Trace ``model`` and cut it at split points, ``pipe_split()`` markers or into ``n_stages``
-    balanced stages."""
+    balanced stages. In a job of several ranks, rank 0 traces and the others receive the cut
+    (shipping.py): one trace per job."""
+    def split() -> TracedPipe:
+        return _from_traced(model, n_stages=n_stages, split_points=split_points, balance=balance,
+                            example_args=example_args, example_kwargs=example_kwargs)
+
+    if not in_job():
+        return split()
+    _ALONE[0] = True
+    try:
+        return shared_split(split, _recipe, lambda recipe: _rebuild(model, recipe))
+    finally:
+        _ALONE[0] = False
+
+
+def _recipe(pipe: TracedPipe) -> dict[str, Any]:
+    """What another rank needs to rebuild ``pipe`` around its own model."""
+    stages = []
+    for index in range(pipe.n_stages):
+        stage = pipe.stage_module(index)
+        attributes = {name: value for name, value in stage.__dict__.items() if name.startswith("_constant_")}
+        stages.append({"graph": encode_graph(stage), "held": pipe.held[index], "attributes": attributes})
+    return {"stages": stages, "description": pipe.description, "costs": pipe.costs, "cost_unit": pipe.cost_unit,
+            "labels": pipe.labels, "boundaries": pipe.boundaries, "ties": pipe.ties,
+            "total_parameters": pipe.total_parameters}
+
+
+def _rebuild(model: nn.Module, recipe: dict[str, Any]) -> TracedPipe:
+    stages = []
+    aliases = state_aliases(model)
+    for index, part in enumerate(recipe["stages"]):
+        graph, children = decode_graph(part["graph"])
+        stage = assemble_stage(model, graph, set(part["held"]), {**children, **part["attributes"]}, index)
+        object.__setattr__(stage, ALIASES, {alias: name for alias, name in aliases.items() if name in part["held"]})
+        stages.append(stage)
+    pipe = TracedPipe(stages, recipe["description"], recipe["costs"], cost_unit=recipe["cost_unit"],
+                      labels=recipe["labels"], boundaries=recipe["boundaries"], ties=recipe["ties"],
+                      total_parameters=recipe["total_parameters"])
+    pipe.held = [set(part["held"]) for part in recipe["stages"]]
+    pipe.model = model
+    return pipe
+
+
+def _from_traced(model: nn.Module, *, n_stages: int | None, split_points: Any, balance: Any,
+                 example_args: Any, example_kwargs: dict | None) -> TracedPipe:
     name = type(model).__name__
     if balance == "time" and (example_args is None and not example_kwargs):
         raise ValueError("balance='time' profiles the model and needs example inputs: pass example_args=(...) "
@@ -296,12 +395,13 @@ def from_traced(model: nn.Module, *, n_stages: int | None, split_points: Any, ba
         spans = _spans(captured)
         candidates = [spans[block][0] for block in blocks[1:]]
         units = plan_stages(captured, candidates)
+        unit_parameters = _parameter_numel(captured, units)
         if balance == "time":
             modules = [build_stage(captured, units, i)[0] for i in range(units.n_stages)]
             unit_costs = decide_on_rank_zero(lambda: profile_times(modules, _as_args(example_args), example_kwargs))
             cost_unit, how = "seconds", "profiled forward+backward time"
         else:
-            unit_costs = [float(sum(used.values())) for used in _parameter_numel(captured, units)]
+            unit_costs = [float(sum(used.values())) for used in unit_parameters]
             cost_unit, how = "parameters", "parameter count"
         if isinstance(balance, (list, tuple)):
             sizes = [int(size) for size in balance]
@@ -311,6 +411,8 @@ def from_traced(model: nn.Module, *, n_stages: int | None, split_points: Any, ba
             if n_stages != len(sizes):
                 raise ValueError(f"n_stages={n_stages} disagrees with balance={list(balance)}")
             how = f"balance {sizes}"
+        elif cost_unit == "parameters":  # a weight tied between blocks of one stage counts once there
+            sizes = partition_ranges(len(unit_costs), n_stages, union_costs(unit_parameters))
         else:
             sizes = partition_min_max(unit_costs, n_stages)
         starts = [sum(sizes[:j]) for j in range(1, len(sizes))]
@@ -323,6 +425,8 @@ def from_traced(model: nn.Module, *, n_stages: int | None, split_points: Any, ba
             costs = [float(sum(used.values())) for used in _parameter_numel(captured, stage_cuts)]
         depth = blocks[0].count(".") + 1
         description = f"traced with torch.export, balanced by {how} among {what}"
+    if captured.settings:
+        description += f"; set {', '.join(captured.settings)} for tracing and training"
     stages, held = [], []
     for index in range(stage_cuts.n_stages):
         stage, names = build_stage(captured, stage_cuts, index)
@@ -335,5 +439,8 @@ def from_traced(model: nn.Module, *, n_stages: int | None, split_points: Any, ba
     ties = {n: [s for s in range(stage_cuts.n_stages) if n in held[s]] for n in sorted(parameters)}
     ties = {n: stages_of for n, stages_of in ties.items() if len(stages_of) > 1}
     boundaries = [[_describe(node) for node in values] for values in stage_cuts.boundaries]
-    return TracedPipe(stages, description, costs, cost_unit=cost_unit, labels=_labels(captured, stage_cuts, depth),
+    pipe = TracedPipe(stages, description, costs, cost_unit=cost_unit, labels=_labels(captured, stage_cuts, depth),
                       boundaries=boundaries, ties=ties, total_parameters=sum(p.numel() for p in model.parameters()))
+    pipe.model = model
+    pipe.held = held
+    return pipe

@@ -1,19 +1,57 @@
 """Values that cross a stage boundary, flattened into tensors plus a picklable structure.
 
-A boundary value may be a tensor or any nesting of tuples, lists and dicts of tensors, with
+A boundary value may be a tensor or any nesting of tuples, lists, dicts and typed records (dict subclasses such as
+``ModelOutput``, dataclasses: rebuilt with their type) of tensors, with
 ``None``, numbers and strings travelling as constants. Tensors may be of any dtype (integer
 ids, bool masks) and need not require grad.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
 
-__all__ = ["Leaf", "flatten", "unflatten", "describe"]
+__all__ = ["Leaf", "Record", "flatten", "unflatten", "describe"]
 
 _CONSTANTS = (type(None), bool, int, float, str)
+
+
+class Record:
+    """The structure of a typed record (a dict subclass such as a Hugging Face ``ModelOutput``,
+    or a dataclass): its class and its fields' structures, rebuilt as ``cls(**fields)``."""
+
+    __slots__ = ("cls", "fields")
+
+    def __init__(self, cls: type, fields: dict[str, Any]) -> None:
+        self.cls, self.fields = cls, fields
+
+    def __reduce__(self) -> tuple:
+        return Record, (self.cls, self.fields)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Record) and other.cls is self.cls and other.fields == self.fields
+
+    def __hash__(self) -> int:
+        return hash((self.cls, tuple(self.fields)))
+
+    def __repr__(self) -> str:
+        return f"Record({self.cls.__name__}, {self.fields!r})"
+
+    def build(self, values: dict[str, Any]) -> Any:
+        if all(isinstance(key, str) for key in values):
+            return self.cls(**values)
+        return self.cls(values)
+
+
+def _record_items(item: Any) -> dict[str, Any] | None:
+    """The fields of a typed record, or None if ``item`` is not one."""
+    if isinstance(item, dict):
+        return dict(item.items())
+    if dataclasses.is_dataclass(item) and not isinstance(item, type):
+        return {f.name: getattr(item, f.name) for f in dataclasses.fields(item) if f.init}
+    return None
 
 
 class Leaf:
@@ -81,8 +119,11 @@ def _visit(item: Any, tensors: list[torch.Tensor]) -> Any:
         return type(item)(*items) if hasattr(item, "_fields") else tuple(items)
     if isinstance(item, list):
         return [_visit(x, tensors) for x in item]
-    if isinstance(item, dict):
+    if type(item) is dict:
         return {key: _visit(x, tensors) for key, x in item.items()}
+    fields = _record_items(item)
+    if fields is not None:  # a dict subclass (ModelOutput) or a dataclass keeps its type
+        return Record(type(item), {key: _visit(x, tensors) for key, x in fields.items()})
     raise _Unsupported
 
 
@@ -90,10 +131,10 @@ def _find_unsupported(item: Any, path: str) -> tuple[str, Any]:
     """(path, item) of the first value in ``item`` that cannot cross a boundary, or ("", None)."""
     if isinstance(item, (tuple, list)):
         children = [(f"{path}[{i}]", x) for i, x in enumerate(item)]
-    elif isinstance(item, dict):
-        children = [(f"{path}[{key!r}]", x) for key, x in item.items()]
     elif isinstance(item, (torch.Tensor, *_CONSTANTS)):
         return "", None
+    elif _record_items(item) is not None:
+        children = [(f"{path}[{key!r}]", x) for key, x in (_record_items(item) or {}).items()]
     else:
         return path, item
     for child_path, child in children:
@@ -122,6 +163,8 @@ def unflatten(structure: Any, tensors: list[torch.Tensor]) -> Any:
         return [unflatten(x, tensors) for x in structure]
     if isinstance(structure, dict):
         return {key: unflatten(x, tensors) for key, x in structure.items()}
+    if isinstance(structure, Record):
+        return structure.build({key: unflatten(x, tensors) for key, x in structure.fields.items()})
     return structure
 
 

@@ -19,10 +19,12 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from ..errors import ConveyorError, PipelineError
 from ..partition.pipe import Pipe, materialize
 from ..schedule import SCHEDULES, Schedule
 from .executor import Executor, TraceEvent
 from .feed import StepData
+from .generate import Decode, GenerationRun, message_in, message_out
 from .microbatch import merge
 from .precision import LossScaler, ScaledStep, autocast_for
 from .stage import LossFn, StageExecutor
@@ -181,6 +183,71 @@ class PipelineEntry(StageModules, ScaledStep):
         if self._targets_to is None:
             return None
         return merge([data.outputs[i] for i in range(self.n_microbatches)])
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, *, do_sample: bool = False,
+                 temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                 attention_mask: torch.Tensor | None = None, eos_token_id: int | list[int] | None = None,
+                 pad_token_id: int | None = None, generator: torch.Generator | None = None,
+                 n_microbatches: int | None = None) -> torch.Tensor:
+        """Generate up to ``max_new_tokens`` tokens after each prompt of ``input_ids`` (a Hugging
+        Face decoder-only causal LM's pipe); returns ``[batch, prompt + new]`` token ids on every
+        process, as ``model.generate`` does.
+
+        The prompts are prefilled through the pipeline, then decoded with a key/value cache on
+        every stage for its own layers; the batch is cut into ``n_microbatches`` lanes (default:
+        one per stage) that are in flight at once (docs/generation.md). Greedy by default;
+        ``do_sample=True`` samples after ``temperature``, ``top_k`` and ``top_p``, drawing from
+        ``generator`` (seeded: deterministic) on the last stage. A sequence that produced
+        ``eos_token_id`` (default: the model's) continues with ``pad_token_id``. Pass
+        ``attention_mask`` for left-padded prompts. Every process makes the same call.
+        """
+        from ..partition.hf import generation_stages
+
+        self._check_open()
+        model = getattr(self.pipe, "model", None)
+        if model is None:
+            raise ValueError("generate() needs a pipe cut from a Hugging Face causal LM by conveyor.pipeline(model, "
+                             "...): it rebuilds each stage from the model's own modules to keep a cache")
+        settings = getattr(model, "generation_config", None)
+        if eos_token_id is None and settings is not None:
+            eos_token_id = settings.eos_token_id
+        if pad_token_id is None and settings is not None:
+            pad_token_id = settings.pad_token_id
+        n_lanes = n_microbatches if n_microbatches is not None else min(int(input_ids.shape[0]), self.pipe.n_stages)
+        held = self._generation_held()
+        devices = {index: device for index, (_, device) in held.items()}
+        stages = generation_stages(model, {index: module for index, (module, _) in held.items()},
+                                   [self.pipe.stage_module(i) for i in range(self.pipe.n_stages)], devices)
+        run = GenerationRun(stages, self.pipe.n_stages, input_ids, attention_mask, max_new_tokens, n_lanes,
+                            do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+                            eos_token_id=eos_token_id, pad_token_id=pad_token_id, generator=generator)
+        result, kept = self._generate(run, devices)
+        return result[:, :input_ids.shape[1] + kept].to(input_ids.device)
+
+    def _generation_held(self) -> dict[int, tuple[nn.Module, torch.device]]:
+        """The stages held here for generation: index -> (module, device)."""
+        raise NotImplementedError
+
+    def _generate(self, run: GenerationRun, devices: dict[int, torch.device]) -> tuple[torch.Tensor, int]:
+        """Run ``run``'s actions held here; return the result and kept length on every process."""
+        raise NotImplementedError
+
+    def _run_generation(self, run: GenerationRun, devices: dict[int, torch.device],
+                        receive: Callable[[Decode], Any], send: Callable[[Decode, Any], None]) -> None:
+        """Run the actions held here in program order; ``receive``/``send`` move the values."""
+        n_stages, n_lanes, n_steps = run.n_stages, run.n_lanes, run.n_steps
+        for action in run.actions():
+            try:
+                value = receive(action) if message_in(action, n_stages, n_lanes) is not None else None
+                output = run.run(action, value, devices[action.stage])
+                if message_out(action, n_stages, n_lanes, n_steps) is not None:
+                    send(action, output)
+            except ConveyorError:
+                raise
+            except Exception as error:
+                raise PipelineError(f"{type(error).__name__}: {error}", rank=getattr(self, "rank", 0),
+                                    stage=action.stage, microbatch=action.lane, action=str(action)) from error
 
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
         """Clip every gradient by the norm over all stages of the pipeline and all shards of its

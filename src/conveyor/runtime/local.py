@@ -25,6 +25,7 @@ from ..schedule.validate import execution_order
 from .entry import PipelineEntry, check_arguments, check_options
 from .executor import Executor
 from .feed import StepData
+from .generate import Decode, GenerationRun, message_in, message_out
 from .lanes import LaneMailbox, Lanes
 from .local_ties import LocalTies, separate_shared
 from .precision import check_precision
@@ -98,6 +99,23 @@ class LocalPipeline(PipelineEntry):
         self._orders: dict[bool, list[tuple[int, Step]]] = {
             training: [(lane, step_of(action, program)) for lane, action in execution_order(program)]
             for training, program in ((True, self.schedule), (False, self.schedule.forward_only()))}
+
+    # --- generation (generate.py) ------------------------------------------------------------------
+    def _generation_held(self) -> dict[int, tuple[nn.Module, torch.device]]:
+        return {stage.index: (stage.module, self.device_of(stage.index)) for stage in self.stages}
+
+    def _generate(self, run: GenerationRun, devices: dict[int, torch.device]) -> tuple[torch.Tensor, int]:
+        mailbox: dict[Message, Any] = {}
+        n_stages, n_lanes, n_steps = run.n_stages, run.n_lanes, run.n_steps
+
+        def receive(action: Decode) -> Any:
+            return mailbox.pop(message_in(action, n_stages, n_lanes)[0])  # type: ignore[index]
+
+        def send(action: Decode, value: Any) -> None:
+            mailbox[message_out(action, n_stages, n_lanes, n_steps)[0]] = value  # type: ignore[index]
+
+        self._run_generation(run, devices, receive, send)
+        return run.result()
 
     def device_of(self, stage: int) -> torch.device:
         """The device stage ``stage`` lives on."""

@@ -43,7 +43,9 @@ def split_value(value: Any, size: int, n_microbatches: int) -> list[Any]:
 
 def split_batch(inputs: tuple, kwargs: dict, n_microbatches: int) -> list[tuple[tuple, dict]]:
     """``[(args, kwargs)]`` for each micro-batch."""
-    size = batch_size(inputs, n_microbatches)
+    positional = [x for x in inputs if isinstance(x, torch.Tensor)]
+    keyword = [x for x in kwargs.values() if isinstance(x, torch.Tensor)]
+    size = batch_size(inputs if positional else keyword[:1], n_microbatches)  # inputs given by name only
     args = split_value(tuple(inputs), size, n_microbatches)
     kwarg_parts = split_value(dict(kwargs), size, n_microbatches)
     return list(zip(args, kwarg_parts))

@@ -23,6 +23,7 @@ from .devices import TransportFactory, default_device, make_transport
 from .entry import PipelineEntry, check_arguments, check_options
 from .executor import Executor, TraceEvent
 from .feed import StepData, StreamFeed
+from .generate import Decode, GenerationRun, incoming_messages, message_in, message_out
 from .mesh_hooks import MeshHooks
 from .norms import StageSlice, counted_piece
 from .precision import check_precision, overflow_in_group
@@ -366,6 +367,50 @@ class PipelineRunner(PipelineEntry):
         finally:
             executor.current = None
             self._optimizer = None
+
+    # --- generation (generate.py) ------------------------------------------------------------------
+    def _generation_held(self) -> dict[int, tuple[nn.Module, torch.device]]:
+        if any(len(replicas_of_stage) > 1 for replicas_of_stage in self.schedule.replicas):
+            raise ValueError("generate() with replicated stages is not supported: build a runner without replicas")
+        return {index: (stage.module, self.device) for index, stage in self.stages.items()}
+
+    def _generate(self, run: GenerationRun, devices: dict[int, torch.device]) -> tuple[torch.Tensor, int]:
+        placement = self.schedule.placement
+        n_stages, n_lanes, n_steps = run.n_stages, run.n_lanes, run.n_steps
+        transport = self.transport
+
+        def receive(action: Decode) -> Any:
+            message, source = message_in(action, n_stages, n_lanes)  # type: ignore[misc]
+            return transport.receive(message, placement[source])
+
+        def send(action: Decode, value: Any) -> None:
+            message, target = message_out(action, n_stages, n_lanes, n_steps)  # type: ignore[misc]
+            if placement[target] == self.rank:
+                transport.deliver_local(message, value)
+            else:
+                transport.send(placement[target], message, value)
+
+        self._calls.begin("generate")  # the watchdog names a rank that makes another call meanwhile
+        try:
+            transport.expect(incoming_messages(n_stages, n_lanes, n_steps, placement.__getitem__, self.rank))
+            self._run_generation(run, devices, receive, send)
+            transport.finish()
+        except BaseException:
+            self._calls.end(failed=True)
+            raise
+        self._calls.end()
+        batch, length = run.input_ids.shape[0], run.input_ids.shape[1] + n_steps
+        result = torch.zeros((batch, length), dtype=torch.long, device=self.device)
+        kept = torch.zeros(1, dtype=torch.long, device=self.device)
+        if self._holds_last:
+            tokens, count = run.result()
+            result.copy_(tokens)
+            kept[0] = count
+        source = self._last_stage_rank
+        source = dist.get_global_rank(self.group, source) if self.group is not None else source
+        dist.broadcast(result, source, group=self.group)
+        dist.broadcast(kept, source, group=self.group)
+        return result, int(kept[0])
 
     def _update(self, action: Action) -> None:
         """Step the optimizer on the mean gradient accumulated since this stage's last update."""

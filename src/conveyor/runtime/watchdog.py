@@ -66,7 +66,7 @@ class CallState:
         self.history: deque[tuple[int, str, int]] = deque(maxlen=_HISTORY)
 
     def begin(self, kind: str) -> None:
-        """A call of ``kind`` (``"step"``, ``"forward"``, ``"stream"``) starts."""
+        """A call of ``kind`` (``"step"``, ``"forward"``, ``"stream"``, ``"generate"``) starts."""
         self.number += 1
         self.kind = kind
         self.history.append((self.number, kind, self.n_microbatches))
