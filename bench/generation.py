@@ -111,5 +111,5 @@ def run(plan: Plan, figures: Path) -> Section:
              "and of the pipeline's fill, not a speed-up; a pipeline speeds generation up only when each stage has "
              "its own device, and a small model's decode step (a few hundred microseconds) is of the order of a "
              "message's latency."]
-    return Section("generation", "12. Pipelined generation (tokens/s, KV cache per stage and lane)", text=text,
+    return Section("generation", "13. Pipelined generation (tokens/s, KV cache per stage and lane)", text=text,
                    tables=[table], notes=notes, seconds=time.perf_counter() - started, short="generation")
