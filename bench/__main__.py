@@ -8,7 +8,19 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from . import asynchronous, auto_schedule, compute, efficiency, generation, memory, mesh, moe_pairs, overhead, scaling
+from . import (
+    asynchronous,
+    auto_schedule,
+    compute,
+    efficiency,
+    generation,
+    memory,
+    mesh,
+    moe_pairs,
+    overhead,
+    planner_accuracy,
+    scaling,
+)
 from .harness import FULL, QUICK, Plan, busy_cpu_seconds
 from .report import Section, write_report
 
@@ -26,7 +38,9 @@ BENCHMARKS: dict[str, Runner] = {
     "auto": auto_schedule.run,
     "mesh": mesh.run,
     "generation": generation.run,
+    "planner": planner_accuracy.run,  # minutes: profiles and runs ~60 configurations; only when named
 }
+ON_REQUEST = {"planner"}  # left out of a plain `python -m bench`: run with --only planner
 
 FULL_RUN_ONLY = {"generation"}  # too slow for --quick's smoke run; `--only generation --quick` runs it small
 
@@ -67,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out.resolve()
     figures = args.figures or (PACKAGE / "figures" if out.parent == PACKAGE.parent else out.parent / "figures")
     settle = args.settle if args.settle is not None else (0.0 if args.quick else 10.0)
-    names = args.only or [name for name in BENCHMARKS if not (args.quick and name in FULL_RUN_ONLY)]
+    names = args.only or [name for name in BENCHMARKS
+                          if name not in ON_REQUEST and not (args.quick and name in FULL_RUN_ONLY)]
     started = time.perf_counter()
     sections = []
     for name in names:

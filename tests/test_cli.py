@@ -45,6 +45,65 @@ def test_plan_verify_runs_the_top_runnable_candidate(capsys: pytest.CaptureFixtu
     assert "predicted ms" in verified and "%" in verified.splitlines()[-1]
 
 
+def test_plan_a_script_on_more_ranks_than_cores_profiles_and_verifies_it(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    # 4 ranks on 2 cores: the profile is taken by 4 processes at once, each importing the script itself
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    script = str(Path(__file__).parent / "helpers" / "plan_script.py")
+    assert main(["plan", script, "--ranks", "4", "--no-link", "--runs", "1", "--top", "1", "--verify",
+                 "--runnable-only", "--steps", "1", "--timeout", "120"]) == 0
+    out = capsys.readouterr().out
+    assert "timed by 4 processes at once" in out
+    assert "%" in out.split("local processes ...")[1].splitlines()[-1]
+
+
+def test_plan_json_with_verify_carries_each_measured_step_and_its_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["plan", *TINY, "--ranks", "2", "--no-link", "--runs", "1", "--top", "1", "--verify", "--json",
+                 "--schedules", "1f1b", "--steps", "1", "--timeout", "120"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    [verified] = data["verified"]
+    assert verified["label"] == data["candidates"][0]["label"] and verified["measured_step_s"] > 0
+    predicted, measured = verified["predicted_step_s"], verified["measured_step_s"]
+    assert verified["error"] == pytest.approx((predicted - measured) / measured)
+
+
+def test_plan_schedules_option_restricts_the_search(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["plan", *TINY, "--ranks", "2", "--no-link", "--runs", "1", "--json",
+                 "--schedules", "gpipe,pipedream"]) == 0
+    names = {c["schedule"] for c in json.loads(capsys.readouterr().out)["candidates"]}
+    assert names == {"gpipe", "pipedream"}
+
+
+def test_plan_schedules_option_names_the_known_schedules_when_given_another(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["plan", "--schedules", "1f1b,nonesuch"])
+    assert "unknown schedules ['nonesuch']" in capsys.readouterr().err
+
+
+GPT2_TINY = ["gpt2", "--layers", "2", "--width", "32", "--heads", "2", "--seq-len", "8", "--batch-size", "4"]
+
+
+def test_plan_gpt2_verify_runnable_only_skips_schedules_its_tied_weights_forbid(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    # GPT-2 ties wte to lm_head across the stages: PipeDream would update the copies apart
+    assert main(["plan", *GPT2_TINY, "--ranks", "2", "--no-link", "--runs", "1", "--top", "2", "--verify",
+                 "--runnable-only", "--schedules", "pipedream,1f1b", "--steps", "1", "--timeout", "120",
+                 "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    pipedream = [c for c in data["candidates"] if c["schedule"] == "pipedream"]
+    assert pipedream and not any(c["runnable"] for c in pipedream)
+    assert "tied weights" in pipedream[0]["refusal"]
+    assert [v["schedule"] for v in data["verified"]] == ["1f1b", "1f1b"]
+    assert all(v["measured_step_s"] > 0 for v in data["verified"])
+
+
+def test_train_gpt2_with_plan_trains_the_top_runnable_choice(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["train", *GPT2_TINY, "--stages", "2", "--plan", "--steps", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "plan: " in out and "pipedream" not in out.split("plan: ")[1].splitlines()[0] and "loss" in out
+
+
 def test_train_with_plan_draws_a_timeline(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     picture = tmp_path / "timeline.png"
     assert main([*TRAIN, "--steps", "2", "--plan", "--timeline", str(picture)]) == 0
@@ -153,3 +212,16 @@ def test_train_under_torchrun_joins_its_job(tmp_path: Path) -> None:
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert (tmp_path / "step-000002" / "manifest.json").is_file() and "loss" in result.stdout
+
+
+def test_a_rank_whose_stages_hold_no_parameters_gets_an_optimizer_that_updates_nothing() -> None:
+    from conveyor.workloads import WorkloadSpec, load_workload
+
+    workload = load_workload(WorkloadSpec(str(Path(__file__).parent / "helpers" / "plan_script.py")))
+    optimizer = workload.optimizer_for(iter(nn_relu_parameters()))
+    optimizer.step()  # torch's own optimizers refuse an empty list; this one steps nothing
+    assert all(p.numel() == 0 for group in optimizer.param_groups for p in group["params"])
+
+
+def nn_relu_parameters() -> list[torch.nn.Parameter]:
+    return list(torch.nn.ReLU().parameters())

@@ -257,3 +257,75 @@ def test_the_automatic_schedule_is_a_runnable_candidate_at_least_as_fast_as_the_
     assert auto.runnable and auto.fits and max(auto.peak_microbatches) <= 4
     named = [c for c in result.candidates if c.schedule != "auto" and c.sizes == auto.sizes]
     assert named and all(auto.step_s <= c.step_s + 1e-12 for c in named)
+
+
+def test_a_weight_tied_across_stages_makes_replicated_candidates_unrunnable() -> None:
+    prof = uniform(4)
+    prof.tied_blocks = [[0, 3]]
+    replicated = [c for c in plan(prof, n_ranks=4, batch_size=8, schedules=["pipedream"]).candidates
+                  if c.replicas and all(c.n_microbatches % r == 0 for r in c.replicas)]
+    assert replicated and not any(c.runnable for c in replicated)
+    assert all("tied weights" in (c.refusal or "") for c in replicated)
+
+
+def test_runnable_is_decided_by_the_runners_own_schedule_checks() -> None:
+    from conveyor.schedule import make_schedule
+
+    candidate = next(c for c in plan(uniform(4), n_ranks=4, batch_size=8, microbatches=[3]).candidates
+                     if c.replicas and any(3 % r for r in c.replicas))
+    with pytest.raises(ValueError) as refused:
+        make_schedule(candidate.schedule, 4, candidate.n_stages, 3, replicas=list(candidate.replicas))
+    assert not candidate.runnable and candidate.refusal == str(refused.value)
+
+
+def test_runnable_candidates_rank_before_faster_ones_the_runner_refuses() -> None:
+    prof = uniform(4)
+    prof.tied_blocks = [[0, 3]]
+    result = plan(prof, n_ranks=2, batch_size=4)
+    assert result.best.runnable and result.best is result.best_runnable
+    assert any(not c.runnable and c.throughput > result.best.throughput for c in result.candidates)
+
+
+def test_plan_searches_only_the_schedules_it_is_given() -> None:
+    result = plan(uniform(4), n_ranks=2, batch_size=4, schedules=["zb-h1", "pipedream-2bw"])
+    assert {c.schedule for c in result.candidates} == {"zb-h1", "pipedream-2bw"}
+
+
+def with_updates_of(prof: Profile, update_s: float, stash_s: float = 0.0) -> Profile:
+    from dataclasses import replace
+
+    return replace(prof, blocks=[replace(b, update_s=update_s, stash_s=stash_s) for b in prof.blocks])
+
+
+def test_a_synchronous_step_ends_with_the_optimizer_step_of_the_rank_that_finishes_last() -> None:
+    # 1F1B on 2 equal stages: rank 0 runs the last backward, then its own optimizer step
+    free = plan(uniform(2), 2, batch_size=4, schedules=["1f1b"], microbatches=[4]).best
+    charged = plan(with_updates_of(uniform(2), 5e-3), 2, batch_size=4, schedules=["1f1b"], microbatches=[4]).best
+    assert charged.step_s == pytest.approx(free.step_s + 5e-3)
+
+
+@pytest.mark.parametrize(("schedule", "window"), [("pipedream", 1), ("pipedream-2bw", 2)])
+def test_every_asynchronous_update_charges_an_optimizer_step_and_a_weight_copy(schedule: str, window: int) -> None:
+    prof = with_updates_of(uniform(2), 4e-3, 2e-3)
+    estimate = async_steady_state(prof, (1, 1), 1.0, (1, 1), schedule)
+    assert estimate.seconds_per_microbatch == pytest.approx(3e-3 + 6e-3 / window)
+
+
+def test_profile_times_an_optimizer_step_and_a_weight_copy_only_for_blocks_with_parameters() -> None:
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 1))
+    before = [p.detach().clone() for p in model.parameters()]
+    prof = profile(model, (torch.randn(8, 16),), runs=1, link=None,
+                   optimizer=lambda params: torch.optim.SGD(params, lr=1.0))
+    assert prof.blocks[0].update_s > 0 and prof.blocks[0].stash_s > 0
+    assert prof.blocks[1].update_s == 0 and prof.blocks[1].stash_s == 0
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_a_replicated_layout_predicted_faster_is_flagged_low_confidence_and_not_ranked_first() -> None:
+    blocks = [BlockProfile.simple("light", 1e-3, 2e-3)] + [BlockProfile.simple("heavy", 8e-3, 16e-3)]
+    blocks += [BlockProfile.simple("light", 1e-3, 2e-3)]
+    result = plan(Profile(blocks, FREE_LINK, rows=(1,)), 3, batch_size=4, schedules=["pipedream"], microbatches=[4])
+    replicated = max((c for c in result.candidates if c.replicas), key=lambda c: c.throughput)
+    assert replicated.runnable and replicated.throughput > result.best.throughput
+    assert replicated.confidence == "low" and result.best.confidence == "high"
+    assert "low confidence" in result.explain()

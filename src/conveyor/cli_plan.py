@@ -8,12 +8,14 @@ from __future__ import annotations
 import argparse
 import os
 import re
+from collections.abc import Sequence
 
 from .cli_args import at_least, positive_float
 from .planning import Plan, Profile, plan, profile
-from .workloads import WorkloadSpec, load_workload
+from .planning.profile import profile_together
+from .workloads import Workload, WorkloadSpec, load_workload
 
-__all__ = ["add_workload_arguments", "parse_bytes", "plan_workload", "register", "spec_from_args"]
+__all__ = ["add_workload_arguments", "parse_bytes", "plan_workload", "register", "schedule_list", "spec_from_args"]
 
 CONTENTION = ("measured", "reshared", "modelled")
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -52,9 +54,23 @@ def spec_from_args(args: argparse.Namespace) -> WorkloadSpec:
     return WorkloadSpec(args.source, args.layers, args.width, args.heads, args.seq_len, args.full_size, args.seed)
 
 
+def _profile_workload(workload: Workload, rows: int, runs: int, threads: int, link: str | None) -> Profile:
+    inputs, target = workload.inputs(0, rows)
+    return profile(workload.build_model(), inputs, target=target, loss_fn=workload.loss_fn, runs=runs,
+                   threads=threads, link=link, name=workload.name, optimizer=workload.make_optimizer)
+
+
+def _profile_workload_rank(rank: int, world_size: int, spec: WorkloadSpec, rows: int, runs: int,
+                           threads: int) -> Profile:
+    """One of the processes profiling at once: it loads the workload itself (a user's script is
+    imported here, under its own name, rather than unpickled)."""
+    return _profile_workload(load_workload(spec), rows, runs, threads, None)
+
+
 def plan_workload(spec: WorkloadSpec, ranks: int, *, batch_size: int | None, memory_per_rank: float | None,
                   runs: int = 3, measure_link: bool = True, profile_file: str | None = None,
-                  save_profile: str | None = None, contention: str = "measured") -> Plan:
+                  save_profile: str | None = None, contention: str = "measured",
+                  schedules: Sequence[str] | None = None) -> Plan:
     """Profile the workload with the threads each of ``ranks`` local ranks will get, then plan.
 
     When the ranks oversubscribe the cores, ``contention="measured"`` profiles in ``ranks``
@@ -68,17 +84,20 @@ def plan_workload(spec: WorkloadSpec, ranks: int, *, batch_size: int | None, mem
     if profile_file:
         measured = Profile.load(profile_file)
     else:
-        model = workload.build_model()
-        inputs, target = workload.inputs(0, max(1, batch_size // ranks))
+        rows = max(1, batch_size // ranks)
         cores = os.cpu_count() or 1
         threads = max(1, cores // ranks)
         concurrent = ranks if contention != "modelled" and ranks * threads > cores else 1
-        measured = profile(model, inputs, target=target, loss_fn=workload.loss_fn, runs=runs, threads=threads,
-                           link="measure" if measure_link else None, name=workload.name, concurrent=concurrent)
+        link = "measure" if measure_link else None
+        if concurrent > 1:  # every process builds the workload from its spec: a script's model cannot be pickled
+            measured = profile_together(_profile_workload_rank, (spec, rows, runs, threads), concurrent,
+                                        threads=threads, link=link, name=workload.name)
+        else:
+            measured = _profile_workload(workload, rows, runs, threads, link)
     if save_profile:
         print(f"wrote {measured.save(save_profile)}")
     return plan(measured, ranks, memory_per_rank=memory_per_rank, batch_size=batch_size,
-                reshare=contention == "reshared")
+                reshare=contention == "reshared", schedules=schedules)
 
 
 def _plan(args: argparse.Namespace) -> None:
@@ -87,19 +106,36 @@ def _plan(args: argparse.Namespace) -> None:
     spec = spec_from_args(args)
     result = plan_workload(spec, args.ranks, batch_size=args.batch_size, memory_per_rank=args.memory_per_rank,
                            runs=args.runs, measure_link=not args.no_link, profile_file=args.profile,
-                           save_profile=args.save_profile, contention=args.contention)
-    if args.json:
-        print(result.to_json())
-        return
-    print(result.table(args.top))
-    print(result.explain())
+                           save_profile=args.save_profile, contention=args.contention, schedules=args.schedules)
+    verified = None
     if args.verify:
         chosen = result.top(args.top, runnable=True) if args.runnable_only else result.top(args.top)
         subset = Plan(chosen, result.n_ranks, result.batch_size, result.memory_per_rank, result.profile)
-        print(f"\nrunning the top {len(chosen)} for {args.steps} steps each on {args.ranks} local processes ...")
-        print(VERIFIED_HEADER, flush=True)
-        verify(subset, spec, top=len(chosen), steps=args.steps, timeout=args.timeout,
-               on_result=lambda index, result: print(format_row(index, result), flush=True))
+        if not args.json:
+            print(result.table(args.top))
+            print(result.explain())
+            print(f"\nrunning the top {len(chosen)} for {args.steps} steps each on {args.ranks} local processes ...")
+            print(VERIFIED_HEADER, flush=True)
+        verified = verify(subset, spec, top=len(chosen), steps=args.steps, timeout=args.timeout,
+                          on_result=None if args.json else
+                          lambda index, result: print(format_row(index, result), flush=True))
+    if args.json:
+        print(result.to_json([v.to_dict() for v in verified] if verified is not None else None))
+    elif not args.verify:
+        print(result.table(args.top))
+        print(result.explain())
+
+
+def schedule_list(text: str) -> list[str]:
+    """``"1f1b,zb-h1"`` -> ``["1f1b", "zb-h1"]``, each a schedule the planner knows."""
+    from .planning.search import ASYNC_SCHEDULES, SYNC_SCHEDULES
+
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    known = SYNC_SCHEDULES + ASYNC_SCHEDULES
+    unknown = [name for name in names if name not in known]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(f"unknown schedules {unknown or [text]}; choose from {', '.join(known)}")
+    return names
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -115,7 +151,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--verify", action="store_true",
                         help="run the top candidates for a few steps: predicted vs measured step time")
     parser.add_argument("--runnable-only", action="store_true",
-                        help="with --verify: verify the top runnable candidates (skip asynchronous ones)")
+                        help="with --verify: verify the top candidates the runner accepts (skip those it refuses)")
     parser.add_argument("--steps", type=at_least(1), default=3,
                         help="measured steps per verified candidate (default 3)")
     parser.add_argument("--timeout", type=positive_float, default=600.0,
@@ -128,5 +164,10 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--no-link", action="store_true", help="do not measure the link (assume 50 us, 1 GB/s)")
     parser.add_argument("--profile", default=None, help="plan from a saved profile (JSON) instead of measuring")
     parser.add_argument("--save-profile", default=None, help="write the measured profile to this JSON file")
-    parser.add_argument("--json", action="store_true", help="print every candidate as JSON instead of the table")
+    parser.add_argument("--schedules", type=schedule_list, default=None,
+                        help="search only these schedules, comma-separated, e.g. 1f1b,zb-h1,pipedream "
+                             "(default: all)")
+    parser.add_argument("--json", action="store_true",
+                        help="print every candidate as JSON instead of the table (with --verify: and the "
+                             "measured step, error and note of each verified candidate, under 'verified')")
     parser.set_defaults(handler=_plan)

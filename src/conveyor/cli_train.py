@@ -123,7 +123,7 @@ def _worker(rank: int, world_size: int, config: TrainConfig) -> dict[str, Any]:
                              example_args=example)
     runner = conveyor.PipelineRunner(pipe, schedule=config.schedule, n_microbatches=config.microbatches,
                                      loss_fn=workload.loss_fn)
-    optimizer = workload.make_optimizer(runner.parameters())
+    optimizer = workload.optimizer_for(runner.parameters())
     first = 0
     restarts = _restarts(config)
     if config.resume or (restarts and config.checkpoint_dir):

@@ -59,6 +59,15 @@ class Workload:
     make_optimizer: Callable[[Iterator[nn.Parameter]], torch.optim.Optimizer]
     batch_size: int = 16
 
+    def optimizer_for(self, parameters: Iterator[nn.Parameter]) -> torch.optim.Optimizer:
+        """The workload's optimizer over ``parameters``; a rank whose stages hold none (a stage
+        that is only an activation) gets one that updates nothing, since torch's optimizers
+        refuse an empty parameter list."""
+        chosen = list(parameters)
+        if not chosen:
+            return torch.optim.SGD([nn.Parameter(torch.zeros(0))], lr=0.0)
+        return self.make_optimizer(iter(chosen))
+
     def inputs(self, step: int, batch_size: int) -> tuple[tuple, Any]:
         """``(inputs as a tuple, target)`` of a step's batch."""
         inputs, target = self.batch(step, batch_size)

@@ -20,6 +20,7 @@ step time (with shared cores), memory per rank, and the asynchronous schedules' 
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -27,8 +28,9 @@ from ..schedule.actions import Schedule
 from ..schedule.links import Message, outgoing, required_message
 from .profile import Profile
 
-__all__ = ["AsyncEstimate", "MemoryEstimate", "async_steady_state", "boundary_bytes", "compute_slots",
-           "message_time", "rank_memory", "shared_core_makespan", "sharing_factor", "stage_costs", "stage_ranges"]
+__all__ = ["ActionCosts", "AsyncEstimate", "MemoryEstimate", "action_costs", "async_steady_state", "boundary_bytes",
+           "compute_slots", "message_time", "rank_memory", "shared_core_makespan", "sharing_factor", "stage_costs",
+           "stage_ranges", "stage_stashes", "stage_updates", "with_updates"]
 
 
 def stage_ranges(sizes: Sequence[int]) -> list[range]:
@@ -62,6 +64,59 @@ def stage_costs(profile: Profile, sizes: Sequence[int], rows: float) -> dict[str
     return table
 
 
+def stage_updates(profile: Profile, sizes: Sequence[int]) -> list[float]:
+    """Seconds of one optimizer step over each stage's parameters."""
+    alone = 1.0 / sharing_factor(profile)
+    return [sum(profile.blocks[b].update_s for b in blocks) * alone for blocks in stage_ranges(sizes)]
+
+
+def stage_stashes(profile: Profile, sizes: Sequence[int]) -> list[float]:
+    """Seconds of one copy of each stage's parameters (a weight version, which asynchronous
+    schedules make after every update)."""
+    alone = 1.0 / sharing_factor(profile)
+    return [sum(profile.blocks[b].stash_s for b in blocks) * alone for blocks in stage_ranges(sizes)]
+
+
+@dataclass(frozen=True)
+class ActionCosts:
+    """The one cost model every search prices programs with: per stage, the seconds of ``F``,
+    ``B``, ``I``, ``W`` for a micro-batch, of an update ``U`` (optimizer step) and of a weight
+    copy; ``comm``: one message's time between ranks (the slowest boundary's). :meth:`table` is
+    what ``conveyor.schedule.simulate`` and the zero-bubble ``conveyor.schedule.search`` take."""
+
+    F: tuple[float, ...]
+    B: tuple[float, ...]
+    I: tuple[float, ...]  # noqa: E741 - the zero-bubble papers' name for the input-gradient half
+    W: tuple[float, ...]
+    U: tuple[float, ...]
+    stash: tuple[float, ...]
+    comm: float
+
+    def table(self) -> dict[str, list[float]]:
+        return {"F": list(self.F), "B": list(self.B), "I": list(self.I), "W": list(self.W)}
+
+
+def action_costs(profile: Profile, sizes: Sequence[int], rows: float) -> ActionCosts:
+    """Everything the planner charges a layout of ``sizes`` at ``rows`` rows per micro-batch."""
+    table = stage_costs(profile, sizes, rows)
+    return ActionCosts(*(tuple(table[k]) for k in "FBIW"), tuple(stage_updates(profile, sizes)),
+                       tuple(stage_stashes(profile, sizes)), message_time(profile, sizes, rows))
+
+
+def with_updates(events: Sequence, n_ranks: int, placement: Sequence[int], updates: Sequence[float],
+                 makespan: float) -> float:
+    """A synchronous step with its optimizer step: each rank steps its stages' parameters once
+    it has run its last action, so the step ends at ``max over ranks (last end + its updates)``.
+    ``events``: the simulator's (rank, action, start, end)."""
+    ends = [0.0] * n_ranks
+    for event in events:
+        ends[event.rank] = max(ends[event.rank], event.end)
+    per_rank = [0.0] * n_ranks
+    for stage, rank in enumerate(placement):
+        per_rank[rank] += updates[stage]
+    return max([makespan] + [end + update for end, update in zip(ends, per_rank)])
+
+
 def boundary_bytes(profile: Profile, sizes: Sequence[int], rows: float) -> list[float]:
     """Bytes each stage but the last sends forward (and receives back as a gradient)."""
     return [profile.blocks[blocks[-1]].output_bytes_per_row * rows for blocks in stage_ranges(sizes)[:-1]]
@@ -92,8 +147,11 @@ def shared_core_makespan(program: Schedule, costs: dict[str, Sequence[float]], c
     position = [0] * program.n_ranks
     running: dict[int, list] = {}  # rank -> [action, remaining seconds at full speed]
     arrival: dict[Message, float] = {}
+    upcoming: list[float] = []  # a heap of the arrival times still ahead
     now, eps = 0.0, 1e-12
     while True:
+        while upcoming and upcoming[0] <= now + eps:
+            heapq.heappop(upcoming)
         for rank, actions in enumerate(program.ranks):
             if rank in running or position[rank] >= len(actions):
                 continue
@@ -104,14 +162,14 @@ def shared_core_makespan(program: Schedule, costs: dict[str, Sequence[float]], c
         if not running:
             if all(position[r] >= len(a) for r, a in enumerate(program.ranks)):
                 return now
-            later = [t for t in arrival.values() if t > now + eps]
-            if not later:
+            if not upcoming:
                 raise RuntimeError("the program deadlocks")  # validate() rules this out for real programs
-            now = min(later)
+            now = upcoming[0]
             continue
         speed = min(1.0, slots / len(running))
         step = min(remaining for _, remaining in running.values()) / speed
-        step = min([step] + [t - now for t in arrival.values() if t > now + eps])
+        if upcoming:
+            step = min(step, upcoming[0] - now)
         now += step
         for rank in list(running):
             running[rank][1] -= step * speed
@@ -122,6 +180,7 @@ def shared_core_makespan(program: Schedule, costs: dict[str, Sequence[float]], c
                 if message is not None:
                     same = program.placement[message.target_stage] == rank
                     arrival[message] = now + (0.0 if same else comm)
+                    heapq.heappush(upcoming, arrival[message])
 
 
 @dataclass(frozen=True)
@@ -179,12 +238,14 @@ class AsyncEstimate:
 def async_steady_state(profile: Profile, sizes: Sequence[int], rows: float, replicas: Sequence[int],
                        schedule: str, slots: float = float("inf")) -> AsyncEstimate:
     """PipeDream-style pipelines never flush: in steady state a micro-batch completes every
-    ``max_s t_s`` seconds, where ``t_s = (F_s + B_s + comm_s) / r_s + sync_s``; ``comm_s`` is the
-    time to send stage ``s``'s output and its input gradient; a stage with ``r_s > 1`` replicas
-    all-reduces its gradients (ring: ``2 (r-1)/r * params / bandwidth``) once per update, i.e.
-    every micro-batch for PipeDream, every ``n_stages`` micro-batches for 2BW, shared by its
-    ``r_s`` replicas. With shared cores the pace is at least the total work over ``slots``."""
-    costs = stage_costs(profile, sizes, rows)
+    ``max_s t_s`` seconds, where ``t_s = (F_s + B_s + comm_s) / r_s + (U_s + copy_s + sync_s) /
+    (r_s window)``; ``comm_s`` is the time to send stage ``s``'s output and its input gradient;
+    every update (each micro-batch for PipeDream, each ``n_stages`` for 2BW: ``window``) steps the
+    optimizer (``U_s``) and copies the weights into a new version (``copy_s``); a stage with
+    ``r_s > 1`` replicas also all-reduces its gradients then (ring: ``2 (r-1)/r * params /
+    bandwidth``), each replica updating for its share of the micro-batches. With shared cores
+    the pace is at least the total work over ``slots``."""
+    costs = action_costs(profile, sizes, rows)
     sent = boundary_bytes(profile, sizes, rows)
     window = 1 if schedule == "pipedream" else len(sizes)
     per_stage: list[float] = []
@@ -194,9 +255,9 @@ def async_steady_state(profile: Profile, sizes: Sequence[int], rows: float, repl
                (profile.link.time(sent[stage - 1]) if stage > 0 else 0.0)
         r = replicas[stage]
         params = sum(profile.blocks[b].param_bytes for b in blocks)
-        sync = 0.0 if r == 1 else (profile.link.latency_s + 2 * (r - 1) / r * params
-                                   / profile.link.bandwidth_bytes_s) / (r * window)
-        per_stage.append((costs["F"][stage] + costs["B"][stage] + comm) / r + sync)
-        work += costs["F"][stage] + costs["B"][stage]
+        sync = 0.0 if r == 1 else profile.link.latency_s + 2 * (r - 1) / r * params / profile.link.bandwidth_bytes_s
+        update = costs.U[stage] + costs.stash[stage]
+        per_stage.append((costs.F[stage] + costs.B[stage] + comm) / r + (update + sync) / (r * window))
+        work += costs.F[stage] + costs.B[stage] + update / window
     pace = max(per_stage)
     return AsyncEstimate(max(pace, work / slots), per_stage.index(pace), tuple(per_stage))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import statistics
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,7 +27,7 @@ from ..partition.pipe import is_meta
 from ..partition.profile import measure_blocks, tensors_of
 from .units import cuttable_units
 
-__all__ = ["BlockProfile", "Cost", "Link", "Profile", "profile"]
+__all__ = ["BlockProfile", "Cost", "Link", "Profile", "profile", "profile_together"]
 
 
 class Cost(NamedTuple):
@@ -51,6 +52,8 @@ class BlockProfile:
     param_bytes: int
     activation_bytes_per_row: float  # saved for the backward, per row of the micro-batch
     output_bytes_per_row: float      # sent to the next stage if a cut follows this block
+    update_s: float = 0.0            # one optimizer step over the block's parameters (the workload's optimizer)
+    stash_s: float = 0.0             # one copy of its parameters (a weight version of asynchronous schedules)
 
     @staticmethod
     def simple(name: str, forward_s: float, backward_s: float, *, param_bytes: int = 0,
@@ -98,7 +101,8 @@ class Profile:
     def from_json(text: str) -> Profile:
         data = json.loads(text)
         blocks = [BlockProfile(b["name"], *(Cost(*b[k]) for k in ("forward", "backward", "input_grad", "weight_grad")),
-                               b["param_bytes"], b["activation_bytes_per_row"], b["output_bytes_per_row"])
+                               b["param_bytes"], b["activation_bytes_per_row"], b["output_bytes_per_row"],
+                               b.get("update_s", 0.0), b.get("stash_s", 0.0))
                   for b in data.pop("blocks")]
         link = Link(**data.pop("link"))
         return Profile(blocks, link, rows=tuple(data.pop("rows")), **data)
@@ -129,8 +133,44 @@ def _fit(small: float, large: float, rows_small: int, rows_large: int) -> Cost:
 
 
 def _profile_rank(rank: int, world_size: int, model: Any, args: tuple, kwargs: dict, target: Any,
-                  loss_fn: Any, runs: int, threads: int | None) -> Profile:
-    return profile(model, args, kwargs, target=target, loss_fn=loss_fn, runs=runs, threads=threads, link=None)
+                  loss_fn: Any, runs: int, threads: int | None, optimizer: Any) -> Profile:
+    return profile(model, args, kwargs, target=target, loss_fn=loss_fn, runs=runs, threads=threads, link=None,
+                   optimizer=optimizer)
+
+
+def _adamw(parameters: Any) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(parameters, lr=1e-3)
+
+
+def measure_updates(modules: Sequence[nn.Module], optimizer: Callable[[Any], torch.optim.Optimizer],
+                    runs: int) -> list[tuple[float, float]]:
+    """Per block, the median seconds of one ``optimizer`` step over its parameters (after a first
+    step that creates the optimizer's state) and of one copy of them (a weight version), taken on
+    copies: the model's parameters, gradients and state stay as they were."""
+    results = []
+    for module in modules:
+        params = [p for p in module.parameters() if p.requires_grad]
+        if not params:
+            results.append((0.0, 0.0))
+            continue
+        copies = [nn.Parameter(p.detach().clone()) for p in params]
+        step = optimizer(copies)
+        update, stash = [], []
+        for run in range(runs + 1):
+            for copy in copies:
+                copy.grad = torch.ones_like(copy)
+            start = time.perf_counter()
+            step.step()
+            middle = time.perf_counter()
+            versions = [copy.detach().clone() for copy in copies]
+            end = time.perf_counter()
+            step.zero_grad(set_to_none=True)
+            del versions
+            if run > 0:
+                update.append(middle - start)
+                stash.append(end - middle)
+        results.append((statistics.median(update), statistics.median(stash)))
+    return results
 
 
 def _median_profile(profiles: Sequence[Profile]) -> Profile:
@@ -142,16 +182,38 @@ def _median_profile(profiles: Sequence[Profile]) -> Profile:
         first = same[0]
         blocks.append(BlockProfile(first.name, *(median_cost([getattr(b, k) for b in same])
                                                  for k in ("forward", "backward", "input_grad", "weight_grad")),
-                                   first.param_bytes, first.activation_bytes_per_row, first.output_bytes_per_row))
+                                   first.param_bytes, first.activation_bytes_per_row, first.output_bytes_per_row,
+                                   statistics.median(b.update_s for b in same),
+                                   statistics.median(b.stash_s for b in same)))
     head = profiles[0]
     return Profile(blocks, head.link, head.rows, head.threads, head.cores, head.units, head.model, len(profiles),
                    head.action_overhead_s, head.tied_blocks)
 
 
+def profile_together(rank_fn: Callable[..., Profile], args: tuple, concurrent: int, *, threads: int | None,
+                     link: Link | str | None = "measure", name: str = "", timeout: float = 600.0) -> Profile:
+    """``concurrent`` local processes each return ``rank_fn(rank, world_size, *args)`` (a profile
+    taken with ``link=None``) at once; the median of their times is kept and the link (and the
+    runtime's overhead per action) measured as ``concurrent`` ranks would see it. ``rank_fn``
+    and ``args`` must unpickle in a fresh process: to profile a user's script, send its
+    :class:`~conveyor.workloads.WorkloadSpec` and build the model in ``rank_fn`` (``cli_plan.py``)."""
+    from ..launch import launch
+    from .link import measure_action_overhead, measure_link
+
+    merged = _median_profile(launch(rank_fn, concurrent, timeout=timeout, threads_per_rank=threads, args=args))
+    merged.link = measure_link(processes=concurrent) if link == "measure" else \
+        link if isinstance(link, Link) else Link()
+    if link == "measure":
+        merged.action_overhead_s = measure_action_overhead(concurrent)
+    merged.model = name or merged.model
+    return merged
+
+
 def profile(model: nn.Module | Sequence[nn.Module], example_args: Any, example_kwargs: dict | None = None, *,
             target: Any = None, loss_fn: Callable[[Any, Any], torch.Tensor] | None = None, runs: int = 3,
             threads: int | None = None, link: Link | str | None = "measure", name: str = "",
-            concurrent: int = 1, timeout: float = 600.0) -> Profile:
+            concurrent: int = 1, timeout: float = 600.0,
+            optimizer: Callable[[Any], torch.optim.Optimizer] | None = None) -> Profile:
     """Measure ``model``'s cuttable blocks on ``example_args`` (one micro-batch) and the link.
 
     ``target`` and ``loss_fn`` add the loss to the last block, as the last stage runs it.
@@ -166,21 +228,15 @@ def profile(model: nn.Module | Sequence[nn.Module], example_args: Any, example_k
     at once (the model and ``loss_fn`` are pickled to them) and keeps the median: the times then
     include whatever else loads the machine; the planner divides out the ``n`` processes' own
     sharing of the cores (``costs.sharing_factor``) and models it where ranks really overlap.
+    ``optimizer(parameters)`` (default AdamW) is timed on copies of each block's parameters: the
+    update every step (and every asynchronous update) pays.
     """
     from .link import measure_action_overhead, measure_link
 
     if concurrent > 1:
-        from ..launch import launch
-
-        profiles = launch(_profile_rank, concurrent, timeout=timeout, threads_per_rank=threads,
-                          args=(model, example_args, example_kwargs, target, loss_fn, runs, threads))
-        merged = _median_profile(profiles)
-        merged.link = measure_link(processes=concurrent) if link == "measure" else \
-            link if isinstance(link, Link) else Link()
-        if link == "measure":
-            merged.action_overhead_s = measure_action_overhead(concurrent)
-        merged.model = name or merged.model
-        return merged
+        return profile_together(_profile_rank,
+                                (model, example_args, example_kwargs, target, loss_fn, runs, threads, optimizer),
+                                concurrent, threads=threads, link=link, name=name, timeout=timeout)
 
     args = example_args if isinstance(example_args, tuple) else (example_args,)
     kwargs = dict(example_kwargs or {})
@@ -198,14 +254,15 @@ def profile(model: nn.Module | Sequence[nn.Module], example_args: Any, example_k
             small = large if rows_small == rows_large else measure_blocks(
                 units.modules, _rows(args, rows_small), _rows(kwargs, rows_small), target=_rows(target, rows_small),
                 loss_fn=loss_fn, runs=runs)
+            updates = measure_updates(units.modules, optimizer or _adamw, runs)
     finally:
         torch.set_num_threads(old_threads)
     blocks = []
-    for unit_name, module, s, big in zip(units.names, units.modules, small, large):
+    for unit_name, module, s, big, (update_s, stash_s) in zip(units.names, units.modules, small, large, updates):
         costs = [_fit(s[k], big[k], rows_small, rows_large) for k in "FBIW"]
         param_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
         blocks.append(BlockProfile(unit_name, *costs, param_bytes, big["saved"] / rows_large,
-                                   big["output"] / rows_large))
+                                   big["output"] / rows_large, update_s, stash_s))
     overhead = 0.0
     if link == "measure":
         link = measure_link()

@@ -4,7 +4,8 @@ Synchronous candidates are timed with the simulator (``conveyor.schedule.simulat
 bubble and the activations kept alive; :func:`.costs.shared_core_makespan` for the step time when
 ranks share cores). PipeDream and 2BW (also with replicated stages) are priced analytically
 (:func:`.costs.async_steady_state`). Every candidate gets a peak memory per rank and whether it
-fits; they are ranked by throughput (samples/s), those that fit first.
+fits; they are ranked by throughput (samples/s), those that fit first, then those the runner
+accepts (:mod:`.runnable`), then those of classes the model predicts well (``confidence``).
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 
 from ..partition.balance import partition_min_max
-from ..schedule import SCHEDULES, ScheduleError, search, simulate, supports_replicas
+from ..schedule import ScheduleError, search, simulate, supports_replicas
 from .costs import (
     MemoryEstimate,
+    action_costs,
     async_steady_state,
     compute_slots,
     message_time,
@@ -24,8 +26,10 @@ from .costs import (
     shared_core_makespan,
     sharing_factor,
     stage_costs,
+    with_updates,
 )
 from .profile import Profile
+from .runnable import runner_refusal
 
 __all__ = ["ASYNC_SCHEDULES", "AUTO_SCHEDULE", "Candidate", "Plan", "SYNC_SCHEDULES", "microbatch_counts", "plan"]
 
@@ -55,6 +59,8 @@ class Candidate:
     peak_microbatches: tuple[int, ...] = ()
     stage_seconds: tuple[float, ...] = ()  # F + B per micro-batch of each stage
     tied_across_stages: bool = False       # a weight held by blocks of two stages (GPT-2's wte / lm_head)
+    confidence: str = "high"               # "low": a class of candidates the model predicts poorly (see why)
+    confidence_note: str = ""
 
     @property
     def n_stages(self) -> int:
@@ -65,16 +71,16 @@ class Candidate:
         return self.schedule in ASYNC_SCHEDULES
 
     @property
+    def refusal(self) -> str | None:
+        """What ``PipelineRunner`` would refuse this layout with (None: it runs); see :mod:`.runnable`."""
+        return runner_refusal(self.schedule, self.n_ranks, self.n_stages, self.n_microbatches,
+                              tuple(self.replicas) if self.replicas else None, self.tied_across_stages)
+
+    @property
     def runnable(self) -> bool:
-        """Whether the runtime can run it: a registered schedule, and replicas only where the
-        schedule takes them and every replica gets the same number of micro-batches."""
-        if self.schedule not in SCHEDULES:
-            return self.schedule == AUTO_SCHEDULE
-        if self.is_async and self.tied_across_stages:  # each stage updates its own copy: they would drift
-            return False
-        if self.replicas is None or all(r == 1 for r in self.replicas):
-            return True
-        return supports_replicas(self.schedule) and all(self.n_microbatches % r == 0 for r in self.replicas)
+        """Whether the runtime accepts it: the runner's own checks (schedule, replicas, micro-batch
+        count, tied weights) pass."""
+        return self.refusal is None
 
     @property
     def peak_memory(self) -> float:
@@ -114,13 +120,13 @@ class Plan:
 
     def table(self, k: int = 10) -> str:
         header = (f"{'#':>2}  {'schedule':<17}{'stages (blocks each)':<24}{'m':>4}{'step ms':>10}{'samples/s':>11}"
-                  f"{'bubble':>8}{'peak mem':>12}  fits  runnable")
+                  f"{'bubble':>8}{'peak mem':>12}  fits  runnable  confidence")
         lines = [header]
         for index, c in enumerate(self.candidates[:k], 1):
             stages = str(list(c.sizes)) + (f" x{list(c.replicas)}" if c.replicas else "")
             lines.append(f"{index:>2}  {c.schedule:<17}{stages:<24}{c.n_microbatches:>4}{c.step_s * 1e3:>10.1f}"
                          f"{c.throughput:>11.1f}{c.bubble:>8.1%}{_mb(c.peak_memory):>12}  "
-                         f"{'yes' if c.fits else 'NO':<4}  {'yes' if c.runnable else 'no'}")
+                         f"{'yes' if c.fits else 'NO':<4}  {'yes' if c.runnable else 'no':<8}  {c.confidence}")
         return "\n".join(lines)
 
     def explain(self) -> str:
@@ -137,6 +143,11 @@ class Plan:
                  f"Choice: {best.label()} (split by {best.split}), {best.rows:g} rows per micro-batch: predicted "
                  f"step {best.step_s * 1e3:.1f} ms, {best.throughput:.1f} samples/s."]
         lines += self._why(best)
+        doubtful = next((c for c in self.candidates if c.confidence == "low" and c.fits and c.runnable
+                         and c.throughput > best.throughput), None)
+        if doubtful is not None:
+            lines.append(f"  ranked after it despite a faster prediction ({doubtful.step_s * 1e3:.1f} ms): "
+                         f"{doubtful.label()}, low confidence: {doubtful.confidence_note}.")
         runnable = self.best_runnable
         if runnable is not None and runnable is not best:
             lines.append(f"{best.label()} is not runnable here; best runnable: {runnable.label()} "
@@ -199,14 +210,20 @@ class Plan:
                              f"{'' if c.fits else ', does not fit'}.")
         return lines
 
-    def to_json(self) -> str:
+    def to_json(self, verified: Sequence[dict] | None = None) -> str:
+        """Every candidate with its prediction; ``verified`` (``Verified.to_dict()`` of each run
+        candidate, from :func:`conveyor.planning.verify.verify`) adds the measurements."""
         rows = []
         for c in self.candidates:
             entry = asdict(c)
-            entry.update(runnable=c.runnable, peak_memory=c.peak_memory, is_async=c.is_async)
+            entry.update(runnable=c.runnable, refusal=c.refusal, peak_memory=c.peak_memory, is_async=c.is_async,
+                         label=c.label())
             rows.append(entry)
-        return json.dumps({"n_ranks": self.n_ranks, "batch_size": self.batch_size,
-                           "memory_per_rank": self.memory_per_rank, "candidates": rows}, indent=1)
+        data = {"n_ranks": self.n_ranks, "batch_size": self.batch_size, "memory_per_rank": self.memory_per_rank,
+                "candidates": rows}
+        if verified is not None:
+            data["verified"] = list(verified)
+        return json.dumps(data, indent=1)
 
 
 def microbatch_counts(batch_size: int) -> list[int]:
@@ -236,14 +253,16 @@ def _stage_layouts(schedule: str, n_ranks: int, n_blocks: int, max_chunks: int) 
 def _sync_candidate(profile: Profile, schedule: str, sizes: tuple[int, ...], split: str, m: int,
                     batch_size: int, n_ranks: int, slots: float, optimizer_factor: float) -> Candidate | None:
     rows = batch_size / m
-    costs = stage_costs(profile, sizes, rows)
-    comm = message_time(profile, sizes, rows)
+    priced = action_costs(profile, sizes, rows)
+    costs, comm = priced.table(), priced.comm
     try:
         result = simulate(schedule, len(sizes), m, costs, n_ranks=n_ranks, comm=comm)
     except (ScheduleError, ValueError):
         return None  # e.g. interleaving needs m >= ranks
     program = result.schedule
     step = result.makespan if slots >= n_ranks else shared_core_makespan(program, costs, comm, slots)
+    # the optimizer step after the last action of each rank (shared cores: stretched alike)
+    step += with_updates(result.events, n_ranks, program.placement, priced.U, result.makespan) - result.makespan
     memory = rank_memory(profile, sizes, program.placement, rows, result.peak_activations, schedule,
                          optimizer_factor, n_ranks)
     stage_seconds = tuple(f + b for f, b in zip(costs["F"], costs["B"]))
@@ -304,6 +323,20 @@ def _async_candidate(profile: Profile, schedule: str, sizes: tuple[int, ...], sp
                      stage_seconds=tuple(f + b for f, b in zip(costs["F"], costs["B"])))
 
 
+LOW_CONFIDENCE = {
+    "replicated": "replicas wait for each other at every update and share the cores; predictions of replicated "
+                  "layouts missed by more than 15% (docs/planning.md, accuracy)",
+}
+
+
+def _confidence(candidate: Candidate) -> tuple[str, str]:
+    """``("low", why)`` for the classes of candidates the model was measured to predict poorly
+    (docs/planning.md's accuracy table), else ``("high", "")``."""
+    if candidate.replicas and any(r > 1 for r in candidate.replicas):
+        return "low", LOW_CONFIDENCE["replicated"]
+    return "high", ""
+
+
 def _tied_across_stages(profile: Profile, sizes: Sequence[int]) -> bool:
     stage_of = [stage for stage, size in enumerate(sizes) for _ in range(size)]
     return any(len({stage_of[block] for block in blocks}) > 1 for blocks in profile.tied_blocks)
@@ -321,12 +354,13 @@ def _auto_candidate(profile: Profile, sizes: tuple[int, ...], split: str, m: int
     if len(sizes) != n_ranks or m > AUTO_MAX_MICROBATCHES:
         return None
     rows = batch_size / m
-    costs = stage_costs(profile, sizes, rows)
-    comm = message_time(profile, sizes, rows)
+    priced = action_costs(profile, sizes, rows)  # the costs every other candidate is priced with
+    costs, comm = priced.table(), priced.comm
     program = search({kind: costs[kind] for kind in ("F", "I", "W")}, n_ranks, n_microbatches=m, comm=comm,
                      budget_s=AUTO_BUDGET_S)
     result = simulate(program, costs=costs, comm=comm)
     step = result.makespan if slots >= n_ranks else shared_core_makespan(program, costs, comm, slots)
+    step += with_updates(result.events, n_ranks, program.placement, priced.U, result.makespan) - result.makespan
     memory = rank_memory(profile, sizes, program.placement, rows, result.peak_activations, AUTO_SCHEDULE,
                          optimizer_factor, n_ranks)
     return Candidate(AUTO_SCHEDULE, sizes, split, m, rows, n_ranks, tuple(program.placement), step, batch_size / step,
@@ -369,35 +403,53 @@ def plan(profile: Profile, n_ranks: int, *, memory_per_rank: float | None = None
     slots = compute_slots(profile, n_ranks)
     counts = [m for m in (microbatches or microbatch_counts(batch_size)) if 1 <= m <= batch_size]
     candidates: list[Candidate] = []
+    stale: dict[tuple, tuple[float, int]] = {}  # layout -> (best throughput so far, counts since it improved)
+
+    def keep(key: tuple, candidate: Candidate | None) -> None:
+        """Record ``candidate``; a layout whose fitting candidates stopped improving is not tried
+        with more micro-batches (``(m + p - 1) (a + c / m)`` is convex in ``m``)."""
+        if candidate is None:
+            return
+        candidates.append(candidate)
+        if memory_per_rank is not None and candidate.peak_memory > memory_per_rank:
+            return  # more micro-batches shrink the activations: a slower one may yet fit
+        best, since = stale.get(key, (0.0, 0))
+        stale[key] = (candidate.throughput, 0) if candidate.throughput > best else (best, since + 1)
+
+    def tried_enough(key: tuple) -> bool:
+        return stale.get(key, (0.0, 0))[1] >= 2
+
     for m in counts:
         rows = batch_size / m
         for name in names:
             if name == AUTO_SCHEDULE:
                 for sizes, split in _splits(profile, n_ranks, rows).items():
-                    candidate = _auto_candidate(profile, sizes, split, m, batch_size, n_ranks, slots, optimizer_factor)
-                    if candidate is not None:
-                        candidates.append(candidate)
+                    if not tried_enough((name, split)):
+                        keep((name, split), _auto_candidate(profile, sizes, split, m, batch_size, n_ranks, slots,
+                                                            optimizer_factor))
                 continue
             if name in ASYNC_SCHEDULES:
                 for sizes, split in _splits(profile, n_ranks, rows).items():
-                    candidates.append(_async_candidate(profile, name, sizes, split, m, batch_size, n_ranks, None,
-                                                       slots, optimizer_factor))
+                    if not tried_enough((name, split)):
+                        keep((name, split), _async_candidate(profile, name, sizes, split, m, batch_size, n_ranks,
+                                                             None, slots, optimizer_factor))
                 for sizes, replicas in _replica_layouts(profile, n_ranks, rows):
-                    candidates.append(_async_candidate(profile, name, sizes, "time", m, batch_size, n_ranks,
-                                                       replicas, slots, optimizer_factor))
+                    if not tried_enough((name, len(sizes))):
+                        keep((name, len(sizes)), _async_candidate(profile, name, sizes, "time", m, batch_size,
+                                                                  n_ranks, replicas, slots, optimizer_factor))
                 continue
             for n_stages in _stage_layouts(name, n_ranks, profile.n_blocks, max_chunks):
                 for sizes, split in _splits(profile, n_stages, rows).items():
-                    candidate = _sync_candidate(profile, name, sizes, split, m, batch_size, n_ranks, slots,
-                                                optimizer_factor)
-                    if candidate is not None:
-                        candidates.append(candidate)
+                    if not tried_enough((name, n_stages, split)):
+                        keep((name, n_stages, split), _sync_candidate(profile, name, sizes, split, m, batch_size,
+                                                                      n_ranks, slots, optimizer_factor))
     if not candidates:
         raise ValueError(f"no schedule fits {profile.n_blocks} blocks on {n_ranks} ranks with batch {batch_size}")
     for c in candidates:
         c.fits = memory_per_rank is None or c.peak_memory <= memory_per_rank
         c.tied_across_stages = _tied_across_stages(profile, c.sizes)
+        c.confidence, c.confidence_note = _confidence(c)
     order = {name: i for i, name in enumerate(known)}
-    candidates.sort(key=lambda c: (not c.fits, -round(c.throughput, 9), round(c.peak_memory), order[c.schedule],
-                                   c.n_microbatches))
+    candidates.sort(key=lambda c: (not c.fits, not c.runnable, c.confidence == "low", -round(c.throughput, 9),
+                                   round(c.peak_memory), order[c.schedule], c.n_microbatches))
     return Plan(candidates, n_ranks, batch_size, memory_per_rank, measured, reshare)

@@ -1,11 +1,12 @@
 """Run a plan's top candidates for a few steps and put measured step times beside predicted ones.
 
 A measured step is what the planner predicts: ``runner.step`` (forward and backward of the whole
-batch) from a barrier that starts every rank together until the last rank finishes, on
-``perf_counter``'s system-wide clock; the optimizer step is not included. The first step warms up
+batch) and the optimizer step after it, from a barrier that starts every rank together until the
+last rank finishes its optimizer step, on ``perf_counter``'s system-wide clock. The first step warms up
 and is not counted; the median of the rest is reported. An asynchronous candidate streams
-``steps + 2`` batches; its step is the time between the last losses of consecutive batches on
-the last stage's rank, after the first batch (the fill), updates included.
+``steps + 2`` batches; its step is the mean time between the last losses of consecutive batches
+on the last stage's rank, from the first batch's (after the fill) to the last, updates included
+(a mean, so that 2BW's windows, which update every ``n_stages`` micro-batches, count whole).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ class Verified:
     candidate: Candidate
     measured_step_s: float | None  # None: not runnable in this version
     note: str = ""
+    measured_without_optimizer_s: float | None = None  # synchronous: runner.step alone (what main measured)
 
     @property
     def error(self) -> float | None:
@@ -35,6 +37,15 @@ class Verified:
         if self.measured_step_s is None:
             return None
         return (self.candidate.step_s - self.measured_step_s) / self.measured_step_s
+
+    def to_dict(self) -> dict:
+        """The candidate, its predicted and measured step (seconds) and the error, for JSON."""
+        c = self.candidate
+        return {"label": c.label(), "schedule": c.schedule, "sizes": list(c.sizes),
+                "replicas": list(c.replicas) if c.replicas else None, "n_microbatches": c.n_microbatches,
+                "predicted_step_s": c.step_s, "measured_step_s": self.measured_step_s, "error": self.error,
+                "confidence": c.confidence, "note": self.note,
+                "measured_without_optimizer_s": self.measured_without_optimizer_s}
 
 
 def _worker(rank: int, world_size: int, spec: WorkloadSpec, schedule: str, sizes: tuple[int, ...],
@@ -48,13 +59,14 @@ def _worker(rank: int, world_size: int, spec: WorkloadSpec, schedule: str, sizes
     pipe = conveyor.pipeline(model, n_stages=len(sizes), balance=list(sizes), example_args=example)
     runner = conveyor.PipelineRunner(pipe, schedule=schedule, n_microbatches=n_microbatches, loss_fn=workload.loss_fn,
                                      replicas=list(replicas) if replicas else None)
-    optimizer = workload.make_optimizer(runner.parameters())
+    optimizer = workload.optimizer_for(runner.parameters())
     if runner.schedule.is_streaming:
         batches = [(tuple(inputs), target) for inputs, target in
                    (workload.inputs(step, batch_size) for step in range(steps + 2))]
         stamps = [time.perf_counter() for _ in runner.stream(batches, optimizer)]
-        ends = stamps[n_microbatches - 1::n_microbatches]
-        return [(a, b) for a, b in zip(ends[1:], ends[2:])]  # on the last stage's rank only
+        per_batch = n_microbatches // (replicas[-1] if replicas else 1)  # a replica yields its share of losses
+        ends = stamps[per_batch - 1::per_batch]
+        return [(ends[0], ends[-1], len(ends) - 1)] if len(ends) > 1 else []  # on the last stage's ranks only
     spans = []
     for step in range(steps + 1):
         inputs, target = workload.inputs(step, batch_size)
@@ -62,8 +74,9 @@ def _worker(rank: int, world_size: int, spec: WorkloadSpec, schedule: str, sizes
         dist.barrier()
         start = time.perf_counter()
         runner.step(*inputs, target=target)
-        spans.append((start, time.perf_counter()))
+        stepped = time.perf_counter()
         optimizer.step()
+        spans.append((start, time.perf_counter(), stepped))
     return spans[1:]
 
 
@@ -71,22 +84,27 @@ def verify(plan: Plan, spec: WorkloadSpec, *, top: int = 3, steps: int = 3, time
            threads_per_rank: int | None = None,
            on_result: Callable[[int, Verified], None] | None = None) -> list[Verified]:
     """Run each of the plan's ``top`` runnable candidates for ``steps`` measured steps on
-    ``plan.n_ranks`` local processes. ``on_result(index, result)`` is called as each one finishes."""
+    ``plan.n_ranks`` local processes (a candidate the runner refuses is reported with its
+    refusal, not run). ``on_result(index, result)`` is called as each one finishes."""
     from ..launch import launch
 
     results = []
     for index, candidate in enumerate(plan.candidates[:top], 1):
         if not candidate.runnable:
-            result = Verified(candidate, None, "not runnable (replicas this schedule cannot take)")
+            result = Verified(candidate, None, f"not runnable: {candidate.refusal}")
         else:
             per_rank = launch(_worker, plan.n_ranks, timeout=timeout, threads_per_rank=threads_per_rank,
                               args=(spec, candidate.schedule, candidate.sizes, candidate.n_microbatches,
                                     plan.batch_size, steps, candidate.replicas))
             if candidate.is_async:
-                spans = [b - a for r in per_rank for a, b in r]
+                periods = [(end - start) / count for r in per_rank for start, end, count in r]
+                result = Verified(candidate, statistics.median(periods))
             else:
-                spans = [max(r[i][1] for r in per_rank) - min(r[i][0] for r in per_rank) for i in range(steps)]
-            result = Verified(candidate, statistics.median(spans))
+                begin = [min(r[i][0] for r in per_rank) for i in range(steps)]
+                spans = [max(r[i][1] for r in per_rank) - begin[i] for i in range(steps)]
+                stepped = [max(r[i][2] for r in per_rank) - begin[i] for i in range(steps)]
+                result = Verified(candidate, statistics.median(spans),
+                                  measured_without_optimizer_s=statistics.median(stepped))
         results.append(result)
         if on_result is not None:
             on_result(index, result)

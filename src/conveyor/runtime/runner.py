@@ -31,7 +31,7 @@ from .replicas import replica_groups
 from .stage import LossFn, StageExecutor
 from .stage_modules import original_name
 from .steps import step_of, steps_of
-from .ties import TiedGradients
+from .ties import TiedGradients, check_ties
 from .versions import WeightVersions
 from .watchdog import DEFAULT_STALL_TIMEOUT, CallState, Watchdog, open_store
 
@@ -136,10 +136,8 @@ class PipelineRunner(PipelineEntry):
                                                                                                 init_fn))
                                                  for index in self.schedule.stages_of(self.rank)}
         self._mesh.attach(self.stages, self.schedule, dict(getattr(pipe, "ties", {}) or {}))
+        check_ties(self.schedule, dict(getattr(pipe, "ties", {}) or {}))  # also the planner's Candidate.runnable
         if self.schedule.is_streaming:
-            if getattr(pipe, "ties", None):
-                raise ValueError(f"schedule {self.schedule.name!r} updates each stage on its own, so tied weights "
-                                 "across stages would drift apart: untie them or use a synchronous schedule")
             for stage in self.stages.values():
                 stage.versions = WeightVersions(stage.module)
         self._optimizer: torch.optim.Optimizer | None = None
@@ -161,8 +159,6 @@ class PipelineRunner(PipelineEntry):
         self._executor.last_backward = last_backwards(self.schedule, self.rank)  # data parallelism syncs after them
         self._executors = [self._executor]
         self._replicas = replica_groups(self.schedule.replicas, self.rank, group, self.transport.pg)
-        if self._replicas and self.ties:
-            raise ValueError("replicated stages with tied weights are not supported: untie them or drop replicas")
         for stage, replicas_of_stage in self._replicas.items():
             module = self.stages[stage].module
             replicas_of_stage.align(list(module.parameters()) + list(module.buffers()))

@@ -5,12 +5,26 @@ every copy receives the same, bit-identical gradient and the copies never drift 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-__all__ = ["TiedGradients"]
+__all__ = ["TiedGradients", "check_ties"]
+
+
+def check_ties(program: Any, ties: Mapping[str, Sequence[int]]) -> None:
+    """Refuse what tied weights across stages cannot run under (``program``: a validated
+    :class:`~conveyor.schedule.Schedule`): schedules that update each stage on its own (the
+    copies would drift apart) and replicated stages. The runner and the planner both call it."""
+    if not ties:
+        return
+    if program.is_streaming:
+        raise ValueError(f"schedule {program.name!r} updates each stage on its own, so tied weights "
+                         "across stages would drift apart: untie them or use a synchronous schedule")
+    if any(len(group) > 1 for group in program.replicas):
+        raise ValueError("replicated stages with tied weights are not supported: untie them or drop replicas")
 
 
 class TiedGradients:
