@@ -329,3 +329,19 @@ def test_a_replicated_layout_predicted_faster_is_flagged_low_confidence_and_not_
     assert replicated.runnable and replicated.throughput > result.best.throughput
     assert replicated.confidence == "low" and result.best.confidence == "high"
     assert "low confidence" in result.explain()
+
+
+def test_the_automatic_schedule_pays_the_same_optimizer_step_as_the_named_ones() -> None:
+    # one cost model (costs.action_costs) for the planner's simulations and conveyor.schedule.search
+    free, charged = uniform(2), with_updates_of(uniform(2), 5e-3)
+    for name in ("1f1b", "auto"):
+        before = plan(free, 2, batch_size=4, schedules=[name], microbatches=[4]).best
+        after = plan(charged, 2, batch_size=4, schedules=[name], microbatches=[4]).best
+        assert after.step_s == pytest.approx(before.step_s + 5e-3)
+
+
+def test_the_automatic_schedule_is_runnable_only_with_one_stage_per_rank() -> None:
+    from conveyor.planning.runnable import runner_refusal
+
+    assert runner_refusal("auto", 2, 2, 4, None, True) is None  # synchronous: ties are fine
+    assert "one stage per rank" in runner_refusal("auto", 2, 4, 4, None, False)
