@@ -73,10 +73,11 @@ def plan_workload(spec: WorkloadSpec, ranks: int, *, batch_size: int | None, mem
                   schedules: Sequence[str] | None = None) -> Plan:
     """Profile the workload with the threads each of ``ranks`` local ranks will get, then plan.
 
-    When the ranks oversubscribe the cores, ``contention="measured"`` profiles in ``ranks``
-    processes at once (sharing the cores as the run will) and uses the times as measured;
-    ``"reshared"`` profiles the same way but divides out the processes' own sharing and models it
-    where ranks overlap; ``"modelled"`` profiles in one process and models the sharing."""
+    ``contention="measured"`` profiles in ``ranks`` processes at once (sharing the cores, the
+    memory bandwidth and whatever else loads the machine, as the run will; with fewer ranks than
+    cores each process has a core of its own) and uses the times as measured; ``"reshared"``
+    profiles the same way but divides out the processes' own sharing of too few cores and models
+    it where ranks overlap; ``"modelled"`` profiles in one process and models the sharing."""
     if contention not in CONTENTION:
         raise ValueError(f"contention={contention!r}: use one of {CONTENTION}")
     workload = load_workload(spec)
@@ -87,7 +88,7 @@ def plan_workload(spec: WorkloadSpec, ranks: int, *, batch_size: int | None, mem
         rows = max(1, batch_size // ranks)
         cores = os.cpu_count() or 1
         threads = max(1, cores // ranks)
-        concurrent = ranks if contention != "modelled" and ranks * threads > cores else 1
+        concurrent = ranks if contention != "modelled" else 1
         link = "measure" if measure_link else None
         if concurrent > 1:  # every process builds the workload from its spec: a script's model cannot be pickled
             measured = profile_together(_profile_workload_rank, (spec, rows, runs, threads), concurrent,
