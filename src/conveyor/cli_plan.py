@@ -69,7 +69,7 @@ def _profile_workload_rank(rank: int, world_size: int, spec: WorkloadSpec, rows:
 
 def plan_workload(spec: WorkloadSpec, ranks: int, *, batch_size: int | None, memory_per_rank: float | None,
                   runs: int = 3, measure_link: bool = True, profile_file: str | None = None,
-                  save_profile: str | None = None, contention: str = "measured",
+                  save_profile: str | None = None, contention: str = "reshared",
                   schedules: Sequence[str] | None = None) -> Plan:
     """Profile the workload with the threads each of ``ranks`` local ranks will get, then plan.
 
@@ -158,10 +158,10 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--timeout", type=positive_float, default=600.0,
                         help="seconds per verified candidate (default 600)")
     parser.add_argument("--runs", type=at_least(1), default=3, help="timed runs per block when profiling (default 3)")
-    parser.add_argument("--contention", choices=CONTENTION, default="measured",
-                        help="ranks sharing too few cores: profile them all at once and use the times as "
-                             "measured (default), or divide out and re-model the sharing (reshared), or "
-                             "profile in one process and model the sharing (modelled)")
+    parser.add_argument("--contention", choices=CONTENTION, default="reshared",
+                        help="ranks sharing too few cores: profile them all at once, divide out their own "
+                             "sharing and model it where ranks overlap (reshared, default), or use the times "
+                             "as measured (measured), or profile in one process and model the sharing (modelled)")
     parser.add_argument("--no-link", action="store_true", help="do not measure the link (assume 50 us, 1 GB/s)")
     parser.add_argument("--profile", default=None, help="plan from a saved profile (JSON) instead of measuring")
     parser.add_argument("--save-profile", default=None, help="write the measured profile to this JSON file")

@@ -59,7 +59,7 @@ class Candidate:
     peak_microbatches: tuple[int, ...] = ()
     stage_seconds: tuple[float, ...] = ()  # F + B per micro-batch of each stage
     tied_across_stages: bool = False       # a weight held by blocks of two stages (GPT-2's wte / lm_head)
-    confidence: str = "high"               # "low": a class of candidates the model predicts poorly (see why)
+    confidence: str = "high"               # "medium"/"low": a class the model predicts less well (see why)
     confidence_note: str = ""
 
     @property
@@ -143,11 +143,13 @@ class Plan:
                  f"Choice: {best.label()} (split by {best.split}), {best.rows:g} rows per micro-batch: predicted "
                  f"step {best.step_s * 1e3:.1f} ms, {best.throughput:.1f} samples/s."]
         lines += self._why(best)
-        doubtful = next((c for c in self.candidates if c.confidence == "low" and c.fits and c.runnable
+        if best.confidence != "high":
+            lines.append(f"  {best.confidence} confidence: {best.confidence_note}.")
+        doubtful = next((c for c in self.candidates if c.confidence != best.confidence and c.fits and c.runnable
                          and c.throughput > best.throughput), None)
         if doubtful is not None:
             lines.append(f"  ranked after it despite a faster prediction ({doubtful.step_s * 1e3:.1f} ms): "
-                         f"{doubtful.label()}, low confidence: {doubtful.confidence_note}.")
+                         f"{doubtful.label()}, {doubtful.confidence} confidence: {doubtful.confidence_note}.")
         runnable = self.best_runnable
         if runnable is not None and runnable is not best:
             lines.append(f"{best.label()} is not runnable here; best runnable: {runnable.label()} "
@@ -323,17 +325,22 @@ def _async_candidate(profile: Profile, schedule: str, sizes: tuple[int, ...], sp
                      stage_seconds=tuple(f + b for f, b in zip(costs["F"], costs["B"])))
 
 
-LOW_CONFIDENCE = {
-    "replicated": "replicas wait for each other at every update and share the cores; predictions of replicated "
-                  "layouts missed by more than 15% (docs/planning.md, accuracy)",
+CONFIDENCE = ("high", "medium", "low")  # ranked in this order, after fitting and runnable
+WHY = {
+    "replicated": "replicas wait for each other at every update and share the cores; replicated layouts missed by "
+                  "up to 126% (docs/planning.md, section 4)",
+    "shared": "more ranks than cores: the sharing of the cores is modelled, and such runs missed by 16-54% "
+              "(median 16%, asynchronous) and up to 67% (synchronous) (docs/planning.md, section 4)",
 }
 
 
-def _confidence(candidate: Candidate) -> tuple[str, str]:
-    """``("low", why)`` for the classes of candidates the model was measured to predict poorly
-    (docs/planning.md's accuracy table), else ``("high", "")``."""
+def _confidence(candidate: Candidate, shared_cores: bool) -> tuple[str, str]:
+    """``("low", why)`` for replicated layouts, ``("medium", why)`` when the ranks outnumber the
+    cores, else ``("high", "")``: the classes docs/planning.md's accuracy table measured."""
     if candidate.replicas and any(r > 1 for r in candidate.replicas):
-        return "low", LOW_CONFIDENCE["replicated"]
+        return "low", WHY["replicated"]
+    if shared_cores:
+        return "medium", WHY["shared"]
     return "high", ""
 
 
@@ -393,6 +400,7 @@ def plan(profile: Profile, n_ranks: int, *, memory_per_rank: float | None = None
     measured = profile
     if cores is not None:
         profile = replace(profile, cores=cores)
+    measured_cores = profile  # the machine's cores, before a concurrent profile's own sharing is taken as measured
     if profile.concurrent > 1 and not reshare:  # the sharing is in the times: take them as they are
         profile = replace(profile, cores=0, concurrent=1)
     known = SYNC_SCHEDULES + ASYNC_SCHEDULES + (AUTO_SCHEDULE,)
@@ -448,8 +456,8 @@ def plan(profile: Profile, n_ranks: int, *, memory_per_rank: float | None = None
     for c in candidates:
         c.fits = memory_per_rank is None or c.peak_memory <= memory_per_rank
         c.tied_across_stages = _tied_across_stages(profile, c.sizes)
-        c.confidence, c.confidence_note = _confidence(c)
+        c.confidence, c.confidence_note = _confidence(c, compute_slots(measured_cores, n_ranks) < n_ranks)
     order = {name: i for i, name in enumerate(known)}
-    candidates.sort(key=lambda c: (not c.fits, not c.runnable, c.confidence == "low", -round(c.throughput, 9),
+    candidates.sort(key=lambda c: (not c.fits, not c.runnable, CONFIDENCE.index(c.confidence), -round(c.throughput, 9),
                                    round(c.peak_memory), order[c.schedule], c.n_microbatches))
     return Plan(candidates, n_ranks, batch_size, memory_per_rank, measured, reshare)
