@@ -13,6 +13,7 @@ pipeline, its data- and tensor-parallel peers included: all-reduces, or nothing 
 from __future__ import annotations
 
 import inspect
+from abc import abstractmethod
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -73,8 +74,9 @@ class PipelineEntry(StageModules, ScaledStep):
     _closed = False
 
     # --- hooks ---------------------------------------------------------------------------------
+    @abstractmethod
     def _execute(self, data: StepData) -> None:
-        raise NotImplementedError
+        """Run this process's program for ``data`` (training or forward-only)."""
 
     def _before_step(self) -> None:
         """Before a training step's program (tied gradients set aside)."""
@@ -225,13 +227,13 @@ class PipelineEntry(StageModules, ScaledStep):
         result, kept = self._generate(run, devices)
         return result[:, :input_ids.shape[1] + kept].to(input_ids.device)
 
+    @abstractmethod
     def _generation_held(self) -> dict[int, tuple[nn.Module, torch.device]]:
         """The stages held here for generation: index -> (module, device)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def _generate(self, run: GenerationRun, devices: dict[int, torch.device]) -> tuple[torch.Tensor, int]:
         """Run ``run``'s actions held here; return the result and kept length on every process."""
-        raise NotImplementedError
 
     def _run_generation(self, run: GenerationRun, devices: dict[int, torch.device],
                         receive: Callable[[Decode], Any], send: Callable[[Decode, Any], None]) -> None:
