@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +21,12 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from conveyor.testing import count_collectives
+
 from .harness import Plan, alternate, paired_ratios, pooled
 from .report import Section, Table, ms, ratio, summary_cells
 
-__all__ = ["SCHEDULES", "worker", "run", "counting"]
+__all__ = ["SCHEDULES", "worker", "run"]
 
 N_RANKS = 4
 N_MICROBATCHES = 8
@@ -67,28 +68,6 @@ def _fully_shard(stage: nn.Module, dp_mesh: Any, reshard: bool = True) -> nn.Mod
     return fully_shard(stage, mesh=dp_mesh, reshard_after_forward=reshard)
 
 
-@contextmanager
-def counting() -> Iterator[dict[str, int]]:
-    """Count the FSDP2 collectives this process issues (through ``torch.distributed``:
-    ``reduce_scatter_single``/``all_gather_single`` on torch 2.13, the ``_tensor`` names before)."""
-    counts = {"reduce_scatter": 0, "all_gather": 0, "all_reduce": 0}
-    names = {"reduce_scatter_single": "reduce_scatter", "reduce_scatter_tensor": "reduce_scatter",
-             "all_gather_single": "all_gather", "all_gather_into_tensor": "all_gather", "all_reduce": "all_reduce"}
-    originals = {name: getattr(dist, name) for name in names if hasattr(dist, name)}
-
-    def counted(name: str) -> Callable[..., Any]:
-        def call(*args: Any, **kwargs: Any) -> Any:
-            counts[names[name]] += 1
-            return originals[name](*args, **kwargs)
-        return call
-
-    for name in originals:
-        setattr(dist, name, counted(name))
-    try:
-        yield counts
-    finally:
-        for name, original in originals.items():
-            setattr(dist, name, original)
 
 
 def _conveyor(mesh: Any, schedule: str, x: torch.Tensor, y: torch.Tensor) -> tuple[Callable[[], None], list]:
@@ -179,7 +158,7 @@ def worker(rank: int, world: int, schedules: list[str], plan: Plan) -> dict[str,
         counts = {}
         for library in LIBRARIES:
             steps[library]()  # lazy initialisation (FSDP2, the runner's first step)
-            with counting() as counted:
+            with count_collectives() as counted:
                 steps[library]()
             counts[library] = counted
         _check_same(_full_grads(modules["conveyor"]), _full_grads(modules["torch"]), schedule)

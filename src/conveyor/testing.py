@@ -10,12 +10,15 @@ actions while a full backward runs both.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
-__all__ = ["SleepStage", "sleep_loss"]
+__all__ = ["count_collectives", "SleepStage", "sleep_loss"]
 
 
 class _Sleep(torch.autograd.Function):
@@ -50,3 +53,28 @@ class SleepStage(nn.Module):
 def sleep_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """A cheap scalar loss for sleep pipelines."""
     return (output - target).pow(2).mean()
+
+
+@contextmanager
+def count_collectives() -> Iterator[dict[str, int]]:
+    """Count the reduce-scatters, all-gathers and all-reduces this process issues through
+    ``torch.distributed`` (FSDP2 calls ``reduce_scatter_single``/``all_gather_single`` on torch 2.13,
+    the ``_tensor`` names before)."""
+    counts = {"reduce_scatter": 0, "all_gather": 0, "all_reduce": 0}
+    names = {"reduce_scatter_single": "reduce_scatter", "reduce_scatter_tensor": "reduce_scatter",
+             "all_gather_single": "all_gather", "all_gather_into_tensor": "all_gather", "all_reduce": "all_reduce"}
+    originals = {name: getattr(dist, name) for name in names if hasattr(dist, name)}
+
+    def counted(name: str) -> Callable[..., Any]:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            counts[names[name]] += 1
+            return originals[name](*args, **kwargs)
+        return call
+
+    for name in originals:
+        setattr(dist, name, counted(name))
+    try:
+        yield counts
+    finally:
+        for name, original in originals.items():
+            setattr(dist, name, original)

@@ -5,8 +5,7 @@ weights of this rank's stages after STEPS optimizer steps and the losses step() 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -14,6 +13,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 import conveyor
+from conveyor.testing import count_collectives
 
 from models import DTYPE, WIDTH, mlp, mse
 
@@ -212,30 +212,6 @@ def matrix(rank: int, world_size: int, sizes: dict[str, int], cases: list[tuple]
 
 
 # --- collective counts -----------------------------------------------------------------------------
-@contextmanager
-def counting() -> Iterator[dict[str, int]]:
-    """Count the FSDP2 collectives this rank issues (FSDP2 calls them through torch.distributed:
-    ``reduce_scatter_single``/``all_gather_single`` on torch 2.13, the ``_tensor`` names before)."""
-    counts = {"reduce_scatter": 0, "all_gather": 0}
-    names = {"reduce_scatter_single": "reduce_scatter", "reduce_scatter_tensor": "reduce_scatter",
-             "all_gather_single": "all_gather", "all_gather_into_tensor": "all_gather"}
-    originals = {name: getattr(dist, name) for name in names if hasattr(dist, name)}
-
-    def counted(name: str) -> Callable[..., Any]:
-        def call(*args: Any, **kwargs: Any) -> Any:
-            counts[names[name]] += 1
-            return originals[name](*args, **kwargs)
-        return call
-
-    for name in originals:
-        setattr(dist, name, counted(name))
-    try:
-        yield counts
-    finally:
-        for name, original in originals.items():
-            setattr(dist, name, original)
-
-
 def _ddp_counting_hook(state: dict, bucket: Any) -> Any:
     state["all_reduce"] += 1
     tensor = bucket.buffer().div_(dist.get_world_size(state["group"]))
@@ -265,7 +241,7 @@ def ours_counts(mesh: Any, schedule: str, kind: str, steps: int = 2) -> dict[str
     x, y = shard_of(x, replica, replicas), shard_of(y, replica, replicas)
     runner.step(x, target=y)
     hook_state["all_reduce"] = 0
-    with counting() as counts:
+    with count_collectives() as counts:
         runner.step(x, target=y)
     return {**counts, "all_reduce": hook_state["all_reduce"]}
 
@@ -296,7 +272,7 @@ def torch_counts(mesh: Any, schedule: str) -> dict[str, int]:
             torch_schedule.step(target=y)
 
     run()
-    with counting() as counts:
+    with count_collectives() as counts:
         run()
     return {**counts, "all_reduce": 0}
 
