@@ -241,7 +241,8 @@ class SocketTransport(InOrderTransport):
         try:
             peer.write()
         except OSError as error:
-            raise self._lost(peer.rank, message, f"sending to it failed: {error}") from None
+            raise lost_or_explained(self, peer.rank,
+                                    self._lost(peer.rank, message, f"sending to it failed: {error}")) from None
 
     def _read(self, peer: _Peer, wait: bool = False) -> None:
         """Take in what ``peer``'s socket holds (``wait``: the first read waits up to a second
@@ -385,9 +386,9 @@ class SocketTransport(InOrderTransport):
             except BlockingIOError:
                 written = 0
             except OSError as error:
-                raise PeerLostError(f"sending {message.kind} of stage {message.stage} to rank {destination} "
-                                    f"failed: {error}", rank=self.rank, stage=message.stage,
-                                    microbatch=message.microbatch) from None
+                raise lost_or_explained(self, destination, PeerLostError(
+                    f"sending {message.kind} of stage {message.stage} to rank {destination} failed: {error}",
+                    rank=self.rank, stage=message.stage, microbatch=message.microbatch)) from None
             for part in parts:  # what did not fit is copied: the value may change once send returns
                 if written >= len(part):
                     written -= len(part)
