@@ -7,6 +7,8 @@ and is not counted; the median of the rest is reported. An asynchronous candidat
 ``steps + 2`` batches; its step is the mean time between the last losses of consecutive batches
 on the last stage's rank, from the first batch's (after the fill) to the last, updates included
 (a mean, so that 2BW's windows, which update every ``n_stages`` micro-batches, count whole).
+*Spread*: (slowest - fastest) / median over the measured steps (asynchronous: over the single
+batch-to-batch gaps), how far repeats of one candidate ran apart, the floor under its error.
 """
 
 from __future__ import annotations
@@ -30,6 +32,15 @@ class Verified:
     measured_step_s: float | None  # None: not runnable in this version
     note: str = ""
     measured_without_optimizer_s: float | None = None  # synchronous: runner.step alone (what main measured)
+    measured_range_s: tuple[float, float] | None = None  # the fastest and slowest measured step
+
+    @property
+    def spread(self) -> float | None:
+        """(slowest - fastest) / median of the measured steps: how far apart repeats of the same
+        candidate ran, the noise floor under its error."""
+        if self.measured_step_s is None or self.measured_range_s is None:
+            return None
+        return (self.measured_range_s[1] - self.measured_range_s[0]) / self.measured_step_s
 
     @property
     def error(self) -> float | None:
@@ -45,12 +56,14 @@ class Verified:
                 "replicas": list(c.replicas) if c.replicas else None, "n_microbatches": c.n_microbatches,
                 "predicted_step_s": c.step_s, "measured_step_s": self.measured_step_s, "error": self.error,
                 "confidence": c.confidence, "note": self.note,
-                "measured_without_optimizer_s": self.measured_without_optimizer_s}
+                "measured_without_optimizer_s": self.measured_without_optimizer_s,
+                "measured_range_s": list(self.measured_range_s) if self.measured_range_s else None,
+                "spread": self.spread}
 
 
 def _worker(rank: int, world_size: int, spec: WorkloadSpec, schedule: str, sizes: tuple[int, ...],
             n_microbatches: int, batch_size: int, steps: int,
-            replicas: tuple[int, ...] | None = None) -> list[tuple[float, float]]:
+            replicas: tuple[int, ...] | None = None) -> list[tuple[float, ...]]:
     import conveyor
 
     workload = load_workload(spec)
@@ -66,7 +79,7 @@ def _worker(rank: int, world_size: int, spec: WorkloadSpec, schedule: str, sizes
         stamps = [time.perf_counter() for _ in runner.stream(batches, optimizer)]
         per_batch = n_microbatches // (replicas[-1] if replicas else 1)  # a replica yields its share of losses
         ends = stamps[per_batch - 1::per_batch]
-        return [(ends[0], ends[-1], len(ends) - 1)] if len(ends) > 1 else []  # on the last stage's ranks only
+        return list(zip(ends, ends[1:]))  # (previous batch's end, this batch's end), on the last stage's ranks only
     spans = []
     for step in range(steps + 1):
         inputs, target = workload.inputs(step, batch_size)
@@ -97,28 +110,32 @@ def verify(plan: Plan, spec: WorkloadSpec, *, top: int = 3, steps: int = 3, time
                               args=(spec, candidate.schedule, candidate.sizes, candidate.n_microbatches,
                                     plan.batch_size, steps, candidate.replicas))
             if candidate.is_async:
-                periods = [(end - start) / count for r in per_rank for start, end, count in r]
-                result = Verified(candidate, statistics.median(periods))
+                periods = [(gaps[-1][1] - gaps[0][0]) / len(gaps) for gaps in per_rank if gaps]  # a mean per last rank
+                single = [end - start for gaps in per_rank for start, end in gaps]
+                result = Verified(candidate, statistics.median(periods),
+                                  measured_range_s=(min(single), max(single)) if single else None)
             else:
                 begin = [min(r[i][0] for r in per_rank) for i in range(steps)]
                 spans = [max(r[i][1] for r in per_rank) - begin[i] for i in range(steps)]
                 stepped = [max(r[i][2] for r in per_rank) - begin[i] for i in range(steps)]
                 result = Verified(candidate, statistics.median(spans),
-                                  measured_without_optimizer_s=statistics.median(stepped))
+                                  measured_without_optimizer_s=statistics.median(stepped),
+                                  measured_range_s=(min(spans), max(spans)))
         results.append(result)
         if on_result is not None:
             on_result(index, result)
     return results
 
 
-VERIFIED_HEADER = f"{'#':>2}  {'candidate':<44}{'predicted ms':>13}{'measured ms':>13}{'error':>8}"
+VERIFIED_HEADER = f"{'#':>2}  {'candidate':<44}{'predicted ms':>13}{'measured ms':>13}{'spread':>8}{'error':>8}"
 
 
 def format_row(index: int, result: Verified) -> str:
     c = result.candidate
     measured = f"{result.measured_step_s * 1e3:>13.1f}" if result.measured_step_s is not None else f"{'-':>13}"
+    spread = f"{result.spread:>8.0%}" if result.spread is not None else f"{'-':>8}"
     error = f"{result.error:>+8.1%}" if result.error is not None else f"  {result.note}"
-    return f"{index:>2}  {c.label():<44}{c.step_s * 1e3:>13.1f}{measured}{error}"
+    return f"{index:>2}  {c.label():<44}{c.step_s * 1e3:>13.1f}{measured}{spread}{error}"
 
 
 def format_verified(results: Sequence[Verified]) -> str:
