@@ -11,7 +11,8 @@ A measured step is ``runner.step`` and the optimizer step (synchronous) or the t
 consecutive batches' last losses (asynchronous); the model before issue 20 predicted a
 synchronous step without its optimizer step and is compared with ``runner.step`` alone, as its
 ``--verify`` measured it. *Regret*: how much slower the top pick ran than the fastest candidate
-measured for that workload.
+measured for that workload. *Spread*: (slowest - fastest) / median over a candidate's own measured
+steps, how far repeats of the very same run fell apart: an error inside it is inside the noise.
 """
 
 from __future__ import annotations
@@ -80,6 +81,10 @@ def _chosen(result: CandidatePlan, before: CandidatePlan, top: int) -> list[Any]
     return chosen
 
 
+def _spread(row: dict[str, Any]) -> str:
+    return "-" if row.get("spread") is None else f"{row['spread']:.0%}"
+
+
 def _pct(value: float | None) -> str:
     return "-" if value is None else f"{value:+.1%}"
 
@@ -107,7 +112,7 @@ def measure(top: int = 3, steps: int = 3, ranks: tuple[int, ...] = (2, 4),
                 rows.append({
                     "workload": name, "ranks": n_ranks, "label": c.label(), "kind": kind(c),
                     "confidence": c.confidence, "rank": result.candidates.index(c) + 1, "in_top": index < top,
-                    "predicted": c.step_s, "measured": v.measured_step_s, "error": v.error,
+                    "predicted": c.step_s, "measured": v.measured_step_s, "error": v.error, "spread": v.spread,
                     "old_predicted": previous.step_s if previous else None,
                     "old_error": (previous.step_s - old_measured) / old_measured if previous and old_measured else None,
                     "old_pick": old_pick is not None and _key(c) == _key(old_pick), "pick": c is result.candidates[0],
@@ -126,16 +131,17 @@ def measure(top: int = 3, steps: int = 3, ranks: tuple[int, ...] = (2, 4),
 
 def summarise_rows(rows: list[dict[str, Any]]) -> tuple[Table, Table, list[str]]:
     detail = Table(["workload", "ranks", "#", "candidate", "class", "confidence", "predicted ms", "measured ms",
-                    "error", "before: predicted ms", "before: error"])
-    summary = Table(["workload", "ranks", "confidence of the top 3", "worst abs error, top 3", "top pick regret",
-                     "before: worst abs error", "before: top pick regret"])
+                    "spread", "error", "before: predicted ms", "before: error"])
+    summary = Table(["workload", "ranks", "confidence of the top 3", "worst abs error, top 3",
+                     "widest spread, top 3", "top pick regret", "before: worst abs error", "before: top pick regret"])
     worst_all, worst_old_all, regrets, old_regrets = [], [], [], []
     for (name, n_ranks) in dict.fromkeys((r["workload"], r["ranks"]) for r in rows):
         group = [r for r in rows if r["workload"] == name and r["ranks"] == n_ranks and r["measured"]]
         for r in group:
             marks = (" (pick)" if r["pick"] else "") + (" (before: pick)" if r["old_pick"] else "")
             detail.rows.append([name, str(n_ranks), str(r["rank"]), r["label"] + marks, r["kind"], r["confidence"],
-                                f"{r['predicted'] * 1e3:.1f}", f"{r['measured'] * 1e3:.1f}", _pct(r["error"]),
+                                f"{r['predicted'] * 1e3:.1f}", f"{r['measured'] * 1e3:.1f}", _spread(r),
+                                _pct(r["error"]),
                                 "-" if r["old_predicted"] is None else f"{r['old_predicted'] * 1e3:.1f}",
                                 _pct(r["old_error"])])
         if not group:
@@ -143,6 +149,7 @@ def summarise_rows(rows: list[dict[str, Any]]) -> tuple[Table, Table, list[str]]
         fastest = min(r["measured"] for r in group)
         top = [r for r in group if r["in_top"]]
         worst = max((abs(r["error"]) for r in top), default=float("nan"))
+        widest = max((r["spread"] for r in top if r.get("spread") is not None), default=float("nan"))
         worst_old = max((abs(r["old_error"]) for r in group if r["old_error"] is not None), default=float("nan"))
         pick = next((r for r in group if r["pick"]), None)
         old_pick = next((r for r in group if r["old_pick"]), None)
@@ -153,13 +160,26 @@ def summarise_rows(rows: list[dict[str, Any]]) -> tuple[Table, Table, list[str]]
         regrets.append(regret)
         old_regrets.append(old_regret)
         summary.rows.append([name, str(n_ranks), "/".join(sorted({r["confidence"] for r in top})), f"{worst:.1%}",
-                             f"{regret:.1%}", f"{worst_old:.1%}", f"{old_regret:.1%}"])
+                             f"{widest:.0%}", f"{regret:.1%}", f"{worst_old:.1%}", f"{old_regret:.1%}"])
     loads = [r["load"] for r in rows]
+    by_ranks = []
+    for n_ranks in sorted({r["ranks"] for r in rows}):
+        top = [r for r in rows if r["ranks"] == n_ranks and r["in_top"] and r["measured"]]
+        if not top:
+            continue
+        errors = sorted(abs(r["error"]) for r in top)
+        spreads = sorted(r["spread"] for r in top if r.get("spread") is not None)
+        beyond = [r for r in top if r.get("spread") is not None and abs(r["error"]) > max(0.15, r["spread"])]
+        by_ranks.append(f"{n_ranks} ranks: top-3 |error| median {statistics.median(errors):.1%}, "
+                        f"worst {errors[-1]:.1%}; "
+                        f"their own repeats' spread median {statistics.median(spreads):.0%}, widest {spreads[-1]:.0%}; "
+                        f"{len(beyond)} of {len(top)} miss by more than both 15 % and their spread."
+                        if spreads else f"{n_ranks} ranks: no spread measured.")
     notes = [f"Worst |error| of a top-3 candidate: {max(worst_all):.1%} (before: worst |error| "
              f"over the same runs {max(worst_old_all):.1%}); top-pick regret: worst {max(regrets):.1%}, median "
              f"{statistics.median(regrets):.1%} (before: worst {max(old_regrets):.1%}, median "
              f"{statistics.median(old_regrets):.1%}). One-minute load average during the runs: "
-             f"{min(loads):.1f} to {max(loads):.1f}."] if rows else []
+             f"{min(loads):.1f} to {max(loads):.1f}.", *by_ranks] if rows else []
     return detail, summary, notes
 
 
