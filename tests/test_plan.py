@@ -142,6 +142,29 @@ def test_profile_round_trips_through_json(tmp_path: Path) -> None:
     assert Profile.load(original.save(tmp_path / "p.json")) == original
 
 
+def test_a_profile_with_measured_sizes_round_trips_through_json(tmp_path: Path) -> None:
+    measured = Cost(1e-4, 1e-3, ((2.0, 2e-3), (4.0, 3e-3), (8.0, 9e-3)))
+    blocks = [BlockProfile("x", measured, measured, measured, measured, 10, 5.5, 3.0)]
+    original = Profile(blocks, Link(1e-5, 2e9, "given"), rows=(2, 4, 8), threads=1, cores=2, units="u", model="m")
+    assert Profile.load(original.save(tmp_path / "p.json")) == original
+
+
+def test_a_cost_interpolates_between_its_measured_sizes_and_follows_its_line_beyond_them() -> None:
+    cost = Cost(1e-3, 1e-3, ((2.0, 2e-3), (4.0, 3e-3), (8.0, 9e-3)))
+    assert cost.at(3) == pytest.approx(2.5e-3)  # halfway between the 2- and 4-row measurements
+    assert cost.at(6) == pytest.approx(6e-3)
+    assert cost.at(8) == pytest.approx(9e-3)
+    assert cost.at(16) == pytest.approx(1e-3 + 16e-3)  # beyond the largest: fixed_s + per_row_s * rows
+
+
+def test_a_profile_measures_each_block_at_four_batch_sizes() -> None:
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 1))
+    measured = profile(model, torch.randn(16, 8), target=torch.randn(16, 1), loss_fn=nn.functional.mse_loss,
+                       runs=1, link=None, min_seconds=0.0)
+    assert measured.rows == (2, 4, 8, 16)
+    assert all([rows for rows, _ in block.forward.points] == [2.0, 4.0, 8.0, 16.0] for block in measured.blocks)
+
+
 def test_explain_names_the_choice_and_the_memory_it_needs() -> None:
     result = plan(uniform(4, param_bytes=1 << 20), 2, batch_size=8, schedules=["gpipe", "1f1b"],
                   memory_per_rank=1 << 30)

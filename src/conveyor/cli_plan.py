@@ -85,7 +85,7 @@ def plan_workload(spec: WorkloadSpec, ranks: int, *, batch_size: int | None, mem
     if profile_file:
         measured = Profile.load(profile_file)
     else:
-        rows = max(1, batch_size // ranks)
+        rows = batch_size  # profiled at the whole batch and down to an eighth: the m candidates use most
         cores = os.cpu_count() or 1
         threads = max(1, cores // ranks)
         concurrent = ranks if contention != "modelled" else 1

@@ -22,7 +22,9 @@ from torch.utils import _pytree as pytree
 
 from .pipe import is_meta
 
-__all__ = ["measure_blocks", "profile_times", "stage_input", "tensors_of"]
+__all__ = ["MAX_RUNS", "measure_blocks", "profile_times", "stage_input", "tensors_of"]
+
+MAX_RUNS = 50  # timed runs at most when ``min_seconds`` asks for more than ``runs``
 
 Loss = Callable[[Any, Any], torch.Tensor]
 
@@ -77,9 +79,12 @@ def _grad(outputs: list[torch.Tensor], grads: list[torch.Tensor], wrt: list[torc
 
 
 def measure_blocks(modules: Sequence[nn.Module], args: tuple, kwargs: dict | None = None, *, target: Any = None,
-                   loss_fn: Loss | None = None, runs: int = 3, split_backward: bool = True) -> list[dict[str, float]]:
+                   loss_fn: Loss | None = None, runs: int = 3, split_backward: bool = True,
+                   min_seconds: float = 0.0) -> list[dict[str, float]]:
     """Per block, the median seconds ``F``, ``B``, ``I``, ``W`` over ``runs`` runs (after one
     warm-up) and the bytes ``saved`` (for the backward) and ``output`` (0 for the last block).
+    ``min_seconds``: keep running (up to ``MAX_RUNS``) until the runs took that long, so that
+    small models are timed over enough repeats to steady their medians.
 
     ``target`` and ``loss_fn`` add the loss to the last block, as the last stage runs it. With
     ``split_backward=False`` only ``F`` and ``B`` are measured (``I`` and ``W`` are 0). Gradients
@@ -97,7 +102,9 @@ def measure_blocks(modules: Sequence[nn.Module], args: tuple, kwargs: dict | Non
     memory: list[dict[str, float]] = [{} for _ in modules]
     try:
         with torch.random.fork_rng(devices=clock.cuda):
-            for run in range(runs + 1):
+            started, run = time.perf_counter(), 0
+            while run <= runs or (run < MAX_RUNS and time.perf_counter() - started < min_seconds):
+                run += 1
                 value: Any = None
                 for index, module in enumerate(modules):
                     last = index == len(modules) - 1
@@ -125,7 +132,7 @@ def measure_blocks(modules: Sequence[nn.Module], args: tuple, kwargs: dict | Non
                     backward_s = 0.0
                     if outs and (leaves or params):
                         backward_s, _ = clock.timed(_grad, outs, grads, leaves + params, retain=False)
-                    if run > 0:
+                    if run > 1:  # the first run warms up
                         for key, seconds in zip("FBIW", (forward_s, backward_s, input_s, weight_s)):
                             samples[index][key].append(seconds)
                     memory[index] = {"saved": float(saved.bytes),

@@ -24,20 +24,42 @@ import torch.nn as nn
 from torch.utils import _pytree as pytree
 
 from ..partition.pipe import is_meta
-from ..partition.profile import measure_blocks, tensors_of
+from ..partition.profile import MAX_RUNS, measure_blocks, tensors_of
 from .units import cuttable_units
 
-__all__ = ["BlockProfile", "Cost", "Link", "Profile", "profile", "profile_together"]
+__all__ = ["MIN_SECONDS", "BlockProfile", "Cost", "Link", "Profile", "profile", "profile_together"]
+
+# Timed runs continue until they took this long (``runs`` at least, ``MAX_RUNS`` at most): with 3
+# runs, medians of a small model's blocks moved by 20-60% between identical profiles on the 2-core
+# VM (docs/planning.md); over half a second they agree within a few percent.
+MIN_SECONDS = 0.5
+PROFILED_SIZES = 4  # the example's rows, a half, a quarter and an eighth of them
 
 
 class Cost(NamedTuple):
-    """Seconds for a micro-batch of ``rows`` rows: ``fixed_s + per_row_s * rows``."""
+    """Seconds for a micro-batch of ``rows`` rows. ``points``: the ``(rows, seconds)`` measured,
+    by rows; between two of them the line through the two, elsewhere (or without points) the line
+    ``fixed_s + per_row_s * rows`` through the smallest and the largest. Per-row costs are not one
+    line: a micro-batch whose activations fit the caches runs faster per row (a 16k-token head ran
+    a half batch in 0.73x the time of a whole one)."""
 
     fixed_s: float
     per_row_s: float
+    points: tuple[tuple[float, float], ...] = ()
 
     def at(self, rows: float) -> float:
+        points = self.points
+        if len(points) > 2 and points[0][0] <= rows <= points[-1][0]:
+            for (rows_before, before), (rows_after, after) in zip(points, points[1:]):
+                if rows <= rows_after:
+                    return before + (after - before) * (rows - rows_before) / (rows_after - rows_before)
         return self.fixed_s + self.per_row_s * rows
+
+    @staticmethod
+    def from_list(values: Sequence[Any]) -> Cost:
+        """The cost JSON stores as ``[fixed_s, per_row_s, [[rows, seconds], ...]]`` (points optional)."""
+        points = tuple((float(rows), float(seconds)) for rows, seconds in values[2]) if len(values) > 2 else ()
+        return Cost(float(values[0]), float(values[1]), points)
 
 
 @dataclass
@@ -100,7 +122,8 @@ class Profile:
     @staticmethod
     def from_json(text: str) -> Profile:
         data = json.loads(text)
-        blocks = [BlockProfile(b["name"], *(Cost(*b[k]) for k in ("forward", "backward", "input_grad", "weight_grad")),
+        blocks = [BlockProfile(b["name"], *(Cost.from_list(b[k]) for k in ("forward", "backward", "input_grad",
+                                                                             "weight_grad")),
                                b["param_bytes"], b["activation_bytes_per_row"], b["output_bytes_per_row"],
                                b.get("update_s", 0.0), b.get("stash_s", 0.0))
                   for b in data.pop("blocks")]
@@ -121,21 +144,24 @@ def _rows(value: Any, rows: int) -> Any:
     return pytree.tree_map(lambda t: t[:rows] if isinstance(t, torch.Tensor) and t.dim() > 0 else t, value)
 
 
-def _fit(small: float, large: float, rows_small: int, rows_large: int) -> Cost:
-    """The line through two measurements, kept non-negative (noise can tilt it)."""
+def _fit(measured: Sequence[tuple[int, float]]) -> Cost:
+    """The cost through ``(rows, seconds)`` measurements (by rows): the points, and the line through
+    the smallest and the largest, kept non-negative (noise can tilt it)."""
+    points = tuple((float(rows), seconds) for rows, seconds in measured)
+    (rows_small, small), (rows_large, large) = points[0], points[-1]
     if rows_large == rows_small:
-        return Cost(0.0, large / rows_large)
+        return Cost(0.0, large / rows_large, points)
     per_row = (large - small) / (rows_large - rows_small)
     fixed = large - per_row * rows_large
     if per_row < 0 or fixed < 0:
-        return Cost(0.0, large / rows_large)
-    return Cost(fixed, per_row)
+        return Cost(0.0, large / rows_large, points)
+    return Cost(fixed, per_row, points)
 
 
 def _profile_rank(rank: int, world_size: int, model: Any, args: tuple, kwargs: dict, target: Any,
-                  loss_fn: Any, runs: int, threads: int | None, optimizer: Any) -> Profile:
+                  loss_fn: Any, runs: int, threads: int | None, optimizer: Any, min_seconds: float) -> Profile:
     return profile(model, args, kwargs, target=target, loss_fn=loss_fn, runs=runs, threads=threads, link=None,
-                   optimizer=optimizer)
+                   optimizer=optimizer, min_seconds=min_seconds)
 
 
 def _adamw(parameters: Any) -> torch.optim.Optimizer:
@@ -143,10 +169,11 @@ def _adamw(parameters: Any) -> torch.optim.Optimizer:
 
 
 def measure_updates(modules: Sequence[nn.Module], optimizer: Callable[[Any], torch.optim.Optimizer],
-                    runs: int) -> list[tuple[float, float]]:
+                    runs: int, min_seconds: float = 0.0) -> list[tuple[float, float]]:
     """Per block, the median seconds of one ``optimizer`` step over its parameters (after a first
     step that creates the optimizer's state) and of one copy of them (a weight version), taken on
-    copies: the model's parameters, gradients and state stay as they were."""
+    copies: the model's parameters, gradients and state stay as they were. ``min_seconds``: per
+    block, keep timing (up to ``MAX_RUNS``) until its steps took that long."""
     results = []
     for module in modules:
         params = [p for p in module.parameters() if p.requires_grad]
@@ -156,7 +183,9 @@ def measure_updates(modules: Sequence[nn.Module], optimizer: Callable[[Any], tor
         copies = [nn.Parameter(p.detach().clone()) for p in params]
         step = optimizer(copies)
         update, stash = [], []
-        for run in range(runs + 1):
+        started, run = time.perf_counter(), 0
+        while run <= runs or (run < MAX_RUNS and time.perf_counter() - started < min_seconds):
+            run += 1
             for copy in copies:
                 copy.grad = torch.ones_like(copy)
             start = time.perf_counter()
@@ -166,7 +195,7 @@ def measure_updates(modules: Sequence[nn.Module], optimizer: Callable[[Any], tor
             end = time.perf_counter()
             step.zero_grad(set_to_none=True)
             del versions
-            if run > 0:
+            if run > 1:  # the first step creates the optimizer's state
                 update.append(middle - start)
                 stash.append(end - middle)
         results.append((statistics.median(update), statistics.median(stash)))
@@ -176,7 +205,11 @@ def measure_updates(modules: Sequence[nn.Module], optimizer: Callable[[Any], tor
 def _median_profile(profiles: Sequence[Profile]) -> Profile:
     """Field by field, the median over profiles of the same model."""
     def median_cost(costs: Sequence[Cost]) -> Cost:
-        return Cost(statistics.median(c.fixed_s for c in costs), statistics.median(c.per_row_s for c in costs))
+        rows = [tuple(r for r, _ in c.points) for c in costs]
+        points = tuple((r, statistics.median(c.points[i][1] for c in costs)) for i, r in enumerate(rows[0])) \
+            if len(set(rows)) == 1 else ()
+        return Cost(statistics.median(c.fixed_s for c in costs), statistics.median(c.per_row_s for c in costs),
+                    points)
     blocks = []
     for same in zip(*(p.blocks for p in profiles)):
         first = same[0]
@@ -213,15 +246,17 @@ def profile(model: nn.Module | Sequence[nn.Module], example_args: Any, example_k
             target: Any = None, loss_fn: Callable[[Any, Any], torch.Tensor] | None = None, runs: int = 3,
             threads: int | None = None, link: Link | str | None = "measure", name: str = "",
             concurrent: int = 1, timeout: float = 600.0,
-            optimizer: Callable[[Any], torch.optim.Optimizer] | None = None) -> Profile:
+            optimizer: Callable[[Any], torch.optim.Optimizer] | None = None,
+            min_seconds: float = MIN_SECONDS) -> Profile:
     """Measure ``model``'s cuttable blocks on ``example_args`` (one micro-batch) and the link.
 
     ``target`` and ``loss_fn`` add the loss to the last block, as the last stage runs it.
     ``threads`` sets ``torch.set_num_threads`` while timing (use what each rank will get, e.g.
     ``cores // ranks``). ``link``: ``"measure"`` (a gloo ping-pong between two local
     processes), a :class:`Link` (for a cluster), or None (the default :class:`Link`). The batch is
-    timed at its size and at a quarter of it, to separate fixed from per-row costs. Gradients,
-    buffers and the random state are left as they were.
+    timed at its size, a half, a quarter and an eighth of it (:class:`Cost` interpolates between
+    them and separates fixed from per-row costs). Gradients, buffers and the random state are
+    left as they were.
 
     With ``link="measure"`` the runtime's overhead per action is measured too (an empty 1F1B
     pipeline on ``max(2, concurrent)`` ranks). ``concurrent=n`` profiles in ``n`` local processes
@@ -229,20 +264,23 @@ def profile(model: nn.Module | Sequence[nn.Module], example_args: Any, example_k
     include whatever else loads the machine; the planner divides out the ``n`` processes' own
     sharing of the cores (``costs.sharing_factor``) and models it where ranks really overlap.
     ``optimizer(parameters)`` (default AdamW) is timed on copies of each block's parameters: the
-    update every step (and every asynchronous update) pays.
+    update every step (and every asynchronous update) pays. Each size is timed over ``runs`` runs
+    at least and until the runs took ``min_seconds`` (at most ``MAX_RUNS``): a small model's
+    medians need that many to hold still.
     """
     from .link import measure_action_overhead, measure_link
 
     if concurrent > 1:
         return profile_together(_profile_rank,
-                                (model, example_args, example_kwargs, target, loss_fn, runs, threads, optimizer),
+                                (model, example_args, example_kwargs, target, loss_fn, runs, threads, optimizer,
+                                 min_seconds),
                                 concurrent, threads=threads, link=link, name=name, timeout=timeout)
 
     args = example_args if isinstance(example_args, tuple) else (example_args,)
     kwargs = dict(example_kwargs or {})
     units = cuttable_units(model, args, kwargs)
     rows_large = next((t.shape[0] for t in tensors_of((args, kwargs)) if t.dim() > 0), 1)
-    rows_small = max(1, rows_large // 4)
+    sizes = sorted({max(1, rows_large >> halvings) for halvings in range(PROFILED_SIZES)})
     if any(is_meta(m) for m in units.modules):
         raise ValueError("cannot profile a model on the meta device: build it on a real device")
     old_threads = torch.get_num_threads()
@@ -250,16 +288,19 @@ def profile(model: nn.Module | Sequence[nn.Module], example_args: Any, example_k
         torch.set_num_threads(threads)
     try:
         with torch.random.fork_rng():
-            large = measure_blocks(units.modules, args, kwargs, target=target, loss_fn=loss_fn, runs=runs)
-            small = large if rows_small == rows_large else measure_blocks(
-                units.modules, _rows(args, rows_small), _rows(kwargs, rows_small), target=_rows(target, rows_small),
-                loss_fn=loss_fn, runs=runs)
-            updates = measure_updates(units.modules, optimizer or _adamw, runs)
+            measured = {rows: measure_blocks(units.modules, _rows(args, rows), _rows(kwargs, rows),
+                                             target=_rows(target, rows), loss_fn=loss_fn, runs=runs,
+                                             min_seconds=min_seconds)
+                        for rows in reversed(sizes)}
+            updates = measure_updates(units.modules, optimizer or _adamw, runs,
+                                      min_seconds=min_seconds / max(1, len(units.modules)))
     finally:
         torch.set_num_threads(old_threads)
+    large = measured[rows_large]
     blocks = []
-    for unit_name, module, s, big, (update_s, stash_s) in zip(units.names, units.modules, small, large, updates):
-        costs = [_fit(s[k], big[k], rows_small, rows_large) for k in "FBIW"]
+    for index, (unit_name, module, big, (update_s, stash_s)) in enumerate(zip(units.names, units.modules, large,
+                                                                                updates)):
+        costs = [_fit([(rows, measured[rows][index][k]) for rows in sizes]) for k in "FBIW"]
         param_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
         blocks.append(BlockProfile(unit_name, *costs, param_bytes, big["saved"] / rows_large,
                                    big["output"] / rows_large, update_s, stash_s))
@@ -276,6 +317,6 @@ def profile(model: nn.Module | Sequence[nn.Module], example_args: Any, example_k
         for parameter in module.parameters():
             holders.setdefault(id(parameter), []).append(index)
     tied = [blocks for blocks in holders.values() if len(blocks) > 1]
-    return Profile(blocks, link, rows=tuple(sorted({rows_small, rows_large})), threads=threads or old_threads,
+    return Profile(blocks, link, rows=tuple(sizes), threads=threads or old_threads,
                    cores=os.cpu_count() or 1, units=units.kind, model=name or type(model).__name__,
                    action_overhead_s=overhead, tied_blocks=tied)

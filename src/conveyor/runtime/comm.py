@@ -209,12 +209,12 @@ def _wait_for(work: Any, limit: timedelta | None) -> None:
 
 
 class _InFlight:
-    """A posted send: its works, the buffers they read, and the reusable slot to give back."""
+    """A posted send: its destination, works, the buffers they read, and the reusable slot to give back."""
 
-    __slots__ = ("works", "buffers", "slot")
+    __slots__ = ("destination", "works", "buffers", "slot")
 
-    def __init__(self, works: list[Any], buffers: list[Any], slot: Slot | None) -> None:
-        self.works, self.buffers, self.slot = works, buffers, slot
+    def __init__(self, destination: int, works: list[Any], buffers: list[Any], slot: Slot | None) -> None:
+        self.destination, self.works, self.buffers, self.slot = destination, works, buffers, slot
 
     def completed(self) -> bool:
         return all(work.is_completed() for work in self.works)
@@ -310,7 +310,7 @@ class DirectTransport(InOrderTransport):
             works.append(pg.send([data], destination, self.data_tag))
         self.bytes_sent += buffer.numel() + (data.numel() if data is not None else 0)
         self.transfers += len(works)
-        self._pending_sends.append(_InFlight(works, [buffer, data], slot))
+        self._pending_sends.append(_InFlight(destination, works, [buffer, data], slot))
         while len(self._pending_sends) > 1 and self._pending_sends[0].completed():
             self._pending_sends.pop(0).done()  # a long stream must not hold every buffer it ever sent
 
@@ -324,8 +324,9 @@ class DirectTransport(InOrderTransport):
                 try:
                     _wait_for(work, self.wait_limit)
                 except RuntimeError as error:
-                    raise PeerLostError(f"a send did not complete (limit {self.timeout:.0f} s): {error}",
-                                        rank=self.rank) from None
+                    raise lost_or_explained(self, sent.destination, PeerLostError(
+                        f"a send to rank {sent.destination} did not complete (limit {self.timeout:.0f} s): {error}",
+                        rank=self.rank)) from None
             sent.done()
         self._pending_sends.clear()
         for link in self._outbound_links.values():
