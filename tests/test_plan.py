@@ -206,6 +206,17 @@ def test_times_profiled_by_processes_sharing_the_cores_are_divided_by_their_shar
     assert stage_costs(Profile(blocks, threads=1, cores=4, concurrent=4), (1,), 1)["F"] == [pytest.approx(4e-3)]
 
 
+def test_the_stretch_the_profiling_processes_measured_replaces_the_even_share_of_the_cores() -> None:
+    blocks = [BlockProfile.simple("b", 4e-3, 8e-3)]
+    assert stage_costs(Profile(blocks, threads=1, cores=2, concurrent=4, stretch=1.6), (1,), 1)["F"] == \
+        [pytest.approx(2.5e-3)]
+    assert stage_costs(Profile(blocks, threads=1, cores=2, concurrent=1, stretch=1.6), (1,), 1)["F"] == \
+        [pytest.approx(4e-3)]  # one process: what loaded the machine stays in its times
+    measured = profile(nn.Sequential(nn.Linear(8, 8)), (torch.zeros(4, 8),), runs=1, link=None, threads=1,
+                       concurrent=2, min_seconds=0.0)
+    assert measured.stretch > 0
+
+
 def test_measured_link_has_positive_latency_and_bandwidth() -> None:
     from conveyor.planning.link import measure_link
 

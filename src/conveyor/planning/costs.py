@@ -41,10 +41,15 @@ def stage_ranges(sizes: Sequence[int]) -> list[range]:
 
 def sharing_factor(profile: Profile) -> float:
     """How much slower each profiling process ran because ``profile.concurrent`` of them shared the
-    cores: ``concurrent * threads / cores`` (at least 1). Any other load on the machine at the time
-    stays in the times."""
+    cores: the wall time over the CPU time they measured in (``profile.stretch``, the median over
+    the processes), else the even share ``concurrent * threads / cores``; at least 1 (4 processes
+    on 2 cores measured 2.0-2.04, the even share; processes that start or finish apart, or other
+    load, move it). A profile taken by one process keeps whatever else loaded the machine in its
+    times (factor 1)."""
     if profile.concurrent <= 1 or profile.cores <= 0:
         return 1.0
+    if profile.stretch > 0:
+        return max(1.0, profile.stretch)
     return max(1.0, profile.concurrent * profile.threads / profile.cores)
 
 

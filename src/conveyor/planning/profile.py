@@ -40,8 +40,7 @@ class Cost(NamedTuple):
     """Seconds for a micro-batch of ``rows`` rows. ``points``: the ``(rows, seconds)`` measured,
     by rows; between two of them the line through the two, elsewhere (or without points) the line
     ``fixed_s + per_row_s * rows`` through the smallest and the largest. Per-row costs are not one
-    line: a micro-batch whose activations fit the caches runs faster per row (a 16k-token head ran
-    a half batch in 0.73x the time of a whole one)."""
+    line: a micro-batch whose activations fit the caches runs faster per row (docs/planning.md)."""
 
     fixed_s: float
     per_row_s: float
@@ -111,6 +110,7 @@ class Profile:
     concurrent: int = 1         # processes that were profiling at once (contention included in the times)
     action_overhead_s: float = 0.0  # the runtime's own cost per action and hand-off (message latency included)
     tied_blocks: list[list[int]] = field(default_factory=list)  # per weight held by several blocks: those blocks
+    stretch: float = 0.0        # wall over CPU seconds of the measuring process(es) (0: not recorded)
 
     @property
     def n_blocks(self) -> int:
@@ -220,7 +220,7 @@ def _median_profile(profiles: Sequence[Profile]) -> Profile:
                                    statistics.median(b.stash_s for b in same)))
     head = profiles[0]
     return Profile(blocks, head.link, head.rows, head.threads, head.cores, head.units, head.model, len(profiles),
-                   head.action_overhead_s, head.tied_blocks)
+                   head.action_overhead_s, head.tied_blocks, statistics.median(p.stretch for p in profiles))
 
 
 def profile_together(rank_fn: Callable[..., Profile], args: tuple, concurrent: int, *, threads: int | None,
@@ -286,6 +286,7 @@ def profile(model: nn.Module | Sequence[nn.Module], example_args: Any, example_k
     old_threads = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
+    wall, cpu = time.perf_counter(), time.process_time()
     try:
         with torch.random.fork_rng():
             measured = {rows: measure_blocks(units.modules, _rows(args, rows), _rows(kwargs, rows),
@@ -296,6 +297,7 @@ def profile(model: nn.Module | Sequence[nn.Module], example_args: Any, example_k
                                       min_seconds=min_seconds / max(1, len(units.modules)))
     finally:
         torch.set_num_threads(old_threads)
+    stretch = (time.perf_counter() - wall) / max(1e-9, time.process_time() - cpu)
     large = measured[rows_large]
     blocks = []
     for index, (unit_name, module, big, (update_s, stash_s)) in enumerate(zip(units.names, units.modules, large,
@@ -319,4 +321,4 @@ def profile(model: nn.Module | Sequence[nn.Module], example_args: Any, example_k
     tied = [blocks for blocks in holders.values() if len(blocks) > 1]
     return Profile(blocks, link, rows=tuple(sizes), threads=threads or old_threads,
                    cores=os.cpu_count() or 1, units=units.kind, model=name or type(model).__name__,
-                   action_overhead_s=overhead, tied_blocks=tied)
+                   action_overhead_s=overhead, tied_blocks=tied, stretch=stretch)
