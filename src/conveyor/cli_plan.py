@@ -157,7 +157,9 @@ def register(commands: argparse._SubParsersAction) -> None:
                         help="measured steps per verified candidate (default 3)")
     parser.add_argument("--timeout", type=positive_float, default=600.0,
                         help="seconds per verified candidate (default 600)")
-    parser.add_argument("--runs", type=at_least(1), default=3, help="timed runs per block when profiling (default 3)")
+    parser.add_argument("--runs", type=at_least(1), default=3,
+                        help="timed runs per block and batch size when profiling, at least (default 3; "
+                        "small models are timed on until half a second)")
     parser.add_argument("--contention", choices=CONTENTION, default="reshared",
                         help="ranks sharing too few cores: profile them all at once, divide out their own "
                              "sharing and model it where ranks overlap (reshared, default), or use the times "
