@@ -145,7 +145,8 @@ def test_profile_round_trips_through_json(tmp_path: Path) -> None:
 def test_a_profile_with_measured_sizes_round_trips_through_json(tmp_path: Path) -> None:
     measured = Cost(1e-4, 1e-3, ((2.0, 2e-3), (4.0, 3e-3), (8.0, 9e-3)))
     blocks = [BlockProfile("x", measured, measured, measured, measured, 10, 5.5, 3.0)]
-    original = Profile(blocks, Link(1e-5, 2e9, "given"), rows=(2, 4, 8), threads=1, cores=2, units="u", model="m")
+    original = Profile(blocks, Link(1e-5, 2e9, "given"), rows=(2, 4, 8), threads=1, cores=2, units="u", model="m",
+                       stretch=1.5, clock="cpu")
     assert Profile.load(original.save(tmp_path / "p.json")) == original
 
 
@@ -215,6 +216,24 @@ def test_the_stretch_the_profiling_processes_measured_replaces_the_even_share_of
     measured = profile(nn.Sequential(nn.Linear(8, 8)), (torch.zeros(4, 8),), runs=1, link=None, threads=1,
                        concurrent=2, min_seconds=0.0)
     assert measured.stretch > 0
+
+
+def test_times_taken_in_cpu_seconds_are_not_divided_by_the_share_of_the_cores() -> None:
+    blocks = [BlockProfile.simple("b", 4e-3, 8e-3)]
+    in_cpu_seconds = Profile(blocks, threads=1, cores=2, concurrent=4, stretch=2.0, clock="cpu")
+    assert stage_costs(in_cpu_seconds, (1,), 1)["F"] == [pytest.approx(4e-3)]
+
+
+def test_a_profile_times_in_cpu_seconds_only_when_single_threaded_processes_outnumber_the_cores() -> None:
+    import os
+
+    from conveyor.planning.profile import oversubscribed
+
+    cores = os.cpu_count() or 1
+    assert oversubscribed(cores + 1, 1) and not oversubscribed(cores, 1) and not oversubscribed(cores + 1, 2)
+    model = nn.Sequential(nn.Linear(8, 8))
+    assert profile(model, (torch.zeros(4, 8),), runs=1, link=None, min_seconds=0.0, cpu_time=True).clock == "cpu"
+    assert profile(model, (torch.zeros(4, 8),), runs=1, link=None, min_seconds=0.0).clock == "wall"
 
 
 def test_measured_link_has_positive_latency_and_bandwidth() -> None:

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 from .cli_args import at_least, positive_float
 from .planning import Plan, Profile, plan, profile
-from .planning.profile import profile_together
+from .planning.profile import oversubscribed, profile_together
 from .workloads import Workload, WorkloadSpec, load_workload
 
 __all__ = ["add_workload_arguments", "parse_bytes", "plan_workload", "register", "schedule_list", "spec_from_args"]
@@ -54,17 +54,20 @@ def spec_from_args(args: argparse.Namespace) -> WorkloadSpec:
     return WorkloadSpec(args.source, args.layers, args.width, args.heads, args.seq_len, args.full_size, args.seed)
 
 
-def _profile_workload(workload: Workload, rows: int, runs: int, threads: int, link: str | None) -> Profile:
+def _profile_workload(workload: Workload, rows: int, runs: int, threads: int, link: str | None,
+                      cpu_time: bool = False) -> Profile:
     inputs, target = workload.inputs(0, rows)
     return profile(workload.build_model(), inputs, target=target, loss_fn=workload.loss_fn, runs=runs,
-                   threads=threads, link=link, name=workload.name, optimizer=workload.make_optimizer)
+                   threads=threads, link=link, name=workload.name, optimizer=workload.make_optimizer,
+                   cpu_time=cpu_time)
 
 
 def _profile_workload_rank(rank: int, world_size: int, spec: WorkloadSpec, rows: int, runs: int,
                            threads: int) -> Profile:
     """One of the processes profiling at once: it loads the workload itself (a user's script is
     imported here, under its own name, rather than unpickled)."""
-    return _profile_workload(load_workload(spec), rows, runs, threads, None)
+    return _profile_workload(load_workload(spec), rows, runs, threads, None,
+                             cpu_time=oversubscribed(world_size, threads))
 
 
 def plan_workload(spec: WorkloadSpec, ranks: int, *, batch_size: int | None, memory_per_rank: float | None,

@@ -57,10 +57,13 @@ class _Saved:
 
 
 class _Clock:
-    """Wall-clock seconds, with the CUDA devices in use synchronised at both ends."""
+    """Wall-clock seconds, with the CUDA devices in use synchronised at both ends; or, with
+    ``cpu_time``, the calling thread's CPU seconds (for single-threaded CPU work, what it costs
+    however the cores are shared)."""
 
-    def __init__(self, devices: set[torch.device]) -> None:
+    def __init__(self, devices: set[torch.device], cpu_time: bool = False) -> None:
         self.cuda = [d for d in devices if d.type == "cuda"]
+        self.now = time.thread_time if cpu_time and not self.cuda else time.perf_counter
 
     def sync(self) -> None:
         for device in self.cuda:
@@ -68,10 +71,10 @@ class _Clock:
 
     def timed(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[float, Any]:
         self.sync()
-        start = time.perf_counter()
+        start = self.now()
         result = fn(*args, **kwargs)
         self.sync()
-        return time.perf_counter() - start, result
+        return self.now() - start, result
 
 
 def _grad(outputs: list[torch.Tensor], grads: list[torch.Tensor], wrt: list[torch.Tensor], *, retain: bool) -> None:
@@ -80,11 +83,12 @@ def _grad(outputs: list[torch.Tensor], grads: list[torch.Tensor], wrt: list[torc
 
 def measure_blocks(modules: Sequence[nn.Module], args: tuple, kwargs: dict | None = None, *, target: Any = None,
                    loss_fn: Loss | None = None, runs: int = 3, split_backward: bool = True,
-                   min_seconds: float = 0.0) -> list[dict[str, float]]:
+                   min_seconds: float = 0.0, cpu_time: bool = False) -> list[dict[str, float]]:
     """Per block, the median seconds ``F``, ``B``, ``I``, ``W`` over ``runs`` runs (after one
     warm-up) and the bytes ``saved`` (for the backward) and ``output`` (0 for the last block).
     ``min_seconds``: keep running (up to ``MAX_RUNS``) until the runs took that long, so that
-    small models are timed over enough repeats to steady their medians.
+    small models are timed over enough repeats to steady their medians. ``cpu_time``: time
+    CPU-only blocks in the thread's CPU seconds instead of wall seconds (see ``_Clock``).
 
     ``target`` and ``loss_fn`` add the loss to the last block, as the last stage runs it. With
     ``split_backward=False`` only ``F`` and ``B`` are measured (``I`` and ``W`` are 0). Gradients
@@ -96,7 +100,7 @@ def measure_blocks(modules: Sequence[nn.Module], args: tuple, kwargs: dict | Non
     buffers = list({id(b): b for m in modules for b in m.buffers()}.values())
     devices = {t.device for t in parameters + buffers}
     devices |= {t.device for t in tensors_of((args, kwargs))}
-    clock = _Clock(devices)
+    clock = _Clock(devices, cpu_time)
     saved_buffers = [b.detach().clone() for b in buffers]
     samples: list[dict[str, list[float]]] = [{k: [] for k in "FBIW"} for _ in modules]
     memory: list[dict[str, float]] = [{} for _ in modules]

@@ -41,12 +41,15 @@ def stage_ranges(sizes: Sequence[int]) -> list[range]:
 
 def sharing_factor(profile: Profile) -> float:
     """How much slower each profiling process ran because ``profile.concurrent`` of them shared the
-    cores: the wall time over the CPU time they measured in (``profile.stretch``, the median over
-    the processes), else the even share ``concurrent * threads / cores``; at least 1 (4 processes
-    on 2 cores measured 2.0-2.04, the even share; processes that start or finish apart, or other
-    load, move it). A profile taken by one process keeps whatever else loaded the machine in its
-    times (factor 1)."""
-    if profile.concurrent <= 1 or profile.cores <= 0:
+    cores; at least 1. A profile timed in CPU seconds (``clock="cpu"``: one thread per process, the
+    default when ranks share cores) needs no correction: 1. Otherwise the wall time over the CPU time
+    the processes measured in (``profile.stretch``), else the even share ``concurrent * threads /
+    cores``. Dividing wall-clock medians by either is wrong for actions shorter than the scheduler's
+    time slice: most of them run unpreempted, so their median is already about the solo time (4
+    processes on 2 cores: stretch 2.0, medians 1.17x the 2-process ones), and halving them made the
+    planner predict 4-rank steps about twice too fast. A profile taken by one process keeps whatever
+    else loaded the machine in its times (factor 1)."""
+    if profile.concurrent <= 1 or profile.cores <= 0 or profile.clock == "cpu":
         return 1.0
     if profile.stretch > 0:
         return max(1.0, profile.stretch)

@@ -27,7 +27,7 @@ from ..partition.pipe import is_meta
 from ..partition.profile import MAX_RUNS, measure_blocks, tensors_of
 from .units import cuttable_units
 
-__all__ = ["MIN_SECONDS", "BlockProfile", "Cost", "Link", "Profile", "profile", "profile_together"]
+__all__ = ["MIN_SECONDS", "BlockProfile", "Cost", "Link", "Profile", "oversubscribed", "profile", "profile_together"]
 
 # Timed runs continue until they took this long (``runs`` at least, ``MAX_RUNS`` at most): with 3
 # runs, medians of a small model's blocks moved by 20-60% between identical profiles on the 2-core
@@ -111,6 +111,7 @@ class Profile:
     action_overhead_s: float = 0.0  # the runtime's own cost per action and hand-off (message latency included)
     tied_blocks: list[list[int]] = field(default_factory=list)  # per weight held by several blocks: those blocks
     stretch: float = 0.0        # wall over CPU seconds of the measuring process(es) (0: not recorded)
+    clock: str = "wall"         # "cpu": timed in thread CPU seconds (single-threaded, cores shared)
 
     @property
     def n_blocks(self) -> int:
@@ -161,7 +162,17 @@ def _fit(measured: Sequence[tuple[int, float]]) -> Cost:
 def _profile_rank(rank: int, world_size: int, model: Any, args: tuple, kwargs: dict, target: Any,
                   loss_fn: Any, runs: int, threads: int | None, optimizer: Any, min_seconds: float) -> Profile:
     return profile(model, args, kwargs, target=target, loss_fn=loss_fn, runs=runs, threads=threads, link=None,
-                   optimizer=optimizer, min_seconds=min_seconds)
+                   optimizer=optimizer, min_seconds=min_seconds, cpu_time=oversubscribed(world_size, threads))
+
+
+def oversubscribed(processes: int, threads: int | None) -> bool:
+    """Whether ``processes`` single-threaded processes outnumber the cores: then a profile times
+    their actions in CPU seconds (see ``costs.sharing_factor``); with a core each, in wall seconds."""
+    return threads == 1 and processes > (os.cpu_count() or 1)
+
+
+def _devices(modules: Sequence[nn.Module]) -> set[torch.device]:
+    return {t.device for m in modules for t in [*m.parameters(), *m.buffers()]}
 
 
 def _adamw(parameters: Any) -> torch.optim.Optimizer:
@@ -169,11 +180,12 @@ def _adamw(parameters: Any) -> torch.optim.Optimizer:
 
 
 def measure_updates(modules: Sequence[nn.Module], optimizer: Callable[[Any], torch.optim.Optimizer],
-                    runs: int, min_seconds: float = 0.0) -> list[tuple[float, float]]:
+                    runs: int, min_seconds: float = 0.0, cpu_time: bool = False) -> list[tuple[float, float]]:
     """Per block, the median seconds of one ``optimizer`` step over its parameters (after a first
     step that creates the optimizer's state) and of one copy of them (a weight version), taken on
     copies: the model's parameters, gradients and state stay as they were. ``min_seconds``: per
-    block, keep timing (up to ``MAX_RUNS``) until its steps took that long."""
+    block, keep timing (up to ``MAX_RUNS``) until its steps took that long. ``cpu_time``: in the
+    thread's CPU seconds (CPU parameters, one thread) instead of wall seconds."""
     results = []
     for module in modules:
         params = [p for p in module.parameters() if p.requires_grad]
@@ -181,6 +193,7 @@ def measure_updates(modules: Sequence[nn.Module], optimizer: Callable[[Any], tor
             results.append((0.0, 0.0))
             continue
         copies = [nn.Parameter(p.detach().clone()) for p in params]
+        now = time.thread_time if cpu_time and all(p.device.type == "cpu" for p in params) else time.perf_counter
         step = optimizer(copies)
         update, stash = [], []
         started, run = time.perf_counter(), 0
@@ -188,11 +201,11 @@ def measure_updates(modules: Sequence[nn.Module], optimizer: Callable[[Any], tor
             run += 1
             for copy in copies:
                 copy.grad = torch.ones_like(copy)
-            start = time.perf_counter()
+            start = now()
             step.step()
-            middle = time.perf_counter()
+            middle = now()
             versions = [copy.detach().clone() for copy in copies]
-            end = time.perf_counter()
+            end = now()
             step.zero_grad(set_to_none=True)
             del versions
             if run > 1:  # the first step creates the optimizer's state
@@ -220,7 +233,8 @@ def _median_profile(profiles: Sequence[Profile]) -> Profile:
                                    statistics.median(b.stash_s for b in same)))
     head = profiles[0]
     return Profile(blocks, head.link, head.rows, head.threads, head.cores, head.units, head.model, len(profiles),
-                   head.action_overhead_s, head.tied_blocks, statistics.median(p.stretch for p in profiles))
+                   head.action_overhead_s, head.tied_blocks, statistics.median(p.stretch for p in profiles),
+                   head.clock)
 
 
 def profile_together(rank_fn: Callable[..., Profile], args: tuple, concurrent: int, *, threads: int | None,
@@ -247,7 +261,7 @@ def profile(model: nn.Module | Sequence[nn.Module], example_args: Any, example_k
             threads: int | None = None, link: Link | str | None = "measure", name: str = "",
             concurrent: int = 1, timeout: float = 600.0,
             optimizer: Callable[[Any], torch.optim.Optimizer] | None = None,
-            min_seconds: float = MIN_SECONDS) -> Profile:
+            min_seconds: float = MIN_SECONDS, cpu_time: bool = False) -> Profile:
     """Measure ``model``'s cuttable blocks on ``example_args`` (one micro-batch) and the link.
 
     ``target`` and ``loss_fn`` add the loss to the last block, as the last stage runs it.
@@ -291,10 +305,10 @@ def profile(model: nn.Module | Sequence[nn.Module], example_args: Any, example_k
         with torch.random.fork_rng():
             measured = {rows: measure_blocks(units.modules, _rows(args, rows), _rows(kwargs, rows),
                                              target=_rows(target, rows), loss_fn=loss_fn, runs=runs,
-                                             min_seconds=min_seconds)
+                                             min_seconds=min_seconds, cpu_time=cpu_time)
                         for rows in reversed(sizes)}
             updates = measure_updates(units.modules, optimizer or _adamw, runs,
-                                      min_seconds=min_seconds / max(1, len(units.modules)))
+                                      min_seconds=min_seconds / max(1, len(units.modules)), cpu_time=cpu_time)
     finally:
         torch.set_num_threads(old_threads)
     stretch = (time.perf_counter() - wall) / max(1e-9, time.process_time() - cpu)
@@ -321,4 +335,5 @@ def profile(model: nn.Module | Sequence[nn.Module], example_args: Any, example_k
     tied = [blocks for blocks in holders.values() if len(blocks) > 1]
     return Profile(blocks, link, rows=tuple(sizes), threads=threads or old_threads,
                    cores=os.cpu_count() or 1, units=units.kind, model=name or type(model).__name__,
-                   action_overhead_s=overhead, tied_blocks=tied, stretch=stretch)
+                   action_overhead_s=overhead, tied_blocks=tied, stretch=stretch,
+                   clock="cpu" if cpu_time and not any(d.type == "cuda" for d in _devices(units.modules)) else "wall")

@@ -329,8 +329,8 @@ CONFIDENCE = ("high", "medium", "low")  # ranked in this order, after fitting an
 WHY = {
     "replicated": "replicas wait for each other at every update and share the cores; replicated layouts missed by "
                   "up to 126% (docs/planning.md, section 4)",
-    "shared": "more ranks than cores: the sharing of the cores is modelled, and such runs missed by 16-54% "
-              "(median 16%, asynchronous) and up to 67% (synchronous) (docs/planning.md, section 4)",
+    "shared": "more ranks than cores: the sharing of the cores is modelled, and such runs missed by up to 23% "
+              "(median 10%) with measured steps 20-100% apart between repeats (docs/planning.md, section 4)",
 }
 
 
