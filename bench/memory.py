@@ -375,17 +375,23 @@ def _rank_table(section: Section, results: dict[str, Any], figures: Path, plan: 
         "last stage's loss saves more); *vs 1f1b rank 0*: this rank's measured peak over 1f1b's rank 0. "
         + ("Every measured peak equals its bound to the byte." if not off else
            "Measured peaks that differ from the bound: " + "; ".join(off) + "."))
-    figure = charts.memory_bars(chart, figures / "memory_ranks.png", "peak saved activations per rank, MiB")
+    _add_figures(section, chart, timelines if plan.timelines else None, figures / "memory_ranks",
+                 "peak saved activations per rank, MiB", "per rank")
+
+
+# --- report -----------------------------------------------------------------------------------------
+def _add_figures(section: Section, chart: Any, timelines: Any, stem: Path, bars_title: str, per: str) -> None:
+    """The peak bars (``<stem>.png``) and, given timelines, their curves (``<stem>_timeline.png``)."""
+    figure = charts.memory_bars(chart, stem.with_name(stem.name + ".png"), bars_title)
     if figure is not None:
         section.figures.append(figure)
-    if plan.timelines:
-        figure = charts.memory_timelines(timelines, figures / "memory_ranks_timeline.png",
-                                         "conveyor: saved activation MiB during the step, per rank")
+    if timelines is not None:
+        figure = charts.memory_timelines(timelines, stem.with_name(stem.name + "_timeline.png"),
+                                         f"conveyor: saved activation MiB during the step, {per}")
         if figure is not None:
             section.figures.append(figure)
 
 
-# --- report -----------------------------------------------------------------------------------------
 def _mib(nbytes: float) -> str:
     return f"{nbytes / MiB:.2f}"
 
@@ -495,14 +501,8 @@ def run(plan: Plan, figures: Path, names: list[str] | None = None) -> Section:
             "loss without flattening its output and stays at the bound. Without recompute the same cycle keeps "
             "only the output tensors (the backward already freed the saved activations): they show in "
             "*all tensors*, not in *saved*.")
-    figure = charts.memory_bars(chart, figures / "memory.png", "peak saved activations, MiB")
-    if figure is not None:
-        section.figures.append(figure)
-    if plan.timelines:
-        figure = charts.memory_timelines(timelines, figures / "memory_timeline.png",
-                                         "conveyor: saved activation MiB during the step, per stage")
-        if figure is not None:
-            section.figures.append(figure)
+    _add_figures(section, chart, timelines if plan.timelines else None, figures / "memory",
+                 "peak saved activations, MiB", "per stage")
     _rank_table(section, per_rank, figures, plan)
     section.seconds = time.perf_counter() - started
     return section

@@ -21,7 +21,8 @@ import torch.distributed as dist
 
 from conveyor.planning.costs import action_costs
 from conveyor.planning.search import Candidate
-from conveyor.workloads import WorkloadSpec, load_workload
+from conveyor.planning.verify import candidate_runner, stream_batches
+from conveyor.workloads import WorkloadSpec
 
 __all__ = ["decompose", "traced_run"]
 
@@ -30,18 +31,9 @@ _ACTION = re.compile(r"(\d+)([A-Z])(\d+)")
 
 def _worker(rank: int, world_size: int, spec: WorkloadSpec, schedule: str, sizes: tuple[int, ...],
             n_microbatches: int, batch_size: int, steps: int, replicas: tuple[int, ...] | None) -> dict[str, Any]:
-    import conveyor
-
-    workload = load_workload(spec)
-    model = workload.build_model()
-    example, _ = workload.inputs(0, max(2, batch_size // n_microbatches))
-    pipe = conveyor.pipeline(model, n_stages=len(sizes), balance=list(sizes), example_args=example)
-    runner = conveyor.PipelineRunner(pipe, schedule=schedule, n_microbatches=n_microbatches, loss_fn=workload.loss_fn,
-                                     replicas=list(replicas) if replicas else None)
-    optimizer = workload.optimizer_for(runner.parameters())
+    workload, runner, optimizer = candidate_runner(spec, schedule, sizes, n_microbatches, batch_size, replicas)
     if runner.schedule.is_streaming:
-        batches = [(tuple(inputs), target) for inputs, target in
-                   (workload.inputs(step, batch_size) for step in range(steps + 2))]
+        batches = stream_batches(workload, batch_size, steps + 2)
         dist.barrier()
         start = time.perf_counter()
         for _ in runner.stream(batches, optimizer):

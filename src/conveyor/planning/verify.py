@@ -17,13 +17,15 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch.distributed as dist
 
-from ..workloads import WorkloadSpec, load_workload
+from ..workloads import Workload, WorkloadSpec, load_workload
 from .search import Candidate, Plan
 
-__all__ = ["VERIFIED_HEADER", "Verified", "format_row", "format_verified", "verify"]
+__all__ = ["VERIFIED_HEADER", "Verified", "candidate_runner", "format_row", "format_verified", "stream_batches",
+           "verify"]
 
 
 @dataclass
@@ -61,21 +63,31 @@ class Verified:
                 "spread": self.spread}
 
 
-def _worker(rank: int, world_size: int, spec: WorkloadSpec, schedule: str, sizes: tuple[int, ...],
-            n_microbatches: int, batch_size: int, steps: int,
-            replicas: tuple[int, ...] | None = None) -> list[tuple[float, ...]]:
+def candidate_runner(spec: WorkloadSpec, schedule: str, sizes: Sequence[int], n_microbatches: int,
+                     batch_size: int, replicas: Sequence[int] | None = None) -> tuple[Workload, Any, Any]:
+    """The workload, a PipelineRunner running it as the candidate says (this rank's part) and the
+    workload's optimizer over the runner's parameters: what ``--verify`` and the benchmarks run."""
     import conveyor
 
     workload = load_workload(spec)
-    model = workload.build_model()
     example, _ = workload.inputs(0, max(2, batch_size // n_microbatches))
-    pipe = conveyor.pipeline(model, n_stages=len(sizes), balance=list(sizes), example_args=example)
+    pipe = conveyor.pipeline(workload.build_model(), n_stages=len(sizes), balance=list(sizes), example_args=example)
     runner = conveyor.PipelineRunner(pipe, schedule=schedule, n_microbatches=n_microbatches, loss_fn=workload.loss_fn,
                                      replicas=list(replicas) if replicas else None)
-    optimizer = workload.optimizer_for(runner.parameters())
+    return workload, runner, workload.optimizer_for(runner.parameters())
+
+
+def stream_batches(workload: Workload, batch_size: int, count: int) -> list[tuple[tuple, Any]]:
+    """The first ``count`` batches of ``workload`` as ``runner.stream`` takes them."""
+    return [(tuple(inputs), target) for inputs, target in (workload.inputs(step, batch_size) for step in range(count))]
+
+
+def _worker(rank: int, world_size: int, spec: WorkloadSpec, schedule: str, sizes: tuple[int, ...],
+            n_microbatches: int, batch_size: int, steps: int,
+            replicas: tuple[int, ...] | None = None) -> list[tuple[float, ...]]:
+    workload, runner, optimizer = candidate_runner(spec, schedule, sizes, n_microbatches, batch_size, replicas)
     if runner.schedule.is_streaming:
-        batches = [(tuple(inputs), target) for inputs, target in
-                   (workload.inputs(step, batch_size) for step in range(steps + 2))]
+        batches = stream_batches(workload, batch_size, steps + 2)
         stamps = [time.perf_counter() for _ in runner.stream(batches, optimizer)]
         per_batch = n_microbatches // (replicas[-1] if replicas else 1)  # a replica yields its share of losses
         ends = stamps[per_batch - 1::per_batch]
