@@ -10,9 +10,13 @@ measured step times beside both models' predictions.
 A measured step is ``runner.step`` and the optimizer step (synchronous) or the time between
 consecutive batches' last losses (asynchronous); the model before issue 20 predicted a
 synchronous step without its optimizer step and is compared with ``runner.step`` alone, as its
-``--verify`` measured it. *Regret*: how much slower the top pick ran than the fastest candidate
-measured for that workload. *Spread*: (slowest - fastest) / median over a candidate's own measured
-steps, how far repeats of the very same run fell apart: an error inside it is inside the noise.
+``--verify`` measured it. Every candidate is measured twice, in two separate runs (all candidates,
+then all again), and the *measured* step is the mean of the two; the workload is also profiled and
+planned a second time. *Floor*: the two measurements' difference over their mean plus the two
+predictions' difference over the first: what two identical runs of ``plan`` and ``--verify``
+differ by on this machine, so an error inside it cannot be told from noise. *Regret*: how much
+slower the top pick ran than the fastest candidate measured for that workload. *Spread*: (slowest
+- fastest) / median over a candidate's own steps in the first run.
 """
 
 from __future__ import annotations
@@ -55,7 +59,8 @@ def kind(candidate: Any) -> str:
 def _before(result: CandidatePlan) -> CandidatePlan:
     """The same profile priced as before issue 20: no optimizer step or weight copy, every class
     trusted alike (ranked by throughput among what fits and runs)."""
-    profile = replace(result.profile, blocks=[replace(b, update_s=0.0, stash_s=0.0) for b in result.profile.blocks])
+    profile = replace(result.profile, blocks=[replace(b, update_s=0.0, stash_s=0.0) for b in result.profile.blocks],
+                      in_stream={})
     old = plan(profile, result.n_ranks, batch_size=result.batch_size,
                reshare=result.reshare)
     old.candidates.sort(key=lambda c: (not c.fits, not c.runnable, -c.throughput))
@@ -105,14 +110,26 @@ def measure(top: int = 3, steps: int = 3, ranks: tuple[int, ...] = (2, 4),
             chosen = _chosen(result, before, top)
             subset = CandidatePlan(chosen, result.n_ranks, result.batch_size, None, result.profile)
             verified: list[Verified] = verify(subset, spec, top=len(chosen), steps=steps)
-            for index, v in enumerate(verified):
+            # the floor: the same candidates measured again, and the workload profiled and planned again
+            again = verify(subset, spec, top=len(chosen), steps=steps)
+            replanned = {_key(c): c for c in plan_workload(spec, n_ranks, batch_size=None, memory_per_rank=None,
+                                                            runs=runs).candidates}
+            for index, (v, w) in enumerate(zip(verified, again)):
                 c = v.candidate
                 previous = old.get(_key(c))
                 old_measured = v.measured_without_optimizer_s or v.measured_step_s
+                both = [m for m in (v.measured_step_s, w.measured_step_s) if m is not None]
+                measured = statistics.mean(both) if both else None
+                second = replanned.get(_key(c))
                 rows.append({
                     "workload": name, "ranks": n_ranks, "label": c.label(), "kind": kind(c),
                     "confidence": c.confidence, "rank": result.candidates.index(c) + 1, "in_top": index < top,
-                    "predicted": c.step_s, "measured": v.measured_step_s, "error": v.error, "spread": v.spread,
+                    "predicted": c.step_s, "measured": measured,
+                    "error": (c.step_s - measured) / measured if measured else None, "spread": v.spread,
+                    "measured_first": v.measured_step_s, "measured_again": w.measured_step_s,
+                    "measure_repeat": abs(both[0] - both[1]) / measured if len(both) == 2 else None,
+                    "predicted_again": second.step_s if second else None,
+                    "predict_repeat": abs(second.step_s - c.step_s) / c.step_s if second else None,
                     "old_predicted": previous.step_s if previous else None,
                     "old_error": (previous.step_s - old_measured) / old_measured if previous and old_measured else None,
                     "old_pick": old_pick is not None and _key(c) == _key(old_pick), "pick": c is result.candidates[0],
@@ -129,27 +146,44 @@ def measure(top: int = 3, steps: int = 3, ranks: tuple[int, ...] = (2, 4),
     return rows
 
 
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value * 1e3:.1f}"
+
+
+def _share(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0%}"
+
+
+def floor(row: dict[str, Any]) -> float | None:
+    """What two identical runs of ``plan`` and ``--verify`` differ by for this candidate: the
+    measured step's repeat plus the prediction's repeat (another profile of the same workload)."""
+    if row.get("measure_repeat") is None or row.get("predict_repeat") is None:
+        return None
+    return row["measure_repeat"] + row["predict_repeat"]
+
+
 def summarise_rows(rows: list[dict[str, Any]]) -> tuple[Table, Table, list[str]]:
     detail = Table(["workload", "ranks", "#", "candidate", "class", "confidence", "predicted ms", "measured ms",
-                    "spread", "error", "before: predicted ms", "before: error"])
-    summary = Table(["workload", "ranks", "confidence of the top 3", "worst abs error, top 3",
-                     "widest spread, top 3", "top pick regret", "before: worst abs error", "before: top pick regret"])
+                    "error", "measured, two runs ms", "predicted again ms", "floor", "spread",
+                    "before: predicted ms", "before: error"])
+    summary = Table(["workload", "ranks", "confidence of the top 3", "worst abs error, top 3", "widest floor, top 3",
+                     "top pick regret", "before: worst abs error", "before: top pick regret"])
     worst_all, worst_old_all, regrets, old_regrets = [], [], [], []
     for (name, n_ranks) in dict.fromkeys((r["workload"], r["ranks"]) for r in rows):
         group = [r for r in rows if r["workload"] == name and r["ranks"] == n_ranks and r["measured"]]
         for r in group:
             marks = (" (pick)" if r["pick"] else "") + (" (before: pick)" if r["old_pick"] else "")
             detail.rows.append([name, str(n_ranks), str(r["rank"]), r["label"] + marks, r["kind"], r["confidence"],
-                                f"{r['predicted'] * 1e3:.1f}", f"{r['measured'] * 1e3:.1f}", _spread(r),
-                                _pct(r["error"]),
-                                "-" if r["old_predicted"] is None else f"{r['old_predicted'] * 1e3:.1f}",
-                                _pct(r["old_error"])])
+                                _ms(r["predicted"]), _ms(r["measured"]), _pct(r["error"]),
+                                f"{_ms(r.get('measured_first'))} / {_ms(r.get('measured_again'))}",
+                                _ms(r.get("predicted_again")), _share(floor(r)), _spread(r),
+                                _ms(r["old_predicted"]), _pct(r["old_error"])])
         if not group:
             continue
         fastest = min(r["measured"] for r in group)
         top = [r for r in group if r["in_top"]]
         worst = max((abs(r["error"]) for r in top), default=float("nan"))
-        widest = max((r["spread"] for r in top if r.get("spread") is not None), default=float("nan"))
+        widest = max((f for f in map(floor, top) if f is not None), default=float("nan"))
         worst_old = max((abs(r["old_error"]) for r in group if r["old_error"] is not None), default=float("nan"))
         pick = next((r for r in group if r["pick"]), None)
         old_pick = next((r for r in group if r["old_pick"]), None)
@@ -168,13 +202,16 @@ def summarise_rows(rows: list[dict[str, Any]]) -> tuple[Table, Table, list[str]]
         if not top:
             continue
         errors = sorted(abs(r["error"]) for r in top)
-        spreads = sorted(r["spread"] for r in top if r.get("spread") is not None)
-        beyond = [r for r in top if r.get("spread") is not None and abs(r["error"]) > max(0.15, r["spread"])]
+        measure_repeats = sorted(r["measure_repeat"] for r in top if r.get("measure_repeat") is not None)
+        predict_repeats = sorted(r["predict_repeat"] for r in top if r.get("predict_repeat") is not None)
+        beyond = [r for r in top if floor(r) is not None and abs(r["error"]) > max(0.15, floor(r))]
         by_ranks.append(f"{n_ranks} ranks: top-3 |error| median {statistics.median(errors):.1%}, "
-                        f"worst {errors[-1]:.1%}; "
-                        f"their own repeats' spread median {statistics.median(spreads):.0%}, widest {spreads[-1]:.0%}; "
-                        f"{len(beyond)} of {len(top)} miss by more than both 15 % and their spread."
-                        if spreads else f"{n_ranks} ranks: no spread measured.")
+                        f"worst {errors[-1]:.1%}; measured twice, the same candidate's steps differed by a median "
+                        f"{statistics.median(measure_repeats):.0%} (widest {measure_repeats[-1]:.0%}); profiled "
+                        f"twice, its prediction by {statistics.median(predict_repeats):.0%} (widest "
+                        f"{predict_repeats[-1]:.0%}); {len(beyond)} of {len(top)} miss by more than both 15 % "
+                        f"and their floor."
+                        if measure_repeats and predict_repeats else f"{n_ranks} ranks: no repeats measured.")
     notes = [f"Worst |error| of a top-3 candidate: {max(worst_all):.1%} (before: worst |error| "
              f"over the same runs {max(worst_old_all):.1%}); top-pick regret: worst {max(regrets):.1%}, median "
              f"{statistics.median(regrets):.1%} (before: worst {max(old_regrets):.1%}, median "

@@ -33,9 +33,18 @@ def test_plan_prints_a_table_and_its_reasons(capsys: pytest.CaptureFixture[str])
 
 
 def test_plan_json_lists_candidates_with_predictions(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["plan", *TINY, "--ranks", "2", "--no-link", "--runs", "1", "--json"]) == 0
+    assert main(["plan", *TINY, "--ranks", "2", "--no-link", "--runs", "1", "--json", "--no-calibrate"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["n_ranks"] == 2 and data["candidates"][0]["step_s"] > 0
+
+
+def test_plan_prices_candidates_with_in_stream_factors_from_a_traced_run_unless_told_not_to(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["plan", *TINY, "--ranks", "2", "--no-link", "--runs", "1", "--json"]) == 0
+    factors = json.loads(capsys.readouterr().out)["in_stream"]
+    assert set(factors) == {"F", "B", "U"} and all(value > 0 for value in factors.values())
+    assert main(["plan", *TINY, "--ranks", "2", "--no-link", "--runs", "1", "--json", "--no-calibrate"]) == 0
+    assert json.loads(capsys.readouterr().out)["in_stream"] == {}
 
 
 def test_plan_verify_runs_the_top_runnable_candidate(capsys: pytest.CaptureFixture[str]) -> None:
@@ -54,6 +63,7 @@ def test_plan_a_script_on_more_ranks_than_cores_profiles_and_verifies_it(
                  "--runnable-only", "--steps", "1", "--timeout", "120"]) == 0
     out = capsys.readouterr().out
     assert "timed by 4 processes at once" in out
+    assert "inside a pipeline U x" in out and "F x" not in out  # ranks share cores: CPU seconds, sharing modelled
     assert "%" in out.split("local processes ...")[1].splitlines()[-1]
 
 
@@ -68,7 +78,7 @@ def test_plan_json_with_verify_carries_each_measured_step_and_its_error(capsys: 
 
 
 def test_plan_schedules_option_restricts_the_search(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["plan", *TINY, "--ranks", "2", "--no-link", "--runs", "1", "--json",
+    assert main(["plan", *TINY, "--ranks", "2", "--no-link", "--runs", "1", "--json", "--no-calibrate",
                  "--schedules", "gpipe,pipedream"]) == 0
     names = {c["schedule"] for c in json.loads(capsys.readouterr().out)["candidates"]}
     assert names == {"gpipe", "pipedream"}

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 from .cli_args import at_least, positive_float
 from .planning import Plan, Profile, plan, profile
+from .planning.calibrate import calibrate as in_stream_factors
 from .planning.profile import oversubscribed, profile_together
 from .workloads import Workload, WorkloadSpec, load_workload
 
@@ -73,14 +74,16 @@ def _profile_workload_rank(rank: int, world_size: int, spec: WorkloadSpec, rows:
 def plan_workload(spec: WorkloadSpec, ranks: int, *, batch_size: int | None, memory_per_rank: float | None,
                   runs: int = 3, measure_link: bool = True, profile_file: str | None = None,
                   save_profile: str | None = None, contention: str = "reshared",
-                  schedules: Sequence[str] | None = None) -> Plan:
+                  schedules: Sequence[str] | None = None, calibrate: bool = True) -> Plan:
     """Profile the workload with the threads each of ``ranks`` local ranks will get, then plan.
 
     ``contention="measured"`` profiles in ``ranks`` processes at once (sharing the cores, the
     memory bandwidth and whatever else loads the machine, as the run will; with fewer ranks than
     cores each process has a core of its own) and uses the times as measured; ``"reshared"``
     profiles the same way but divides out the processes' own sharing of too few cores and models
-    it where ranks overlap; ``"modelled"`` profiles in one process and models the sharing."""
+    it where ranks overlap; ``"modelled"`` profiles in one process and models the sharing.
+    ``calibrate``: a freshly measured profile for several ranks then gets its in-stream factors
+    from a short traced 1F1B run on the ranks (``planning/calibrate.py``)."""
     if contention not in CONTENTION:
         raise ValueError(f"contention={contention!r}: use one of {CONTENTION}")
     workload = load_workload(spec)
@@ -98,6 +101,12 @@ def plan_workload(spec: WorkloadSpec, ranks: int, *, batch_size: int | None, mem
                                         threads=threads, link=link, name=workload.name)
         else:
             measured = _profile_workload(workload, rows, runs, threads, link)
+        if calibrate and ranks > 1:  # at the micro-batch size of the uncalibrated pick
+            first = plan(measured, ranks, memory_per_rank=memory_per_rank, batch_size=batch_size,
+                         reshare=contention == "reshared", schedules=schedules)
+            pick = first.best_runnable or first.best
+            measured.in_stream = in_stream_factors(measured, spec, ranks, batch_size,
+                                                   n_microbatches=pick.n_microbatches)
     if save_profile:
         print(f"wrote {measured.save(save_profile)}")
     return plan(measured, ranks, memory_per_rank=memory_per_rank, batch_size=batch_size,
@@ -110,7 +119,8 @@ def _plan(args: argparse.Namespace) -> None:
     spec = spec_from_args(args)
     result = plan_workload(spec, args.ranks, batch_size=args.batch_size, memory_per_rank=args.memory_per_rank,
                            runs=args.runs, measure_link=not args.no_link, profile_file=args.profile,
-                           save_profile=args.save_profile, contention=args.contention, schedules=args.schedules)
+                           save_profile=args.save_profile, contention=args.contention, schedules=args.schedules,
+                           calibrate=not args.no_calibrate)
     verified = None
     if args.verify:
         chosen = result.top(args.top, runnable=True) if args.runnable_only else result.top(args.top)
@@ -167,6 +177,9 @@ def register(commands: argparse._SubParsersAction) -> None:
                         help="ranks sharing too few cores: profile them all at once, divide out their own "
                              "sharing and model it where ranks overlap (reshared, default), or use the times "
                              "as measured (measured), or profile in one process and model the sharing (modelled)")
+    parser.add_argument("--no-calibrate", action="store_true",
+                        help="do not run the short traced 1F1B pipeline that measures how much slower forwards, "
+                             "backwards and the optimizer step run inside a pipeline than profiled alone")
     parser.add_argument("--no-link", action="store_true", help="do not measure the link (assume 50 us, 1 GB/s)")
     parser.add_argument("--profile", default=None, help="plan from a saved profile (JSON) instead of measuring")
     parser.add_argument("--save-profile", default=None, help="write the measured profile to this JSON file")

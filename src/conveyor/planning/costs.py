@@ -29,8 +29,8 @@ from ..schedule.links import Message, outgoing, required_message
 from .profile import Profile
 
 __all__ = ["ActionCosts", "AsyncEstimate", "MemoryEstimate", "action_costs", "async_steady_state", "boundary_bytes",
-           "compute_slots", "message_time", "rank_memory", "shared_core_makespan", "sharing_factor", "stage_costs",
-           "stage_ranges", "stage_stashes", "stage_updates", "with_updates"]
+           "compute_slots", "in_stream", "message_time", "rank_memory", "shared_core_makespan", "sharing_factor",
+           "stage_costs", "stage_ranges", "stage_stashes", "stage_updates", "with_updates"]
 
 
 def stage_ranges(sizes: Sequence[int]) -> list[range]:
@@ -61,27 +61,35 @@ def stage_costs(profile: Profile, sizes: Sequence[int], rows: float) -> dict[str
     own (times profiled by several processes at once are divided by :func:`sharing_factor`)."""
     table: dict[str, list[float]] = {"F": [], "B": [], "I": [], "W": []}
     alone = 1.0 / sharing_factor(profile)
+    forward_factor = alone * in_stream(profile, "F")
+    backward_factor = alone * in_stream(profile, "B")  # I and W too: halves of the backward
     for index, blocks in enumerate(stage_ranges(sizes)):
         chosen = [profile.blocks[b] for b in blocks]
-        forward = sum(b.forward.at(rows) for b in chosen) * alone
-        backward = sum(b.backward.at(rows) for b in chosen) * alone
-        input_grad = 0.0 if index == 0 else sum(b.input_grad.at(rows) for b in chosen) * alone
-        weight_grad = backward if index == 0 else sum(b.weight_grad.at(rows) for b in chosen) * alone
+        forward = sum(b.forward.at(rows) for b in chosen) * forward_factor
+        backward = sum(b.backward.at(rows) for b in chosen) * backward_factor
+        input_grad = 0.0 if index == 0 else sum(b.input_grad.at(rows) for b in chosen) * backward_factor
+        weight_grad = backward if index == 0 else sum(b.weight_grad.at(rows) for b in chosen) * backward_factor
         for key, value in zip("FBIW", (forward, backward, input_grad, weight_grad)):
             table[key].append(value + profile.action_overhead_s)
     return table
 
 
+def in_stream(profile: Profile, kind: str) -> float:
+    """How much slower an action of ``kind`` (``F``, ``B``, ``U``) ran inside a pipeline than the
+    profile timed it alone (``planning/calibrate.py``); 1 where not calibrated."""
+    return profile.in_stream.get(kind, 1.0)
+
+
 def stage_updates(profile: Profile, sizes: Sequence[int]) -> list[float]:
     """Seconds of one optimizer step over each stage's parameters."""
-    alone = 1.0 / sharing_factor(profile)
+    alone = in_stream(profile, "U") / sharing_factor(profile)
     return [sum(profile.blocks[b].update_s for b in blocks) * alone for blocks in stage_ranges(sizes)]
 
 
 def stage_stashes(profile: Profile, sizes: Sequence[int]) -> list[float]:
     """Seconds of one copy of each stage's parameters (a weight version, which asynchronous
-    schedules make after every update)."""
-    alone = 1.0 / sharing_factor(profile)
+    schedules make after every update), priced with the update's in-stream factor."""
+    alone = in_stream(profile, "U") / sharing_factor(profile)
     return [sum(profile.blocks[b].stash_s for b in blocks) * alone for blocks in stage_ranges(sizes)]
 
 

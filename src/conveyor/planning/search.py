@@ -139,7 +139,7 @@ class Plan:
             f", timed by {p.concurrent} processes at once (core sharing included as measured)"
         lines = [f"Profile: {p.n_blocks} blocks ({p.units}) of {p.model}{contention}; link "
                  f"{p.link.latency_s * 1e6:.0f} us + {p.link.bandwidth_bytes_s / 1e9:.2f} GB/s ({p.link.source}); "
-                 f"runtime overhead {p.action_overhead_s * 1e3:.2f} ms per action.",
+                 f"runtime overhead {p.action_overhead_s * 1e3:.2f} ms per action{_in_stream_note(p)}.",
                  f"Choice: {best.label()} (split by {best.split}), {best.rows:g} rows per micro-batch: predicted "
                  f"step {best.step_s * 1e3:.1f} ms, {best.throughput:.1f} samples/s."]
         lines += self._why(best)
@@ -222,10 +222,18 @@ class Plan:
                          label=c.label())
             rows.append(entry)
         data = {"n_ranks": self.n_ranks, "batch_size": self.batch_size, "memory_per_rank": self.memory_per_rank,
-                "candidates": rows}
+                "in_stream": dict(self.profile.in_stream), "candidates": rows}
         if verified is not None:
             data["verified"] = list(verified)
         return json.dumps(data, indent=1)
+
+
+def _in_stream_note(profile: Profile) -> str:
+    """``; inside a pipeline F x1.10, B x1.05, U x2.92 (a traced 1F1B run)`` when calibrated."""
+    if not profile.in_stream:
+        return ""
+    factors = ", ".join(f"{kind} x{factor:.2f}" for kind, factor in profile.in_stream.items())
+    return f"; inside a pipeline {factors} the profiled time (a traced 1F1B run)"
 
 
 def microbatch_counts(batch_size: int) -> list[int]:
