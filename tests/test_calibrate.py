@@ -40,20 +40,11 @@ def test_the_update_factor_prices_every_optimizer_step_and_the_plan_with_it() ->
 
 def test_factors_are_traced_seconds_over_priced_seconds_summed_over_stages() -> None:
     profile = two_blocks()  # F 4 ms, B 8 ms per stage at 4 rows; update 1 ms per stage
-    traces = [{"actions": {"0F": [0.006, 0.006, 0.009], "0B": [0.008]}, "update": [0.003, 0.002, 0.002],
-               "step_cpu": [1.0]},
-              {"actions": {"1F": [0.002], "1B": [0.012, 0.012]}, "update": [0.001], "step_cpu": [1.0]}]
+    traces = [{"actions": {"0F": [0.006, 0.006, 0.009], "0B": [0.008]}, "update": [0.003, 0.002, 0.002]},
+              {"actions": {"1F": [0.002], "1B": [0.012, 0.012]}, "update": [0.001]}]
     factors = in_stream_factors(traces, profile, (1, 1), 4, [0, 1])
     assert factors == pytest.approx({"F": (0.006 + 0.002) / 0.008, "B": (0.008 + 0.012) / 0.016,
                                      "U": (0.002 + 0.001) / 0.002})
-
-
-def test_with_ranks_sharing_cores_forwards_and_backwards_share_one_factor_from_cpu_seconds_per_step() -> None:
-    profile = two_blocks()  # F 4 ms + B 8 ms per stage at 4 rows; 2 micro-batches: 24 ms per stage and step
-    traces = [{"actions": {"0F": [1.0], "0B": [1.0]}, "update": [0.001], "step_cpu": [0.030, 0.030, 0.090]},
-              {"actions": {"1F": [1.0], "1B": [1.0]}, "update": [0.001], "step_cpu": [0.036]}]
-    factors = in_stream_factors(traces, profile, (1, 1), 4, [0, 1], cpu_seconds=True, n_microbatches=2)
-    assert factors["F"] == factors["B"] == pytest.approx((0.030 + 0.036) / 0.048)  # wall-clock traces ignored
 
 
 def test_calibration_runs_at_the_planned_microbatch_count_or_the_smallest_power_of_two_for_the_ranks() -> None:

@@ -14,8 +14,7 @@ search (synchronous, asynchronous, the zero-bubble schedule search) gets them.
 
 Where ranks outnumber the cores the profile is in CPU seconds and the sharing is modelled
 (``costs.shared_core_makespan``); a traced wall-clock action then includes the time other ranks
-held its core, so the forwards and backwards get one factor from each rank's thread CPU seconds
-per step instead, and the optimizer step is timed in CPU seconds too.
+held its core, so only the optimizer step (timed in the thread's CPU seconds there) is calibrated.
 """
 
 from __future__ import annotations
@@ -62,58 +61,42 @@ def _worker(rank: int, world_size: int, spec: WorkloadSpec, sizes: tuple[int, ..
     workload, runner, optimizer = candidate_runner(spec, "1f1b", sizes, n_microbatches, batch_size)
     clock = time.thread_time if cpu_time else time.perf_counter
     actions: dict[str, list[float]] = defaultdict(list)
-    updates, step_cpu = [], []
+    updates = []
     with runner:
         for step in range(steps + 1):
             inputs, target = workload.inputs(step, batch_size)
             optimizer.zero_grad()
             dist.barrier()
-            cpu = time.thread_time()
             runner.step(*inputs, target=target)
-            cpu = time.thread_time() - cpu
             start = clock()
             optimizer.step()
             seconds = clock() - start
             if step == 0:  # the first step warms up
                 continue
             updates.append(seconds)
-            step_cpu.append(cpu)
             for event in runner.trace:
                 match = _ACTION.match(event.action)
                 if match:
                     actions[f"{match.group(1)}{match.group(2)}"].append(event.end - event.start)
-    return {"actions": dict(actions), "update": updates, "step_cpu": step_cpu}
+    return {"actions": dict(actions), "update": updates}
 
 
 def in_stream_factors(per_rank: Sequence[dict[str, Any]], profile: Profile, sizes: Sequence[int],
-                      rows: float, placement: Sequence[int], *, cpu_seconds: bool = False,
-                      n_microbatches: int = 1) -> dict[str, float]:
+                      rows: float, placement: Sequence[int]) -> dict[str, float]:
     """Per action kind, the traced seconds over the priced ones (medians per stage, summed over
-    stages); ``U``: the ranks' median optimizer steps over their stages' priced updates.
-
-    ``cpu_seconds`` (ranks sharing cores, a CPU-seconds profile): a traced action's wall time then
-    includes the time other ranks held the core, so ``F`` and ``B`` get one factor instead: the
-    ranks' thread CPU seconds per ``runner.step`` over the F and B (with the runtime's overhead)
-    priced for their actions, ``n_microbatches`` of each per stage."""
+    stages); ``U``: the ranks' median optimizer steps over their stages' priced updates."""
     priced = action_costs(profile, sizes, rows)
+    measured: dict[str, list[float]] = defaultdict(list)
+    for rank in per_rank:
+        for key, seconds in rank["actions"].items():
+            measured[key].extend(seconds)
     factors: dict[str, float] = {}
-    if cpu_seconds:
-        m = n_microbatches
-        ranks = [r for r, rank in enumerate(per_rank) if rank["step_cpu"]]
-        model = sum(m * (priced.F[s] + priced.B[s]) for s, r in enumerate(placement) if r in ranks)
-        if ranks and model > 0:
-            factors["F"] = factors["B"] = sum(statistics.median(per_rank[r]["step_cpu"]) for r in ranks) / model
-    else:
-        measured: dict[str, list[float]] = defaultdict(list)
-        for rank in per_rank:
-            for key, seconds in rank["actions"].items():
-                measured[key].extend(seconds)
-        for kind in ("F", "B"):
-            model_seconds = getattr(priced, kind)
-            stages = [s for s in range(len(sizes)) if f"{s}{kind}" in measured and model_seconds[s] > 0]
-            if stages:
-                factors[kind] = sum(statistics.median(measured[f"{s}{kind}"]) for s in stages) / \
-                    sum(model_seconds[s] for s in stages)
+    for kind in ("F", "B"):
+        model = getattr(priced, kind)
+        stages = [s for s in range(len(sizes)) if f"{s}{kind}" in measured and model[s] > 0]
+        if stages:
+            factors[kind] = sum(statistics.median(measured[f"{s}{kind}"]) for s in stages) / \
+                sum(model[s] for s in stages)
     per_rank_update = defaultdict(float)
     for stage, rank in enumerate(placement):
         per_rank_update[rank] += priced.U[stage]
@@ -129,8 +112,7 @@ def calibrate(profile: Profile, spec: WorkloadSpec, n_ranks: int, batch_size: in
     """Run ``spec``'s workload as a 1F1B pipeline on ``n_ranks`` local processes for ``steps``
     traced steps (after one warm-up) with ``n_microbatches`` (see :func:`calibration_layout`) and
     return the in-stream factors (``Profile.in_stream``). With ranks outnumbering the cores (a
-    CPU-seconds profile) ``F`` and ``B`` come from the ranks' CPU seconds per step
-    (:func:`in_stream_factors`) and ``U`` is timed in CPU seconds."""
+    CPU-seconds profile) only ``U`` is calibrated."""
     from ..launch import launch
 
     profile = replace(profile, in_stream={})  # priced as profiled
@@ -141,5 +123,7 @@ def calibrate(profile: Profile, spec: WorkloadSpec, n_ranks: int, batch_size: in
     cpu_time = oversubscribed(n_ranks, threads)
     per_rank = launch(_worker, len(sizes), timeout=timeout, threads_per_rank=threads,
                       args=(spec, sizes, m, batch_size, steps, cpu_time))
-    return in_stream_factors(per_rank, profile, sizes, batch_size / m, list(range(len(sizes))),
-                             cpu_seconds=profile.clock == "cpu" or cpu_time, n_microbatches=m)
+    factors = in_stream_factors(per_rank, profile, sizes, batch_size / m, list(range(len(sizes))))
+    if profile.clock == "cpu" or cpu_time:
+        factors = {kind: value for kind, value in factors.items() if kind == "U"}
+    return factors
