@@ -15,7 +15,8 @@ then all again), and the *measured* step is the mean of the two; the workload is
 planned a second time. *Floor*: the two measurements' difference over their mean plus the two
 predictions' difference over the first: what two identical runs of ``plan`` and ``--verify``
 differ by on this machine, so an error inside it cannot be told from noise. *Regret*: how much
-slower the top pick ran than the fastest candidate measured for that workload. *Spread*: (slowest
+slower the top pick ran than the fastest candidate measured for that workload (and than the fastest
+of those not flagged *low*, which the planner ranks after the others). *Spread*: (slowest
 - fastest) / median over a candidate's own steps in the first run.
 """
 
@@ -128,6 +129,7 @@ def measure(top: int = 3, steps: int = 3, ranks: tuple[int, ...] = (2, 4),
                     "error": (c.step_s - measured) / measured if measured else None, "spread": v.spread,
                     "measured_first": v.measured_step_s, "measured_again": w.measured_step_s,
                     "measure_repeat": abs(both[0] - both[1]) / measured if len(both) == 2 else None,
+                    "in_stream": dict(result.profile.in_stream),
                     "predicted_again": second.step_s if second else None,
                     "predict_repeat": abs(second.step_s - c.step_s) / c.step_s if second else None,
                     "old_predicted": previous.step_s if previous else None,
@@ -154,6 +156,11 @@ def _share(value: float | None) -> str:
     return "-" if value is None else f"{value:.0%}"
 
 
+def _factors(row: dict[str, Any]) -> str:
+    factors = row.get("in_stream") or {}
+    return " / ".join(f"{factors[k]:.2f}" if k in factors else "-" for k in "FBU")
+
+
 def floor(row: dict[str, Any]) -> float | None:
     """What two identical runs of ``plan`` and ``--verify`` differ by for this candidate: the
     measured step's repeat plus the prediction's repeat (another profile of the same workload)."""
@@ -167,8 +174,9 @@ def summarise_rows(rows: list[dict[str, Any]]) -> tuple[Table, Table, list[str]]
                     "error", "measured, two runs ms", "predicted again ms", "floor", "spread",
                     "before: predicted ms", "before: error"])
     summary = Table(["workload", "ranks", "confidence of the top 3", "worst abs error, top 3", "widest floor, top 3",
-                     "top pick regret", "before: worst abs error", "before: top pick regret"])
-    worst_all, worst_old_all, regrets, old_regrets = [], [], [], []
+                     "top pick regret", "regret among the not-low", "in-stream F / B / U", "before: worst abs error",
+                     "before: top pick regret"])
+    worst_all, worst_old_all, regrets, trusted_regrets, old_regrets = [], [], [], [], []
     for (name, n_ranks) in dict.fromkeys((r["workload"], r["ranks"]) for r in rows):
         group = [r for r in rows if r["workload"] == name and r["ranks"] == n_ranks and r["measured"]]
         for r in group:
@@ -188,13 +196,18 @@ def summarise_rows(rows: list[dict[str, Any]]) -> tuple[Table, Table, list[str]]
         pick = next((r for r in group if r["pick"]), None)
         old_pick = next((r for r in group if r["old_pick"]), None)
         regret = pick["measured"] / fastest - 1 if pick else float("nan")
+        # against the candidates the planner does not flag low (it ranks those after the others)
+        trusted = min((r["measured"] for r in group if r["confidence"] != "low"), default=fastest)
+        trusted_regret = pick["measured"] / trusted - 1 if pick else float("nan")
         old_regret = old_pick["measured"] / fastest - 1 if old_pick else float("nan")
         worst_all.append(worst)
         worst_old_all.append(worst_old)
         regrets.append(regret)
+        trusted_regrets.append(trusted_regret)
         old_regrets.append(old_regret)
         summary.rows.append([name, str(n_ranks), "/".join(sorted({r["confidence"] for r in top})), f"{worst:.1%}",
-                             f"{widest:.0%}", f"{regret:.1%}", f"{worst_old:.1%}", f"{old_regret:.1%}"])
+                             f"{widest:.0%}", f"{regret:.1%}", f"{trusted_regret:.1%}", _factors(group[0]),
+                             f"{worst_old:.1%}", f"{old_regret:.1%}"])
     loads = [r["load"] for r in rows]
     by_ranks = []
     for n_ranks in sorted({r["ranks"] for r in rows}):
@@ -214,7 +227,9 @@ def summarise_rows(rows: list[dict[str, Any]]) -> tuple[Table, Table, list[str]]
                         if measure_repeats and predict_repeats else f"{n_ranks} ranks: no repeats measured.")
     notes = [f"Worst |error| of a top-3 candidate: {max(worst_all):.1%} (before: worst |error| "
              f"over the same runs {max(worst_old_all):.1%}); top-pick regret: worst {max(regrets):.1%}, median "
-             f"{statistics.median(regrets):.1%} (before: worst {max(old_regrets):.1%}, median "
+             f"{statistics.median(regrets):.1%}; among candidates not flagged low: worst "
+             f"{max(trusted_regrets):.1%}, median {statistics.median(trusted_regrets):.1%} (before: worst "
+             f"{max(old_regrets):.1%}, median "
              f"{statistics.median(old_regrets):.1%}). One-minute load average during the runs: "
              f"{min(loads):.1f} to {max(loads):.1f}.", *by_ranks] if rows else []
     return detail, summary, notes
