@@ -34,7 +34,7 @@ from ..workloads import WorkloadSpec
 from .costs import action_costs
 from .profile import Profile, oversubscribed
 
-__all__ = ["CALIBRATED_KINDS", "calibrate", "calibration_layout", "in_stream_factors"]
+__all__ = ["CALIBRATED_KINDS", "calibrate", "calibration_layout", "in_stream_factors", "shared_core_factor"]
 
 CALIBRATED_KINDS = ("F", "B", "U")  # I and W take B's factor: 1F1B runs whole backwards
 _ACTION = re.compile(r"(\d+)([A-Z])(\d+)$")
@@ -61,12 +61,13 @@ def _worker(rank: int, world_size: int, spec: WorkloadSpec, sizes: tuple[int, ..
     workload, runner, optimizer = candidate_runner(spec, "1f1b", sizes, n_microbatches, batch_size)
     clock = time.thread_time if cpu_time else time.perf_counter
     actions: dict[str, list[float]] = defaultdict(list)
-    updates = []
+    updates, spans = [], []
     with runner:
         for step in range(steps + 1):
             inputs, target = workload.inputs(step, batch_size)
             optimizer.zero_grad()
             dist.barrier()
+            began = time.perf_counter()
             runner.step(*inputs, target=target)
             start = clock()
             optimizer.step()
@@ -74,11 +75,12 @@ def _worker(rank: int, world_size: int, spec: WorkloadSpec, sizes: tuple[int, ..
             if step == 0:  # the first step warms up
                 continue
             updates.append(seconds)
+            spans.append((began, time.perf_counter()))
             for event in runner.trace:
                 match = _ACTION.match(event.action)
                 if match:
                     actions[f"{match.group(1)}{match.group(2)}"].append(event.end - event.start)
-    return {"actions": dict(actions), "update": updates}
+    return {"actions": dict(actions), "update": updates, "spans": spans}
 
 
 def in_stream_factors(per_rank: Sequence[dict[str, Any]], profile: Profile, sizes: Sequence[int],
@@ -116,14 +118,34 @@ def calibrate(profile: Profile, spec: WorkloadSpec, n_ranks: int, batch_size: in
     from ..launch import launch
 
     profile = replace(profile, in_stream={})  # priced as profiled
+    threads = max(1, (profile.cores or 1) // n_ranks)
+    cpu_time = oversubscribed(n_ranks, threads)
+    if cpu_time and n_microbatches is not None:  # ranks sharing cores: at least a micro-batch per rank (see S)
+        n_microbatches = max(n_microbatches, calibration_layout(profile, n_ranks, batch_size)[1])
     sizes, m = calibration_layout(profile, n_ranks, batch_size, n_microbatches)
     if len(sizes) < 2:
         return {}
-    threads = max(1, (profile.cores or 1) // n_ranks)
-    cpu_time = oversubscribed(n_ranks, threads)
     per_rank = launch(_worker, len(sizes), timeout=timeout, threads_per_rank=threads,
                       args=(spec, sizes, m, batch_size, steps, cpu_time))
     factors = in_stream_factors(per_rank, profile, sizes, batch_size / m, list(range(len(sizes))))
     if profile.clock == "cpu" or cpu_time:
         factors = {kind: value for kind, value in factors.items() if kind == "U"}
+        factors["S"] = shared_core_factor(per_rank, replace(profile, in_stream=factors), sizes, m, batch_size,
+                                          n_ranks)
     return factors
+
+
+def shared_core_factor(per_rank: Sequence[dict[str, Any]], profile: Profile, sizes: tuple[int, ...], m: int,
+                       batch_size: int, n_ranks: int) -> float:
+    """Ranks sharing cores: the calibration run's measured step (median over steps of the first
+    rank's start to the last rank's end, optimizer step included) over the step the planner predicts
+    for the same 1F1B layout, which stretches the processor-sharing makespan
+    (``costs.shared_core_makespan``, an ideal scheduler) of every synchronous candidate."""
+    from .search import plan
+
+    steps = len(per_rank[0]["spans"])
+    measured = statistics.median(max(rank["spans"][i][1] for rank in per_rank) -
+                                 min(rank["spans"][i][0] for rank in per_rank) for i in range(steps))
+    predicted = next((c.step_s for c in plan(profile, n_ranks, batch_size=batch_size, schedules=["1f1b"],
+                                             microbatches=[m], reshare=True).candidates if c.sizes == sizes), None)
+    return measured / predicted if predicted else 1.0

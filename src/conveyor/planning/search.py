@@ -21,6 +21,7 @@ from .costs import (
     action_costs,
     async_steady_state,
     compute_slots,
+    in_stream,
     message_time,
     rank_memory,
     shared_core_makespan,
@@ -270,7 +271,8 @@ def _sync_candidate(profile: Profile, schedule: str, sizes: tuple[int, ...], spl
     except (ScheduleError, ValueError):
         return None  # e.g. interleaving needs m >= ranks
     program = result.schedule
-    step = result.makespan if slots >= n_ranks else shared_core_makespan(program, costs, comm, slots)
+    step = result.makespan if slots >= n_ranks else \
+        shared_core_makespan(program, costs, comm, slots) * in_stream(profile, "S")
     # the optimizer step after the last action of each rank (shared cores: stretched alike)
     step += with_updates(result.events, n_ranks, program.placement, priced.U, result.makespan) - result.makespan
     memory = rank_memory(profile, sizes, program.placement, rows, result.peak_activations, schedule,
@@ -374,7 +376,8 @@ def _auto_candidate(profile: Profile, sizes: tuple[int, ...], split: str, m: int
     program = search({kind: costs[kind] for kind in ("F", "I", "W")}, n_ranks, n_microbatches=m, comm=comm,
                      budget_s=AUTO_BUDGET_S)
     result = simulate(program, costs=costs, comm=comm)
-    step = result.makespan if slots >= n_ranks else shared_core_makespan(program, costs, comm, slots)
+    step = result.makespan if slots >= n_ranks else \
+        shared_core_makespan(program, costs, comm, slots) * in_stream(profile, "S")
     step += with_updates(result.events, n_ranks, program.placement, priced.U, result.makespan) - result.makespan
     memory = rank_memory(profile, sizes, program.placement, rows, result.peak_activations, AUTO_SCHEDULE,
                          optimizer_factor, n_ranks)
