@@ -158,7 +158,7 @@ def _share(value: float | None) -> str:
 
 def _factors(row: dict[str, Any]) -> str:
     factors = row.get("in_stream") or {}
-    return " / ".join(f"{factors[k]:.2f}" if k in factors else "-" for k in "FBU")
+    return " / ".join(f"{factors[k]:.2f}" if k in factors else "-" for k in "FBUS")
 
 
 def floor(row: dict[str, Any]) -> float | None:
@@ -174,8 +174,8 @@ def summarise_rows(rows: list[dict[str, Any]]) -> tuple[Table, Table, list[str]]
                     "error", "measured, two runs ms", "predicted again ms", "floor", "spread",
                     "before: predicted ms", "before: error"])
     summary = Table(["workload", "ranks", "confidence of the top 3", "worst abs error, top 3", "widest floor, top 3",
-                     "top pick regret", "regret among the not-low", "in-stream F / B / U", "before: worst abs error",
-                     "before: top pick regret"])
+                     "top pick regret", "regret among the not-low", "in-stream F / B / U / S",
+                     "before: worst abs error", "before: top pick regret"])
     worst_all, worst_old_all, regrets, trusted_regrets, old_regrets = [], [], [], [], []
     for (name, n_ranks) in dict.fromkeys((r["workload"], r["ranks"]) for r in rows):
         group = [r for r in rows if r["workload"] == name and r["ranks"] == n_ranks and r["measured"]]

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from conveyor.planning import BlockProfile, Link, Profile, plan
-from conveyor.planning.calibrate import calibrate, calibration_layout, in_stream_factors
+from conveyor.planning.calibrate import calibrate, calibration_layout, in_stream_factors, shared_core_factor
 from conveyor.planning.costs import stage_costs, stage_updates
 from conveyor.workloads import WorkloadSpec
 
@@ -45,6 +45,18 @@ def test_factors_are_traced_seconds_over_priced_seconds_summed_over_stages() -> 
     factors = in_stream_factors(traces, profile, (1, 1), 4, [0, 1])
     assert factors == pytest.approx({"F": (0.006 + 0.002) / 0.008, "B": (0.008 + 0.012) / 0.016,
                                      "U": (0.002 + 0.001) / 0.002})
+
+
+def test_the_shared_core_factor_is_the_calibration_steps_measured_over_predicted_span_and_stretches_sync_steps(
+) -> None:
+    profile = replace(two_blocks(update_s=0.0), cores=1)  # 2 ranks on one core: the sharing is modelled
+    predicted = plan(profile, 2, batch_size=4, schedules=["1f1b"], microbatches=[2], reshare=True).best
+    spans = [[(0.0, 1.5 * predicted.step_s)] * 3, [(0.0, 0.5 * predicted.step_s)] * 3]  # per rank, per step
+    factor = shared_core_factor([{"spans": spans[0]}, {"spans": spans[1]}], profile, (1, 1), 2, 4, 2)
+    assert factor == pytest.approx(1.5)  # first start to last end
+    stretched = plan(replace(profile, in_stream={"S": factor}), 2, batch_size=4, schedules=["1f1b"],
+                     microbatches=[2], reshare=True).best
+    assert stretched.step_s == pytest.approx(predicted.step_s * 1.5)
 
 
 def test_calibration_runs_at_the_planned_microbatch_count_or_the_smallest_power_of_two_for_the_ranks() -> None:

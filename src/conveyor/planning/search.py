@@ -337,10 +337,11 @@ def _async_candidate(profile: Profile, schedule: str, sizes: tuple[int, ...], sp
 
 CONFIDENCE = ("high", "medium", "low")  # ranked in this order, after fitting and runnable
 WHY = {
-    "replicated": "replicas wait for each other at every update and share the cores; replicated layouts missed by "
-                  "up to 126% (docs/planning.md, section 4)",
-    "shared": "more ranks than cores: the sharing of the cores is modelled, and such runs missed by up to 23% "
-              "(median 10%) with measured steps 20-100% apart between repeats (docs/planning.md, section 4)",
+    "replicated": "replicas wait for each other at every update and share the cores; replicated layouts were "
+                  "measured 6-40% slower than predicted (docs/planning.md, section 4)",
+    "shared": "more ranks than cores: the sharing of the cores is modelled (and calibrated on one 1F1B run), and "
+              "such runs missed by up to 33% (median 11%), the same candidate measuring up to 30% apart between "
+              "runs (docs/planning.md, section 4)",
 }
 
 
