@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from conveyor.planning.costs import action_costs
 from conveyor.planning.search import Candidate
-from conveyor.planning.verify import candidate_runner, stream_batches
+from conveyor.planning.verify import candidate_runner, stream_batches, timed_steps
 from conveyor.workloads import WorkloadSpec
 
 __all__ = ["decompose", "traced_run"]
@@ -39,17 +39,8 @@ def _worker(rank: int, world_size: int, spec: WorkloadSpec, schedule: str, sizes
         for _ in runner.stream(batches, optimizer):
             pass
         return {"trace": list(runner.trace), "start": start, "end": time.perf_counter()}
-    records = []
-    for step in range(steps + 1):
-        inputs, target = workload.inputs(step, batch_size)
-        optimizer.zero_grad()
-        dist.barrier()
-        start = time.perf_counter()
-        runner.step(*inputs, target=target)
-        stepped = time.perf_counter()
-        optimizer.step()
-        records.append({"start": start, "stepped": stepped, "end": time.perf_counter(), "trace": list(runner.trace)})
-    return {"steps": records[1:]}
+    return {"steps": [{"start": t.start, "stepped": t.stepped, "end": t.end, "trace": t.trace}
+                      for t in timed_steps(workload, runner, optimizer, batch_size, steps)]}
 
 
 def traced_run(spec: WorkloadSpec, candidate: Candidate, batch_size: int, steps: int = 4,

@@ -27,8 +27,6 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
-import torch.distributed as dist
-
 from ..partition.balance import partition_min_max
 from ..workloads import WorkloadSpec
 from .costs import action_costs
@@ -56,31 +54,20 @@ def calibration_layout(profile: Profile, n_ranks: int, batch_size: int,
 
 def _worker(rank: int, world_size: int, spec: WorkloadSpec, sizes: tuple[int, ...], n_microbatches: int,
             batch_size: int, steps: int, cpu_time: bool) -> dict[str, Any]:
-    from .verify import candidate_runner
+    from .verify import candidate_runner, timed_steps
 
     workload, runner, optimizer = candidate_runner(spec, "1f1b", sizes, n_microbatches, batch_size)
-    clock = time.thread_time if cpu_time else time.perf_counter
-    actions: dict[str, list[float]] = defaultdict(list)
-    updates, spans = [], []
     with runner:
-        for step in range(steps + 1):
-            inputs, target = workload.inputs(step, batch_size)
-            optimizer.zero_grad()
-            dist.barrier()
-            began = time.perf_counter()
-            runner.step(*inputs, target=target)
-            start = clock()
-            optimizer.step()
-            seconds = clock() - start
-            if step == 0:  # the first step warms up
-                continue
-            updates.append(seconds)
-            spans.append((began, time.perf_counter()))
-            for event in runner.trace:
-                match = _ACTION.match(event.action)
-                if match:
-                    actions[f"{match.group(1)}{match.group(2)}"].append(event.end - event.start)
-    return {"actions": dict(actions), "update": updates, "spans": spans}
+        timed = timed_steps(workload, runner, optimizer, batch_size, steps,
+                            update_clock=time.thread_time if cpu_time else time.perf_counter)
+    actions: dict[str, list[float]] = defaultdict(list)
+    for step in timed:
+        for event in step.trace:
+            match = _ACTION.match(event.action)
+            if match:
+                actions[f"{match.group(1)}{match.group(2)}"].append(event.end - event.start)
+    return {"actions": dict(actions), "update": [t.update_s for t in timed],
+            "spans": [(t.start, t.end) for t in timed]}
 
 
 def in_stream_factors(per_rank: Sequence[dict[str, Any]], profile: Profile, sizes: Sequence[int],

@@ -24,7 +24,8 @@ import torch.distributed as dist
 from ..workloads import Workload, WorkloadSpec, load_workload
 from .search import Candidate, Plan
 
-__all__ = ["VERIFIED_HEADER", "Verified", "candidate_runner", "format_row", "format_verified", "stream_batches",
+__all__ = ["VERIFIED_HEADER", "TimedStep", "Verified", "candidate_runner", "format_row", "format_verified",
+           "stream_batches", "timed_steps",
            "verify"]
 
 
@@ -82,6 +83,38 @@ def stream_batches(workload: Workload, batch_size: int, count: int) -> list[tupl
     return [(tuple(inputs), target) for inputs, target in (workload.inputs(step, batch_size) for step in range(count))]
 
 
+@dataclass
+class TimedStep:
+    """One synchronous training step on this rank, on ``perf_counter``'s clock: ``start`` after the
+    barrier, ``stepped`` when ``runner.step`` returned, ``end`` after the optimizer step;
+    ``update_s`` the optimizer step on the clock asked for; ``trace`` the runner's actions."""
+
+    start: float
+    stepped: float
+    end: float
+    update_s: float
+    trace: list
+
+
+def timed_steps(workload: Workload, runner: Any, optimizer: Any, batch_size: int, steps: int,
+                update_clock: Callable[[], float] = time.perf_counter) -> list[TimedStep]:
+    """``steps + 1`` steps of the workload's batches, each from a barrier that starts every rank
+    together, then the optimizer step; the first warms up and is dropped."""
+    timed = []
+    for step in range(steps + 1):
+        inputs, target = workload.inputs(step, batch_size)
+        optimizer.zero_grad()
+        dist.barrier()
+        start = time.perf_counter()
+        runner.step(*inputs, target=target)
+        stepped = time.perf_counter()
+        update = update_clock()
+        optimizer.step()
+        update = update_clock() - update
+        timed.append(TimedStep(start, stepped, time.perf_counter(), update, list(runner.trace)))
+    return timed[1:]
+
+
 def _worker(rank: int, world_size: int, spec: WorkloadSpec, schedule: str, sizes: tuple[int, ...],
             n_microbatches: int, batch_size: int, steps: int,
             replicas: tuple[int, ...] | None = None) -> list[tuple[float, ...]]:
@@ -92,17 +125,7 @@ def _worker(rank: int, world_size: int, spec: WorkloadSpec, schedule: str, sizes
         per_batch = n_microbatches // (replicas[-1] if replicas else 1)  # a replica yields its share of losses
         ends = stamps[per_batch - 1::per_batch]
         return list(zip(ends, ends[1:]))  # (previous batch's end, this batch's end), on the last stage's ranks only
-    spans = []
-    for step in range(steps + 1):
-        inputs, target = workload.inputs(step, batch_size)
-        optimizer.zero_grad()
-        dist.barrier()
-        start = time.perf_counter()
-        runner.step(*inputs, target=target)
-        stepped = time.perf_counter()
-        optimizer.step()
-        spans.append((start, time.perf_counter(), stepped))
-    return spans[1:]
+    return [(t.start, t.end, t.stepped) for t in timed_steps(workload, runner, optimizer, batch_size, steps)]
 
 
 def verify(plan: Plan, spec: WorkloadSpec, *, top: int = 3, steps: int = 3, timeout: float = 600.0,
