@@ -63,7 +63,8 @@ def test_plan_a_script_on_more_ranks_than_cores_profiles_and_verifies_it(
                  "--runnable-only", "--steps", "1", "--timeout", "120"]) == 0
     out = capsys.readouterr().out
     assert "timed by 4 processes at once" in out
-    assert "inside a pipeline U x" in out and "F x" not in out  # ranks share cores: CPU seconds, sharing modelled
+    # ranks sharing cores: the optimizer step and the sharing's stretch are calibrated, not F and B
+    assert "inside a pipeline (a traced 1F1B run): U x" in out and "S x" in out and "F x" not in out
     assert "%" in out.split("local processes ...")[1].splitlines()[-1]
 
 

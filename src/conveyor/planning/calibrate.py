@@ -1,12 +1,12 @@
 """What a profiled block costs inside a running pipeline: one short traced run, compared with the profile.
 
-The profile times each block alone, back to back. Inside a pipeline the same work runs slower on
-this 2-core VM (docs/planning.md, section 4): with 2 ranks a stage's backward took 1.2x its
-profiled time and the optimizer step after a step 1.5-2x, which made every 2-rank prediction
-10-25 % too fast. Neither accumulating into ``.grad`` nor other micro-batches run between a
-forward and its backward reproduced it in one process, so instead of guessing the cause the
-planner measures it: :func:`calibrate` runs the workload as a 1F1B pipeline on the planned ranks
-for a few steps with ``runner.trace`` on and times each rank's optimizer step, and
+The profile times each block alone, back to back. Inside a pipeline the same work ran slower on
+this 2-core VM (docs/planning.md, sections 2 and 4): with 2 ranks the 16k head's backward took
+1.2-1.3x its profiled time and the optimizer step after a step 1.3-3x, which made 2-rank
+predictions 10-25 % too fast. Neither accumulating into ``.grad`` nor other micro-batches run
+between a forward and its backward reproduced it in one process, so instead of guessing the cause
+the planner measures it: :func:`calibrate` runs the workload as a 1F1B pipeline on the planned
+ranks for a few steps with ``runner.trace`` on and times each rank's optimizer step, and
 :func:`in_stream_factors` divides, per action kind, the traced compute (``end - start``, the wait
 for a peer excluded) by what the cost model prices for the same actions. The factors are stored
 in ``Profile.in_stream`` and ``costs.stage_costs`` / ``stage_updates`` multiply by them, so every
@@ -14,7 +14,9 @@ search (synchronous, asynchronous, the zero-bubble schedule search) gets them.
 
 Where ranks outnumber the cores the profile is in CPU seconds and the sharing is modelled
 (``costs.shared_core_makespan``); a traced wall-clock action then includes the time other ranks
-held its core, so only the optimizer step (timed in the thread's CPU seconds there) is calibrated.
+held its core, so F and B are not calibrated: the optimizer step is (timed in the thread's CPU
+seconds), and ``S``, the run's measured step over its predicted one (:func:`shared_core_factor`),
+stretches synchronous candidates' processor-sharing makespans.
 """
 
 from __future__ import annotations
@@ -32,9 +34,8 @@ from ..workloads import WorkloadSpec
 from .costs import action_costs
 from .profile import Profile, oversubscribed
 
-__all__ = ["CALIBRATED_KINDS", "calibrate", "calibration_layout", "in_stream_factors", "shared_core_factor"]
+__all__ = ["calibrate", "calibration_layout", "in_stream_factors", "shared_core_factor"]
 
-CALIBRATED_KINDS = ("F", "B", "U")  # I and W take B's factor: 1F1B runs whole backwards
 _ACTION = re.compile(r"(\d+)([A-Z])(\d+)$")
 
 
@@ -100,8 +101,9 @@ def calibrate(profile: Profile, spec: WorkloadSpec, n_ranks: int, batch_size: in
               n_microbatches: int | None = None, steps: int = 3, timeout: float = 600.0) -> dict[str, float]:
     """Run ``spec``'s workload as a 1F1B pipeline on ``n_ranks`` local processes for ``steps``
     traced steps (after one warm-up) with ``n_microbatches`` (see :func:`calibration_layout`) and
-    return the in-stream factors (``Profile.in_stream``). With ranks outnumbering the cores (a
-    CPU-seconds profile) only ``U`` is calibrated."""
+    return the in-stream factors (``Profile.in_stream``: ``F``, ``B`` (which I and W take: 1F1B runs
+    whole backwards) and ``U``). With ranks outnumbering the cores (a CPU-seconds profile): ``U``
+    and ``S`` (:func:`shared_core_factor`), run with at least a micro-batch per rank."""
     from ..launch import launch
 
     profile = replace(profile, in_stream={})  # priced as profiled

@@ -76,7 +76,8 @@ def stage_costs(profile: Profile, sizes: Sequence[int], rows: float) -> dict[str
 
 def in_stream(profile: Profile, kind: str) -> float:
     """How much slower an action of ``kind`` (``F``, ``B``, ``U``) ran inside a pipeline than the
-    profile timed it alone (``planning/calibrate.py``); 1 where not calibrated."""
+    profile timed it alone, or (``S``) how much longer a synchronous step on shared cores ran than
+    its processor-sharing makespan (``planning/calibrate.py``); 1 where not calibrated."""
     return profile.in_stream.get(kind, 1.0)
 
 

@@ -112,7 +112,7 @@ class Profile:
     tied_blocks: list[list[int]] = field(default_factory=list)  # per weight held by several blocks: those blocks
     stretch: float = 0.0        # wall over CPU seconds of the measuring process(es) (0: not recorded)
     clock: str = "wall"         # "cpu": timed in thread CPU seconds (single-threaded, cores shared)
-    in_stream: dict[str, float] = field(default_factory=dict)  # per action kind (F, B, U): in a pipeline / profiled
+    in_stream: dict[str, float] = field(default_factory=dict)  # F, B, U: in a pipeline / profiled; S (calibrate.py)
 
     @property
     def n_blocks(self) -> int:

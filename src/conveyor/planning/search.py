@@ -230,11 +230,12 @@ class Plan:
 
 
 def _in_stream_note(profile: Profile) -> str:
-    """``; inside a pipeline F x1.10, B x1.05, U x2.92 (a traced 1F1B run)`` when calibrated."""
+    """``; measured inside a pipeline (a traced 1F1B run): F x1.10, B x1.05, U x2.92`` when
+    calibrated (``S``: the stretch of a synchronous step on shared cores)."""
     if not profile.in_stream:
         return ""
     factors = ", ".join(f"{kind} x{factor:.2f}" for kind, factor in profile.in_stream.items())
-    return f"; inside a pipeline {factors} the profiled time (a traced 1F1B run)"
+    return f"; measured inside a pipeline (a traced 1F1B run): {factors}"
 
 
 def microbatch_counts(batch_size: int) -> list[int]:
