@@ -341,8 +341,8 @@ WHY = {
     "replicated": "replicas wait for each other at every update and share the cores; replicated layouts were "
                   "measured 6-40% slower than predicted (docs/planning.md, section 4)",
     "shared": "more ranks than cores: the sharing of the cores is modelled (and calibrated on one 1F1B run), and "
-              "such runs missed by up to 33% (median 11%), the same candidate measuring up to 30% apart between "
-              "runs (docs/planning.md, section 4)",
+              "such runs missed by up to 33% (median 11%), and a small model's profile moved by up to a fifth "
+              "between runs (docs/planning.md, section 4)",
 }
 
 
