@@ -29,9 +29,8 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
-from ..partition.balance import partition_min_max
 from ..workloads import WorkloadSpec
-from .costs import action_costs
+from .costs import action_costs, time_balanced_split
 from .profile import Profile, oversubscribed
 
 __all__ = ["calibrate", "calibration_layout", "in_stream_factors", "shared_core_factor"]
@@ -48,9 +47,7 @@ def calibration_layout(profile: Profile, n_ranks: int, batch_size: int,
     n_stages = max(1, min(n_ranks, profile.n_blocks))
     m = n_microbatches or next((count for count in (1 << k for k in range(batch_size.bit_length()))
                                 if count >= n_stages and batch_size % count == 0), 1)
-    rows = batch_size / m
-    sizes = tuple(partition_min_max([b.forward.at(rows) + b.backward.at(rows) for b in profile.blocks], n_stages))
-    return sizes, m
+    return time_balanced_split(profile, n_stages, batch_size / m), m
 
 
 def _worker(rank: int, world_size: int, spec: WorkloadSpec, sizes: tuple[int, ...], n_microbatches: int,

@@ -24,19 +24,31 @@ import heapq
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from ..partition.balance import partition_min_max
 from ..schedule.actions import Schedule
 from ..schedule.links import Message, outgoing, required_message
 from .profile import Profile
 
-__all__ = ["ActionCosts", "AsyncEstimate", "MemoryEstimate", "action_costs", "async_steady_state", "boundary_bytes",
-           "compute_slots", "in_stream", "message_time", "rank_memory", "shared_core_makespan", "sharing_factor",
-           "stage_costs", "stage_ranges", "stage_stashes", "stage_updates", "with_updates"]
+__all__ = ["ActionCosts", "AsyncEstimate", "MemoryEstimate", "action_costs", "async_steady_state", "block_seconds",
+           "boundary_bytes", "compute_slots", "in_stream", "message_time", "rank_memory", "shared_core_makespan",
+           "sharing_factor", "stage_costs", "stage_ranges", "stage_stashes", "stage_updates", "time_balanced_split",
+           "with_updates"]
 
 
 def stage_ranges(sizes: Sequence[int]) -> list[range]:
     """``[2, 1]`` -> ``[range(0, 2), range(2, 3)]``: the blocks of each stage."""
     starts = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
     return [range(starts[i], starts[i + 1]) for i in range(len(sizes))]
+
+
+def block_seconds(profile: Profile, rows: float) -> list[float]:
+    """Each block's F + B at ``rows`` rows, as profiled: what a time-balanced split balances."""
+    return [b.forward.at(rows) + b.backward.at(rows) for b in profile.blocks]
+
+
+def time_balanced_split(profile: Profile, n_stages: int, rows: float) -> tuple[int, ...]:
+    """Blocks per stage of the contiguous split whose slowest stage (F + B at ``rows``) is fastest."""
+    return tuple(partition_min_max(block_seconds(profile, rows), n_stages))
 
 
 def sharing_factor(profile: Profile) -> float:

@@ -20,6 +20,7 @@ from .costs import (
     MemoryEstimate,
     action_costs,
     async_steady_state,
+    block_seconds,
     compute_slots,
     in_stream,
     message_time,
@@ -27,6 +28,8 @@ from .costs import (
     shared_core_makespan,
     sharing_factor,
     stage_costs,
+    stage_ranges,
+    time_balanced_split,
     with_updates,
 )
 from .profile import Profile
@@ -247,8 +250,7 @@ def microbatch_counts(batch_size: int) -> list[int]:
 
 def _splits(profile: Profile, n_stages: int, rows: float) -> dict[tuple[int, ...], str]:
     """Contiguous min-max splits by F+B time and by parameter bytes (merged when equal)."""
-    time_costs = [b.forward.at(rows) + b.backward.at(rows) for b in profile.blocks]
-    by_time = tuple(partition_min_max(time_costs, n_stages))
+    by_time = time_balanced_split(profile, n_stages, rows)
     by_params = tuple(partition_min_max([float(b.param_bytes) for b in profile.blocks], n_stages))
     return {by_time: "time"} if by_time == by_params else {by_time: "time", by_params: "params"}
 
@@ -287,11 +289,10 @@ def _sync_candidate(profile: Profile, schedule: str, sizes: tuple[int, ...], spl
 def _replica_layouts(profile: Profile, n_ranks: int, rows: float) -> Iterable[tuple[tuple[int, ...], tuple[int, ...]]]:
     """For 2 <= stages < ranks: a time-balanced split, the spare ranks given one by one to the
     stage that is slowest per replica."""
-    time_costs = [b.forward.at(rows) + b.backward.at(rows) for b in profile.blocks]
+    time_costs = block_seconds(profile, rows)
     for n_stages in range(2, min(n_ranks, profile.n_blocks + 1)):
         sizes = tuple(partition_min_max(time_costs, n_stages))
-        per_stage = [sum(b.forward.at(rows) + b.backward.at(rows) for b in profile.blocks[start:start + size])
-                     for start, size in zip([sum(sizes[:i]) for i in range(n_stages)], sizes)]
+        per_stage = [sum(time_costs[b] for b in blocks) for blocks in stage_ranges(sizes)]
         replicas = [1] * n_stages
         for _ in range(n_ranks - n_stages):
             slowest = max(range(n_stages), key=lambda s: per_stage[s] / replicas[s])
